@@ -1,0 +1,264 @@
+//! The pool builder: every r2d2 `Builder` setter, with r2d2's defaults and panics.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use r2d2::{
+    CustomizeConnection, HandleError, HandleEvent, LoggingErrorHandler, ManageConnection,
+    NopConnectionCustomizer, NopEventHandler,
+};
+use scheduled_thread_pool::ScheduledThreadPool;
+
+use crate::fork::{current_epoch, Epoch};
+use crate::manager::Locator;
+use crate::pool::Pool;
+
+/// A builder for a [`Pool`], setter for setter the same as [`r2d2::Builder`].
+///
+/// ```
+/// # use forksafe_pool::doc_support::MemoryManager;
+/// use std::time::Duration;
+///
+/// let pool = forksafe_pool::Pool::builder()
+///     .max_size(4)
+///     .min_idle(Some(1))
+///     .connection_timeout(Duration::from_secs(5))
+///     .build(MemoryManager::default())?;
+/// assert_eq!(pool.max_size(), 4);
+/// # Ok::<(), r2d2::Error>(())
+/// ```
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct Builder<M: ManageConnection> {
+    config: Config<M>,
+    _manager: PhantomData<M>,
+}
+
+/// Everything needed to build — and, in a forked child, rebuild — the inner r2d2 pool.
+pub(crate) struct Config<M: ManageConnection> {
+    pub(crate) max_size: u32,
+    pub(crate) min_idle: Option<u32>,
+    pub(crate) test_on_check_out: bool,
+    pub(crate) max_lifetime: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) connection_timeout: Duration,
+    pub(crate) error_handler: Arc<dyn HandleError<M::Error>>,
+    pub(crate) event_handler: Arc<dyn HandleEvent>,
+    pub(crate) connection_customizer: Arc<dyn CustomizeConnection<M::Connection, M::Error>>,
+    /// The user's thread pool and the process it belongs to: its threads do not exist in a
+    /// forked child, so a rebuilt pool gets a fresh one.
+    pub(crate) thread_pool: Option<(Arc<ScheduledThreadPool>, Epoch)>,
+    pub(crate) descriptor_locator: Option<Locator<M::Connection>>,
+}
+
+impl<M: ManageConnection> Default for Builder<M> {
+    /// r2d2's defaults: 10 connections, `min_idle` equal to `max_size`, a `SELECT 1`-style
+    /// check on checkout, 30 minute lifetime, 10 minute idle timeout, 30 second wait, errors
+    /// logged, no events, no customizer, three worker threads per pool.
+    fn default() -> Self {
+        Builder {
+            config: Config {
+                max_size: 10,
+                min_idle: None,
+                test_on_check_out: true,
+                max_lifetime: Some(Duration::from_secs(30 * 60)),
+                idle_timeout: Some(Duration::from_secs(10 * 60)),
+                connection_timeout: Duration::from_secs(30),
+                error_handler: Arc::new(LoggingErrorHandler),
+                event_handler: Arc::new(NopEventHandler),
+                connection_customizer: Arc::new(NopConnectionCustomizer),
+                thread_pool: None,
+                descriptor_locator: None,
+            },
+            _manager: PhantomData,
+        }
+    }
+}
+
+impl<M: ManageConnection> fmt::Debug for Builder<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("max_size", &self.config.max_size)
+            .field("min_idle", &self.config.min_idle)
+            .field("test_on_check_out", &self.config.test_on_check_out)
+            .field("max_lifetime", &self.config.max_lifetime)
+            .field("idle_timeout", &self.config.idle_timeout)
+            .field("connection_timeout", &self.config.connection_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: ManageConnection> Builder<M> {
+    /// A builder with r2d2's defaults.
+    pub fn new() -> Self {
+        Builder::default()
+    }
+
+    /// The most connections the pool keeps open at once.
+    ///
+    /// Defaults to 10.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `max_size` is 0, with r2d2's message "max_size must be positive".
+    pub fn max_size(mut self, max_size: u32) -> Self {
+        assert!(max_size > 0, "max_size must be positive");
+        self.config.max_size = max_size;
+        self
+    }
+
+    /// The fewest idle connections the pool tries to keep; `None` means `max_size`.
+    ///
+    /// Defaults to `None`.
+    pub fn min_idle(mut self, min_idle: Option<u32>) -> Self {
+        self.config.min_idle = min_idle;
+        self
+    }
+
+    /// Whether `is_valid` is called on a connection before it is handed out.
+    ///
+    /// Defaults to `true`. (A ping is not fork protection: it succeeds happily on a socket
+    /// shared with another process. This crate never pings inherited connections.)
+    pub fn test_on_check_out(mut self, test_on_check_out: bool) -> Self {
+        self.config.test_on_check_out = test_on_check_out;
+        self
+    }
+
+    /// How long a connection may live before it is closed; `None` means forever.
+    ///
+    /// Defaults to 30 minutes.
+    ///
+    /// # Panics
+    ///
+    /// Panics on `Some(Duration::ZERO)`, with r2d2's message "max_lifetime must be positive".
+    pub fn max_lifetime(mut self, max_lifetime: Option<Duration>) -> Self {
+        assert_ne!(max_lifetime, Some(Duration::from_secs(0)), "max_lifetime must be positive");
+        self.config.max_lifetime = max_lifetime;
+        self
+    }
+
+    /// How long a connection may sit idle before it is closed; `None` means forever.
+    ///
+    /// Defaults to 10 minutes.
+    ///
+    /// # Panics
+    ///
+    /// Panics on `Some(Duration::ZERO)`, with r2d2's message "idle_timeout must be positive".
+    pub fn idle_timeout(mut self, idle_timeout: Option<Duration>) -> Self {
+        assert_ne!(idle_timeout, Some(Duration::from_secs(0)), "idle_timeout must be positive");
+        self.config.idle_timeout = idle_timeout;
+        self
+    }
+
+    /// How long `get` waits for a connection before it returns an error. A forked child's
+    /// first `get`, which rebuilds the pool, waits no longer than this either.
+    ///
+    /// Defaults to 30 seconds.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `connection_timeout` is zero, with r2d2's message "connection_timeout must be
+    /// positive".
+    pub fn connection_timeout(mut self, connection_timeout: Duration) -> Self {
+        assert!(connection_timeout > Duration::from_secs(0), "connection_timeout must be positive");
+        self.config.connection_timeout = connection_timeout;
+        self
+    }
+
+    /// Receives the errors of connection attempts. In a forked child it receives them too, from
+    /// the rebuilt pool.
+    ///
+    /// Defaults to r2d2's `LoggingErrorHandler`.
+    pub fn error_handler(mut self, error_handler: Box<dyn HandleError<M::Error>>) -> Self {
+        self.config.error_handler = Arc::from(error_handler);
+        self
+    }
+
+    /// Receives r2d2's pool events (acquire, release, checkout, checkin, timeout).
+    ///
+    /// Defaults to r2d2's `NopEventHandler`.
+    pub fn event_handler(mut self, event_handler: Box<dyn HandleEvent>) -> Self {
+        self.config.event_handler = Arc::from(event_handler);
+        self
+    }
+
+    /// Runs on every new connection (`on_acquire`) and every closed one (`on_release`). It is
+    /// never called for a connection inherited across `fork()`: those are not closed at all.
+    ///
+    /// Defaults to r2d2's `NopConnectionCustomizer`.
+    pub fn connection_customizer(
+        mut self,
+        connection_customizer: Box<dyn CustomizeConnection<M::Connection, M::Error>>,
+    ) -> Self {
+        self.config.connection_customizer = Arc::from(connection_customizer);
+        self
+    }
+
+    /// The thread pool that opens connections and reaps old ones. Its threads exist only in the
+    /// process that made it, so a pool rebuilt in a forked child runs on a fresh thread pool of
+    /// three threads instead.
+    ///
+    /// Defaults to a new pool of three threads per pool, as in r2d2.
+    pub fn thread_pool(mut self, thread_pool: Arc<ScheduledThreadPool>) -> Self {
+        self.config.thread_pool = Some((thread_pool, current_epoch()));
+        self
+    }
+
+    /// Tells the pool which file descriptors a connection owns, for a connection type that
+    /// none of this crate's backend features knows. In a forked child those descriptors are
+    /// pointed at `/dev/null` (never closed through the driver) so the parent's server sessions
+    /// end when the parent does. Return `None` when unsure: a descriptor that is left open is
+    /// harmless, replacing the wrong one is not.
+    ///
+    /// Defaults to the built-in backends (see the crate's feature flags); connections of other
+    /// types are counted in [`ForkStats::connections_leaked`](crate::ForkStats).
+    pub fn descriptor_locator<F>(mut self, locator: F) -> Self
+    where
+        F: Fn(&mut M::Connection) -> Option<Vec<RawFd>> + Send + Sync + 'static,
+    {
+        self.config.descriptor_locator = Some(Arc::new(locator));
+        self
+    }
+
+    /// Builds the pool and waits up to `connection_timeout` for `min_idle` connections, like
+    /// [`r2d2::Builder::build`].
+    ///
+    /// # Errors
+    ///
+    /// The `r2d2::Error` r2d2 returns when the connections could not be opened in time.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `min_idle` is larger than `max_size`, with r2d2's message.
+    pub fn build(self, manager: M) -> Result<Pool<M>, r2d2::Error>
+    where
+        M: Clone,
+    {
+        self.check();
+        Pool::from_config(self.config, manager, true)
+    }
+
+    /// Builds the pool without waiting for connections, like [`r2d2::Builder::build_unchecked`].
+    ///
+    /// # Panics
+    ///
+    /// Panics if `min_idle` is larger than `max_size`, with r2d2's message.
+    pub fn build_unchecked(self, manager: M) -> Pool<M>
+    where
+        M: Clone,
+    {
+        self.check();
+        match Pool::from_config(self.config, manager, false) {
+            Ok(pool) => pool,
+            Err(_) => unreachable!("building without waiting cannot fail"),
+        }
+    }
+
+    fn check(&self) {
+        if let Some(min_idle) = self.config.min_idle {
+            assert!(self.config.max_size >= min_idle, "min_idle must be no larger than max_size");
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! The guard `Pool::get` returns: r2d2's guard, plus the process it was checked out in.
+//!
+//! r2d2's own guard returns its connection through the pool it came from, which locks that
+//! pool's mutex. In a forked child that mutex may be frozen (held by a parent thread at the
+//! fork instant), and the connection's socket is shared with the parent. So this guard knows
+//! its epoch: in the process that checked it out it behaves exactly like r2d2's; in a child it
+//! refuses to be used and, when dropped, forgets the connection without touching the parent's
+//! pool and points its socket at `/dev/null`.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+
+use r2d2::ManageConnection;
+
+use crate::fork::{current_epoch, Epoch};
+use crate::manager::{ForkSafeManager, Tracked};
+
+/// A connection checked out of a [`Pool`](crate::Pool); returned to the pool when dropped.
+///
+/// Dereferences to the manager's connection, like [`r2d2::PooledConnection`]. With a
+/// `diesel-*` feature it also implements diesel's connection traits, so `&mut conn` and
+/// `conn.transaction(..)` work unchanged.
+///
+/// # Panics
+///
+/// Dereferencing a guard in a process other than the one that checked it out — a connection
+/// held across `fork()` and used in the child — panics with a message saying so. Its socket
+/// is shared with the parent, so any use would corrupt the parent's session; failing loudly
+/// is the only safe answer. Dropping such a guard is always fine.
+pub struct PooledConnection<M: ManageConnection> {
+    /// `None` only while dropping.
+    inner: Option<r2d2::PooledConnection<ForkSafeManager<M>>>,
+    epoch: Epoch,
+}
+
+impl<M: ManageConnection> PooledConnection<M> {
+    pub(crate) fn new(inner: r2d2::PooledConnection<ForkSafeManager<M>>) -> Self {
+        PooledConnection { inner: Some(inner), epoch: current_epoch() }
+    }
+
+    /// The r2d2 connection extensions of this connection, like
+    /// [`r2d2::PooledConnection::extensions`].
+    pub fn extensions(this: &Self) -> &r2d2::Extensions {
+        r2d2::PooledConnection::extensions(this.checked())
+    }
+
+    /// Mutable access to the connection extensions, like
+    /// [`r2d2::PooledConnection::extensions_mut`].
+    pub fn extensions_mut(this: &mut Self) -> &mut r2d2::Extensions {
+        r2d2::PooledConnection::extensions_mut(this.checked_mut())
+    }
+
+    #[inline]
+    fn checked(&self) -> &r2d2::PooledConnection<ForkSafeManager<M>> {
+        self.assert_same_process();
+        match &self.inner {
+            Some(inner) => inner,
+            None => unreachable!("the connection is only taken while dropping"),
+        }
+    }
+
+    #[inline]
+    fn checked_mut(&mut self) -> &mut r2d2::PooledConnection<ForkSafeManager<M>> {
+        self.assert_same_process();
+        match &mut self.inner {
+            Some(inner) => inner,
+            None => unreachable!("the connection is only taken while dropping"),
+        }
+    }
+
+    #[inline]
+    fn assert_same_process(&self) {
+        if self.epoch != current_epoch() {
+            used_across_fork();
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+#[track_caller]
+fn used_across_fork() -> ! {
+    panic!(
+        "forksafe-pool: this connection was checked out before fork() and cannot be used in the \
+         forked process {} (its socket belongs to the parent); drop it and check out a new one \
+         with pool.get()",
+        std::process::id()
+    )
+}
+
+impl<M: ManageConnection> Deref for PooledConnection<M> {
+    type Target = M::Connection;
+
+    #[inline]
+    fn deref(&self) -> &M::Connection {
+        let tracked: &Tracked<M::Connection> = self.checked();
+        &tracked.conn
+    }
+}
+
+impl<M: ManageConnection> DerefMut for PooledConnection<M> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut M::Connection {
+        let tracked: &mut Tracked<M::Connection> = self.checked_mut();
+        &mut tracked.conn
+    }
+}
+
+impl<M> fmt::Debug for PooledConnection<M>
+where
+    M: ManageConnection,
+    M::Connection: fmt::Debug,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.epoch == current_epoch() {
+            f.debug_tuple("PooledConnection").field(&**self).finish()
+        } else {
+            f.write_str("PooledConnection(<checked out before fork()>)")
+        }
+    }
+}
+
+impl<M: ManageConnection> Drop for PooledConnection<M> {
+    #[inline]
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.take() else { return };
+        if self.epoch == current_epoch() {
+            drop(inner);
+        } else {
+            forget_across_fork(inner);
+        }
+    }
+}
+
+/// A guard dropped in a forked child: never touch the parent's pool (its lock may be frozen),
+/// never close through the driver (that writes on the shared socket). Let go of the socket and
+/// leak the rest.
+#[cold]
+#[inline(never)]
+fn forget_across_fork<M: ManageConnection>(inner: r2d2::PooledConnection<ForkSafeManager<M>>) {
+    // r2d2's Deref reads the guard's own field; it does not touch the pool.
+    let registration = &inner.registration;
+    let discarded = registration.release_inherited();
+    registration.counters().record_leased(discarded);
+    tracing::warn!(
+        pid = std::process::id(),
+        sockets_released = discarded.sockets_released,
+        "forksafe-pool: a connection checked out before fork() was dropped in the child; it was discarded, not returned"
+    );
+    std::mem::forget(inner);
+}

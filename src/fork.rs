@@ -1,0 +1,387 @@
+//! Fork detection: which process am I, and has it changed since this object was made?
+//!
+//! Every object that must not cross `fork()` records the [`Epoch`] it was created in. An epoch
+//! is a number that is different in every process of a lineage: a child's epoch is larger than
+//! every epoch present in the memory it inherited, so `object.epoch == current_epoch()` is true
+//! exactly in the process that made the object.
+//!
+//! Two mechanisms notice a fork, because neither alone catches every fork cheaply:
+//!
+//! * A `pthread_atfork` child handler, registered once per process, stores 0 in the epoch cell.
+//!   It does nothing else: in the child of a multi-threaded process only async-signal-safe code
+//!   is defined, so the handler must not allocate, lock or log.
+//! * The epoch cell lives in a page marked `MADV_WIPEONFORK` (Linux 4.14+). The kernel hands
+//!   every fork child a zeroed copy of that page, whatever made the fork: libc `fork()`, glibc
+//!   `_Fork`, a raw `clone`/`SYS_fork`. So the hot path is one load and one compare.
+//!   `posix_spawn` and `vfork` share the parent's memory and exec straight away; they never
+//!   wipe the page, and the parent sees nothing.
+//!
+//! Where `MADV_WIPEONFORK` is missing, the cell is an ordinary page and the check also compares
+//! `getpid()` with the pid that owns the epoch — a syscall, but still correct for forks that
+//! bypass the atfork handlers.
+//!
+//! [`PerProcess`] builds on the epoch: it holds a value per process and is what the pool and
+//! `ForkLocal` keep their per-process state in.
+//!
+//! This module holds all of the crate's `unsafe` code: the `mmap`/`madvise` of the epoch page,
+//! the `pthread_atfork` registration, the `extern "C"` handler, and the pointer handling of
+//! `PerProcess`.
+
+use std::fmt;
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+
+/// Identifies one process of a fork lineage; see the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Epoch(u64);
+
+impl Epoch {
+    /// The raw value, used to tag fork-aware lock words (never 0).
+    pub(crate) fn get(self) -> u64 {
+        self.0
+    }
+}
+
+/// Source of fresh epoch values. It is inherited by a child, so a value taken after a fork is
+/// larger than any epoch the child inherited.
+static EPOCH_SOURCE: AtomicU64 = AtomicU64::new(0);
+
+/// Points at this process's epoch cell once [`init`] has run; null before.
+static EPOCH_CELL: AtomicPtr<AtomicU64> = AtomicPtr::new(ptr::null_mut());
+
+/// True when the kernel wipes [`EPOCH_CELL`] in fork children, so no pid check is needed.
+static CELL_WIPES_ON_FORK: AtomicBool = AtomicBool::new(false);
+
+/// The pid that owns the current epoch; only consulted when the cell does not wipe on fork.
+static EPOCH_OWNER_PID: AtomicU32 = AtomicU32::new(0);
+
+/// Forks noticed by the atfork child handler in this lineage (inherited, so it counts every
+/// libc `fork()` between the first process and this one).
+static ATFORK_CHILD_CALLS: AtomicU64 = AtomicU64::new(0);
+
+/// Fallback cell, used when the wipe-on-fork page cannot be mapped.
+static FALLBACK_CELL: AtomicU64 = AtomicU64::new(0);
+
+/// The epoch of the calling process.
+///
+/// Hot path: a load of the cell and a compare. The first call in a new process takes the slow
+/// path once and hands out a fresh epoch.
+#[inline]
+pub(crate) fn current_epoch() -> Epoch {
+    let cell = EPOCH_CELL.load(Ordering::Acquire);
+    if !cell.is_null() {
+        // SAFETY: a non-null `EPOCH_CELL` always points at a live `AtomicU64`: either
+        // `FALLBACK_CELL` or the epoch page, which is mapped once and never unmapped.
+        let epoch = unsafe { &*cell }.load(Ordering::Acquire);
+        if epoch != 0 && (CELL_WIPES_ON_FORK.load(Ordering::Relaxed) || owner_pid_matches()) {
+            return Epoch(epoch);
+        }
+    }
+    claim_epoch()
+}
+
+/// How this process detects forks; see [`fork_detection`].
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForkDetection {
+    /// The epoch lives in a `MADV_WIPEONFORK` page: every fork, even a raw `SYS_fork` that skips
+    /// the atfork handlers, is noticed with one load. When false, each check also calls
+    /// `getpid()`.
+    pub wipe_on_fork: bool,
+    /// How many times the `pthread_atfork` child handler has run in this process's lineage
+    /// (libc forks only: a raw fork syscall does not run it, and is still detected).
+    pub atfork_child_calls: u64,
+}
+
+/// Reports how forks are detected in this process (setting detection up if no pool has yet).
+///
+/// ```
+/// let detection = forksafe_pool::fork_detection();
+/// # #[cfg(target_os = "linux")]
+/// assert!(detection.wipe_on_fork, "Linux 4.14+ wipes the epoch page in every fork child");
+/// ```
+pub fn fork_detection() -> ForkDetection {
+    let _ = current_epoch();
+    ForkDetection {
+        wipe_on_fork: CELL_WIPES_ON_FORK.load(Ordering::Relaxed),
+        atfork_child_calls: ATFORK_CHILD_CALLS.load(Ordering::Relaxed),
+    }
+}
+
+#[cold]
+fn owner_pid_matches() -> bool {
+    EPOCH_OWNER_PID.load(Ordering::Relaxed) == std::process::id()
+}
+
+/// Slow path: set up the cell if nobody has, then give this process an epoch if it has none.
+#[cold]
+#[inline(never)]
+fn claim_epoch() -> Epoch {
+    let cell = cell();
+    loop {
+        let seen = cell.load(Ordering::Acquire);
+        let stale = seen != 0 && !CELL_WIPES_ON_FORK.load(Ordering::Relaxed) && !owner_pid_matches();
+        if seen != 0 && !stale {
+            return Epoch(seen);
+        }
+        let fresh = EPOCH_SOURCE.fetch_add(1, Ordering::AcqRel) + 1;
+        // Racing threads of the same new process: one wins, the others adopt its epoch, so
+        // nothing created in this process is ever mistaken for an inherited object.
+        if cell.compare_exchange(seen, fresh, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            EPOCH_OWNER_PID.store(std::process::id(), Ordering::Relaxed);
+            return Epoch(fresh);
+        }
+    }
+}
+
+/// The epoch cell, mapping it and registering the atfork handler on first use.
+///
+/// Lock-free on purpose: a `Once` or `OnceLock` caught mid-initialisation by a fork would stay
+/// "running" in the child forever.
+fn cell() -> &'static AtomicU64 {
+    let existing = EPOCH_CELL.load(Ordering::Acquire);
+    if !existing.is_null() {
+        // SAFETY: see `current_epoch`: a published cell is never unmapped.
+        return unsafe { &*existing };
+    }
+    let (candidate, wipes) = map_wipe_on_fork_page().map_or((&FALLBACK_CELL as *const AtomicU64 as *mut AtomicU64, false), |page| (page, true));
+    match EPOCH_CELL.compare_exchange(ptr::null_mut(), candidate, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => {
+            CELL_WIPES_ON_FORK.store(wipes, Ordering::Release);
+            register_atfork_handler();
+            // SAFETY: `candidate` is `FALLBACK_CELL` or a freshly mapped page that is never unmapped.
+            unsafe { &*candidate }
+        }
+        Err(winner) => {
+            if wipes {
+                unmap_page(candidate);
+            }
+            // SAFETY: the winner published a cell that is never unmapped.
+            unsafe { &*winner }
+        }
+    }
+}
+
+const PAGE: usize = 4096;
+
+/// Maps one private anonymous page and asks the kernel to zero it in every fork child.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn map_wipe_on_fork_page() -> Option<*mut AtomicU64> {
+    // SAFETY: an anonymous private mapping with a null hint has no preconditions; the result is
+    // checked against MAP_FAILED before use.
+    let page = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if page == libc::MAP_FAILED {
+        return None;
+    }
+    // SAFETY: `page` is the start of a PAGE-sized mapping we own and nobody else references.
+    if unsafe { libc::madvise(page, PAGE, libc::MADV_WIPEONFORK) } != 0 {
+        unmap_page(page.cast());
+        return None;
+    }
+    // A page is zeroed, page-aligned and large enough for an `AtomicU64`.
+    Some(page.cast())
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn map_wipe_on_fork_page() -> Option<*mut AtomicU64> {
+    None
+}
+
+fn unmap_page(page: *mut AtomicU64) {
+    // SAFETY: only called with a page from `map_wipe_on_fork_page` that was never published, so
+    // no reference to it exists.
+    unsafe { libc::munmap(page.cast(), PAGE) };
+}
+
+/// Runs in the child of every libc `fork()`. Async-signal-safe: two atomic operations on
+/// statics, no allocation, no lock, no logging.
+extern "C" fn atfork_child() {
+    ATFORK_CHILD_CALLS.fetch_add(1, Ordering::Relaxed);
+    let cell = EPOCH_CELL.load(Ordering::Relaxed);
+    if !cell.is_null() {
+        // SAFETY: a published cell is never unmapped (see `current_epoch`).
+        unsafe { &*cell }.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Registers [`atfork_child`]; called once per lineage by the thread that published the cell
+/// (registrations are inherited by children, so they are never repeated).
+fn register_atfork_handler() {
+    // SAFETY: `atfork_child` is an `extern "C" fn()` that stays valid for the life of the
+    // process and is async-signal-safe; no prepare or parent handler is installed.
+    let rc = unsafe { libc::pthread_atfork(None, None, Some(atfork_child)) };
+    // pthread_atfork only fails with ENOMEM; the wipe-on-fork page or the pid check still
+    // detect every fork, so the failure costs nothing but a counter.
+    if rc != 0 {
+        tracing::warn!(rc, "pthread_atfork failed; forks are still detected by the epoch check");
+    }
+}
+
+/// A value per process: the value of the process that made it, replaced on first use in a
+/// forked child by a value that child makes.
+///
+/// The inherited value is never dropped and never handed out in the child: it belongs to the
+/// parent's resources (sockets, threads, locks that may be frozen). It is leaked instead — it
+/// is the child's copy-on-write image of the parent's memory, so leaking costs nothing.
+///
+/// Lock-free for readers: a load, an epoch compare. Installing takes a fork-aware lock whose
+/// word holds the installer's epoch, so a lock word left by a parent thread that the fork
+/// caught mid-install reads as free in the child.
+pub(crate) struct PerProcess<T> {
+    current: AtomicPtr<Owned<T>>,
+    installing: AtomicU64,
+}
+
+struct Owned<T> {
+    epoch: Epoch,
+    value: T,
+}
+
+// SAFETY: a `PerProcess<T>` hands out `&T` to any thread (so `T: Sync`) and may drop its `T`
+// on whichever thread drops it (so `T: Send`); that is the same contract as `OnceLock<T>`.
+unsafe impl<T: Send + Sync> Sync for PerProcess<T> {}
+// SAFETY: as above: moving the container moves ownership of the `T` it may drop.
+unsafe impl<T: Send> Send for PerProcess<T> {}
+
+impl<T> PerProcess<T> {
+    /// Holds `value`, owned by the calling process.
+    pub(crate) fn new(value: T) -> Self {
+        PerProcess { current: AtomicPtr::new(Owned::boxed(value)), installing: AtomicU64::new(0) }
+    }
+
+    /// The calling process's value, if it has one.
+    #[inline]
+    pub(crate) fn get(&self) -> Option<&T> {
+        let owned = self.load()?;
+        (owned.epoch == current_epoch()).then_some(&owned.value)
+    }
+
+    /// The value as the calling process found it, even if a parent made it: only for reading
+    /// what must be let go of (a table of atomics); never for using the parent's resources.
+    pub(crate) fn get_even_inherited(&self) -> Option<&T> {
+        self.load().map(|owned| &owned.value)
+    }
+
+    /// The calling process's value, made with `init` if it has none. `init` is given the value
+    /// inherited from the parent, if any, to let go of what it holds.
+    pub(crate) fn get_or_try_init<E>(&self, init: impl FnOnce(Option<&T>) -> Result<T, E>) -> Result<&T, E> {
+        if let Some(value) = self.get() {
+            return Ok(value);
+        }
+        self.install(init)
+    }
+
+    #[cold]
+    fn install<E>(&self, init: impl FnOnce(Option<&T>) -> Result<T, E>) -> Result<&T, E> {
+        let here = current_epoch();
+        let _lock = InstallLock::acquire(&self.installing, here);
+        // Another thread of this process may have installed while we waited.
+        if let Some(value) = self.get() {
+            return Ok(value);
+        }
+        let inherited = self.load().map(|owned| &owned.value);
+        let fresh = Owned::boxed(init(inherited)?);
+        // The previous value (inherited, or none) is leaked on purpose: see the type docs.
+        self.current.store(fresh, Ordering::Release);
+        // SAFETY: `fresh` came from `Box::into_raw` just now and is only freed by `Drop`,
+        // which needs `&mut self`, so it outlives the returned borrow of `self`.
+        Ok(unsafe { &(*fresh).value })
+    }
+
+    fn load(&self) -> Option<&Owned<T>> {
+        let owned = self.current.load(Ordering::Acquire);
+        // SAFETY: `current` is null or points at an `Owned<T>` from `Box::into_raw`, published
+        // with `Release`. A published value is freed only by `Drop` (which has `&mut self`);
+        // a replaced one is leaked. So the pointee outlives this borrow of `self`.
+        unsafe { owned.as_ref() }
+    }
+}
+
+impl<T> Owned<T> {
+    fn boxed(value: T) -> *mut Owned<T> {
+        Box::into_raw(Box::new(Owned { epoch: current_epoch(), value }))
+    }
+}
+
+impl<T> Drop for PerProcess<T> {
+    /// Drops the value only in the process that made it; an inherited one is leaked.
+    fn drop(&mut self) {
+        let owned = *self.current.get_mut();
+        if owned.is_null() {
+            return;
+        }
+        // SAFETY: non-null `current` came from `Box::into_raw`; `&mut self` proves no borrow
+        // handed out by `get` is alive, and nothing else frees it.
+        let owned = unsafe { Box::from_raw(owned) };
+        if owned.epoch != current_epoch() {
+            std::mem::forget(owned);
+        }
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for PerProcess<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.get() {
+            Some(value) => f.debug_tuple("PerProcess").field(value).finish(),
+            None => f.write_str("PerProcess(<none in this process>)"),
+        }
+    }
+}
+
+/// The fork-aware lock behind [`PerProcess::install`]: the word holds the holder's epoch.
+struct InstallLock<'a>(&'a AtomicU64);
+
+impl<'a> InstallLock<'a> {
+    fn acquire(word: &'a AtomicU64, here: Epoch) -> Self {
+        loop {
+            let holder = word.load(Ordering::Acquire);
+            // 0 is free; another epoch's value was left by a thread that does not exist here.
+            if holder != here.get()
+                && word.compare_exchange(holder, here.get(), Ordering::AcqRel, Ordering::Acquire).is_ok()
+            {
+                return InstallLock(word);
+            }
+            // A thread of this process is installing; installs open no connections, so the
+            // wait is short.
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Drop for InstallLock<'_> {
+    /// Also runs if `init` panicked, so a failed install does not block the process.
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_is_stable_within_a_process() {
+        let first = current_epoch();
+        let from_threads: Vec<Epoch> = (0..4)
+            .map(|_| std::thread::spawn(current_epoch))
+            .map(|handle| handle.join().unwrap())
+            .collect();
+        assert!(from_threads.iter().all(|epoch| *epoch == first));
+        assert_ne!(first.get(), 0);
+    }
+
+    #[test]
+    fn this_kernel_wipes_on_fork() {
+        // The CI machine runs Linux >= 4.14; a fallback here would mean a getpid() per checkout.
+        assert!(fork_detection().wipe_on_fork);
+    }
+}

@@ -1,0 +1,22 @@
+#![doc = include_str!("../README.md")]
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+
+mod backends;
+mod config;
+mod connection;
+mod descriptors;
+mod fork;
+mod manager;
+mod pool;
+mod stats;
+
+pub use crate::config::Builder;
+pub use crate::connection::PooledConnection;
+pub use crate::fork::{fork_detection, ForkDetection};
+pub use crate::pool::Pool;
+pub use crate::stats::ForkStats;
+pub use r2d2::{
+    CustomizeConnection, Error, HandleError, HandleEvent, LoggingErrorHandler, ManageConnection,
+    NopConnectionCustomizer, NopErrorHandler, NopEventHandler, State,
+};

@@ -1,0 +1,154 @@
+//! The connection manager the inner r2d2 pool runs on: the user's manager plus a record of
+//! each connection's descriptors, so a forked child can let go of them.
+
+use std::any::Any;
+use std::error::Error as StdError;
+use std::fmt;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use r2d2::{CustomizeConnection, HandleError, ManageConnection};
+
+use crate::descriptors::{DescriptorTable, Registration};
+
+/// Finds the descriptors a connection owns; `None` when it cannot say for certain.
+pub(crate) type Locator<C> = Arc<dyn Fn(&mut C) -> Option<Vec<RawFd>> + Send + Sync>;
+
+/// A connection plus its entry in the descriptor table.
+pub(crate) struct Tracked<C> {
+    pub(crate) conn: C,
+    pub(crate) registration: Registration,
+}
+
+impl<C> Tracked<C> {
+    /// Hands the connection back (for `on_release`); dropping the registration removes it from
+    /// the descriptor table.
+    fn into_inner(self) -> C {
+        let Tracked { conn, registration } = self;
+        drop(registration);
+        conn
+    }
+}
+
+/// The error of a connection attempt: the manager's own error, plus where it happened when the
+/// pool was rebuilt in a forked child.
+#[derive(Debug)]
+pub(crate) struct ConnectError<E> {
+    source: E,
+    rebuilt_after_fork_in: Option<u32>,
+}
+
+impl<E: fmt::Display> fmt::Display for ConnectError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.rebuilt_after_fork_in {
+            Some(pid) => write!(
+                f,
+                "{} (forksafe-pool: the pool was rebuilt after fork() in process {pid} and could not connect)",
+                self.source
+            ),
+            None => self.source.fmt(f),
+        }
+    }
+}
+
+impl<E: StdError + 'static> StdError for ConnectError<E> {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// Wraps the user's manager for one pool generation.
+pub(crate) struct ForkSafeManager<M: ManageConnection> {
+    inner: M,
+    table: Arc<DescriptorTable>,
+    locator: Option<Locator<M::Connection>>,
+    rebuilt_after_fork_in: Option<u32>,
+}
+
+impl<M: ManageConnection> ForkSafeManager<M> {
+    pub(crate) fn new(
+        inner: M,
+        table: Arc<DescriptorTable>,
+        locator: Option<Locator<M::Connection>>,
+        rebuilt_after_fork_in: Option<u32>,
+    ) -> Self {
+        ForkSafeManager { inner, table, locator, rebuilt_after_fork_in }
+    }
+
+    fn wrap(&self, source: M::Error) -> ConnectError<M::Error> {
+        ConnectError { source, rebuilt_after_fork_in: self.rebuilt_after_fork_in }
+    }
+
+    fn locate(&self, conn: &mut M::Connection) -> Option<Vec<RawFd>> {
+        match &self.locator {
+            Some(locator) => locator(conn),
+            None => crate::backends::locate(conn as &mut dyn Any),
+        }
+    }
+}
+
+impl<M: ManageConnection> ManageConnection for ForkSafeManager<M> {
+    type Connection = Tracked<M::Connection>;
+    type Error = ConnectError<M::Error>;
+
+    fn connect(&self) -> Result<Self::Connection, Self::Error> {
+        let mut conn = self.inner.connect().map_err(|error| self.wrap(error))?;
+        let fds = self.locate(&mut conn);
+        let registration = self.table.register(fds);
+        Ok(Tracked { conn, registration })
+    }
+
+    fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
+        self.inner.is_valid(&mut conn.conn).map_err(|error| self.wrap(error))
+    }
+
+    fn has_broken(&self, conn: &mut Self::Connection) -> bool {
+        self.inner.has_broken(&mut conn.conn)
+    }
+}
+
+impl<M: ManageConnection> fmt::Debug for ForkSafeManager<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ForkSafeManager").finish_non_exhaustive()
+    }
+}
+
+/// Hands the user's error handler the manager's own error type.
+pub(crate) struct ErrorHandlerAdapter<E>(pub(crate) Arc<dyn HandleError<E>>);
+
+impl<E> fmt::Debug for ErrorHandlerAdapter<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl<E: StdError + 'static> HandleError<ConnectError<E>> for ErrorHandlerAdapter<E> {
+    fn handle_error(&self, error: ConnectError<E>) {
+        self.0.handle_error(error.source);
+    }
+}
+
+/// Hands the user's customizer the manager's own connection type.
+pub(crate) struct CustomizerAdapter<C, E>(pub(crate) Arc<dyn CustomizeConnection<C, E>>);
+
+impl<C, E> fmt::Debug for CustomizerAdapter<C, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl<C, E> CustomizeConnection<Tracked<C>, ConnectError<E>> for CustomizerAdapter<C, E>
+where
+    C: Send + 'static,
+    E: 'static,
+{
+    fn on_acquire(&self, conn: &mut Tracked<C>) -> Result<(), ConnectError<E>> {
+        // The customizer runs on a connection that is not yet in a generation of a forked child,
+        // so the error carries no fork context.
+        self.0.on_acquire(&mut conn.conn).map_err(|source| ConnectError { source, rebuilt_after_fork_in: None })
+    }
+
+    fn on_release(&self, conn: Tracked<C>) {
+        self.0.on_release(conn.into_inner());
+    }
+}

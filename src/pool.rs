@@ -1,0 +1,282 @@
+//! The pool: an r2d2 pool per process, rebuilt lock-free in a forked child.
+//!
+//! A [`Pool`] points at one *generation*: an r2d2 pool built in one process (its epoch). The
+//! process that built a generation uses it exactly like r2d2. A forked child finds a generation
+//! from another epoch and, on first use, builds a new one from the saved configuration and
+//! swaps it in. The inherited generation is never touched again — not its r2d2 mutex, not its
+//! thread pool, not its connections — and never dropped: dropping would run the drivers'
+//! goodbyes on sockets the parent still uses, and the parent's locks may be frozen mid-use.
+//! Its sockets are pointed at `/dev/null` instead (see `descriptors`).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use r2d2::event::{AcquireEvent, CheckinEvent, CheckoutEvent, ReleaseEvent, TimeoutEvent};
+use r2d2::{HandleEvent, ManageConnection};
+use scheduled_thread_pool::ScheduledThreadPool;
+
+use crate::config::{Builder, Config};
+use crate::connection::PooledConnection;
+use crate::descriptors::DescriptorTable;
+use crate::fork::{current_epoch, PerProcess};
+use crate::manager::{CustomizerAdapter, ErrorHandlerAdapter, ForkSafeManager};
+use crate::stats::{Counters, ForkStats};
+
+/// A fork-safe, drop-in replacement for [`r2d2::Pool`].
+///
+/// Cloning is cheap and every clone shares the same connections, as with r2d2. Build it once
+/// in a master process, warm it, fork: every worker gets a fresh pool of its own on first use,
+/// and the master keeps its connections.
+///
+/// ```
+/// # use forksafe_pool::doc_support::MemoryManager;
+/// let pool = forksafe_pool::Pool::new(MemoryManager::default())?;
+/// let conn = pool.get()?;
+/// assert_eq!(conn.opened_by, std::process::id());
+/// # Ok::<(), r2d2::Error>(())
+/// ```
+pub struct Pool<M: ManageConnection> {
+    shared: Arc<Shared<M>>,
+}
+
+struct Shared<M: ManageConnection> {
+    config: Config<M>,
+    /// Makes the manager of each generation (a clone of the one given to `build`).
+    new_manager: Box<dyn Fn() -> M + Send + Sync>,
+    /// This process's generation; a forked child builds its own on first use.
+    generation: PerProcess<Generation<M>>,
+    counters: Arc<Counters>,
+}
+
+struct Generation<M: ManageConnection> {
+    pool: r2d2::Pool<ForkSafeManager<M>>,
+    descriptors: Arc<DescriptorTable>,
+}
+
+impl<M: ManageConnection> Clone for Pool<M> {
+    fn clone(&self) -> Self {
+        Pool { shared: Arc::clone(&self.shared) }
+    }
+}
+
+impl<M: ManageConnection> fmt::Debug for Pool<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut out = f.debug_struct("Pool");
+        out.field("max_size", &self.shared.config.max_size).field("fork_stats", &self.fork_stats());
+        if let Some(generation) = self.shared.generation.get() {
+            out.field("state", &generation.pool.state());
+        }
+        out.finish_non_exhaustive()
+    }
+}
+
+impl<M: ManageConnection + Clone> Pool<M> {
+    /// A pool with r2d2's default configuration, waiting for its connections like
+    /// [`r2d2::Pool::new`].
+    ///
+    /// # Errors
+    ///
+    /// r2d2's error when the initial connections cannot be opened in `connection_timeout`.
+    pub fn new(manager: M) -> Result<Pool<M>, r2d2::Error> {
+        Pool::builder().build(manager)
+    }
+}
+
+impl<M: ManageConnection> Pool<M> {
+    /// A [`Builder`] with r2d2's defaults.
+    pub fn builder() -> Builder<M> {
+        Builder::new()
+    }
+
+    pub(crate) fn from_config(config: Config<M>, manager: M, wait: bool) -> Result<Pool<M>, r2d2::Error>
+    where
+        M: Clone,
+    {
+        let counters = Arc::new(Counters::default());
+        let generation = Generation::build(&config, manager.clone(), &counters, None, wait)?;
+        let new_manager = Box::new(move || manager.clone());
+        Ok(Pool { shared: Arc::new(Shared { config, new_manager, generation: PerProcess::new(generation), counters }) })
+    }
+
+    /// Checks out a connection, waiting up to `connection_timeout`, like [`r2d2::Pool::get`].
+    ///
+    /// In a forked child the first call rebuilds the pool (see the crate docs) and so waits for
+    /// a new connection, still no longer than `connection_timeout`.
+    ///
+    /// # Errors
+    ///
+    /// r2d2's "timed out waiting for connection" error, with the last connection error; after a
+    /// fork it says that the pool was rebuilt in this process and why it could not connect.
+    pub fn get(&self) -> Result<PooledConnection<M>, r2d2::Error> {
+        let generation = self.generation();
+        generation.pool.get().map(PooledConnection::new)
+    }
+
+    /// Like [`get`](Self::get), waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// As for `get`.
+    pub fn get_timeout(&self, timeout: Duration) -> Result<PooledConnection<M>, r2d2::Error> {
+        let generation = self.generation();
+        generation.pool.get_timeout(timeout).map(PooledConnection::new)
+    }
+
+    /// Checks out an idle connection if there is one, without waiting, like
+    /// [`r2d2::Pool::try_get`].
+    pub fn try_get(&self) -> Option<PooledConnection<M>> {
+        let generation = self.generation();
+        generation.pool.try_get().map(PooledConnection::new)
+    }
+
+    /// The connection counts of this process's pool, like [`r2d2::Pool::state`].
+    pub fn state(&self) -> r2d2::State {
+        self.generation().pool.state()
+    }
+
+    /// What this pool has seen of forks.
+    pub fn fork_stats(&self) -> ForkStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// The configured maximum number of connections.
+    pub fn max_size(&self) -> u32 {
+        self.shared.config.max_size
+    }
+
+    /// The configured minimum number of idle connections (`None` means `max_size`).
+    pub fn min_idle(&self) -> Option<u32> {
+        self.shared.config.min_idle
+    }
+
+    /// Whether connections are checked with `is_valid` before they are handed out.
+    pub fn test_on_check_out(&self) -> bool {
+        self.shared.config.test_on_check_out
+    }
+
+    /// The configured maximum lifetime of a connection.
+    pub fn max_lifetime(&self) -> Option<Duration> {
+        self.shared.config.max_lifetime
+    }
+
+    /// The configured idle timeout of a connection.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.shared.config.idle_timeout
+    }
+
+    /// The configured time `get` waits for a connection.
+    pub fn connection_timeout(&self) -> Duration {
+        self.shared.config.connection_timeout
+    }
+
+    /// This process's generation, rebuilding it first if the pool came across a fork.
+    #[inline]
+    fn generation(&self) -> &Generation<M> {
+        match self.shared.generation.get() {
+            Some(generation) => generation,
+            None => self.rebuild_after_fork(),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn rebuild_after_fork(&self) -> &Generation<M> {
+        let shared = &*self.shared;
+        let rebuilt = shared.generation.get_or_try_init(|inherited| {
+            if let Some(inherited) = inherited {
+                let discarded = inherited.descriptors.release_inherited();
+                shared.counters.record_rebuild(discarded);
+                tracing::info!(
+                    pid = std::process::id(),
+                    connections = discarded.connections,
+                    sockets_released = discarded.sockets_released,
+                    leaked = discarded.connections_unidentified,
+                    "forksafe-pool: discarded inherited connections after fork"
+                );
+            }
+            let generation =
+                Generation::build(&shared.config, (shared.new_manager)(), &shared.counters, Some(std::process::id()), false);
+            tracing::debug!(pid = std::process::id(), "forksafe-pool: fork detected, pool rebuilt");
+            generation
+        });
+        match rebuilt {
+            Ok(generation) => generation,
+            Err(_) => unreachable!("building without waiting cannot fail"),
+        }
+    }
+}
+
+impl<M: ManageConnection> Generation<M> {
+    fn build(
+        config: &Config<M>,
+        manager: M,
+        counters: &Arc<Counters>,
+        rebuilt_after_fork_in: Option<u32>,
+        wait: bool,
+    ) -> Result<Generation<M>, r2d2::Error> {
+        let descriptors = DescriptorTable::new(config.max_size, Arc::clone(counters));
+        let manager = ForkSafeManager::new(
+            manager,
+            Arc::clone(&descriptors),
+            config.descriptor_locator.clone(),
+            rebuilt_after_fork_in,
+        );
+        let mut builder = r2d2::Pool::builder()
+            .max_size(config.max_size)
+            .min_idle(config.min_idle)
+            .test_on_check_out(config.test_on_check_out)
+            .max_lifetime(config.max_lifetime)
+            .idle_timeout(config.idle_timeout)
+            .connection_timeout(config.connection_timeout)
+            .error_handler(Box::new(ErrorHandlerAdapter(Arc::clone(&config.error_handler))))
+            .event_handler(Box::new(EventHandlerAdapter(Arc::clone(&config.event_handler))))
+            .connection_customizer(Box::new(CustomizerAdapter(Arc::clone(&config.connection_customizer))));
+        match &config.thread_pool {
+            Some((thread_pool, owner)) if *owner == current_epoch() => builder = builder.thread_pool(Arc::clone(thread_pool)),
+            Some(_) => builder = builder.thread_pool(Arc::new(fresh_thread_pool())),
+            None => {}
+        }
+        let pool = if wait { builder.build(manager)? } else { builder.build_unchecked(manager) };
+        Ok(Generation { pool, descriptors })
+    }
+}
+
+impl<M: ManageConnection> Drop for Shared<M> {
+    /// A pool dropped in a child that never used it still lets go of the inherited sockets;
+    /// `PerProcess` then leaks the inherited generation instead of dropping it.
+    fn drop(&mut self) {
+        if self.generation.get().is_none() {
+            if let Some(inherited) = self.generation.get_even_inherited() {
+                self.counters.record_rebuild(inherited.descriptors.release_inherited());
+            }
+        }
+    }
+}
+
+/// The thread pool r2d2 would make by default; a rebuilt pool cannot use its parent's.
+fn fresh_thread_pool() -> ScheduledThreadPool {
+    ScheduledThreadPool::builder().num_threads(3).thread_name_pattern("r2d2-worker-{}").build()
+}
+
+/// Hands r2d2's events to the user's handler, kept in an `Arc` so every generation shares it.
+#[derive(Debug)]
+struct EventHandlerAdapter(Arc<dyn HandleEvent>);
+
+impl HandleEvent for EventHandlerAdapter {
+    fn handle_acquire(&self, event: AcquireEvent) {
+        self.0.handle_acquire(event);
+    }
+    fn handle_release(&self, event: ReleaseEvent) {
+        self.0.handle_release(event);
+    }
+    fn handle_checkout(&self, event: CheckoutEvent) {
+        self.0.handle_checkout(event);
+    }
+    fn handle_timeout(&self, event: TimeoutEvent) {
+        self.0.handle_timeout(event);
+    }
+    fn handle_checkin(&self, event: CheckinEvent) {
+        self.0.handle_checkin(event);
+    }
+}

@@ -1,0 +1,218 @@
+//! Shared by the integration tests: a fake database server and manager that record which
+//! process wrote what on which connection, and a fork helper that never hangs the suite.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+
+/// One line a fake connection wrote: the writer's pid and the operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Line {
+    pub pid: u32,
+    pub op: String,
+}
+
+/// A fake server on a Unix socket. Every connection it accepts gets a number; it records every
+/// line written on every connection, whichever process wrote it.
+pub struct FakeServer {
+    pub path: PathBuf,
+    lines: Arc<Mutex<HashMap<u64, Vec<Line>>>>,
+    closed: Arc<Mutex<Vec<u64>>>,
+}
+
+impl FakeServer {
+    pub fn start() -> FakeServer {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "forksafe-fake-{}-{}.sock",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).expect("bind fake server");
+        let lines: Arc<Mutex<HashMap<u64, Vec<Line>>>> = Arc::default();
+        let closed: Arc<Mutex<Vec<u64>>> = Arc::default();
+        let (lines2, closed2) = (Arc::clone(&lines), Arc::clone(&closed));
+        let server_pid = std::process::id();
+        std::thread::spawn(move || {
+            for (id, stream) in listener.incoming().enumerate() {
+                // A forked child has no copy of this thread; only the test process serves.
+                if std::process::id() != server_pid {
+                    return;
+                }
+                let Ok(stream) = stream else { return };
+                let (lines, closed) = (Arc::clone(&lines2), Arc::clone(&closed2));
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut writer = stream;
+                    let mut buf = String::new();
+                    loop {
+                        buf.clear();
+                        match reader.read_line(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {
+                                let (pid, op) = buf.trim_end().split_once(' ').unwrap_or(("0", ""));
+                                let line = Line { pid: pid.parse().unwrap_or(0), op: op.to_string() };
+                                let reply = format!("{} {}\n", id, line.op);
+                                lines.lock().unwrap().entry(id as u64).or_default().push(line);
+                                if writer.write_all(reply.as_bytes()).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    closed.lock().unwrap().push(id as u64);
+                });
+            }
+        });
+        FakeServer { path, lines, closed }
+    }
+
+    pub fn manager(&self) -> FakeManager {
+        FakeManager { path: self.path.clone(), connects: Arc::default() }
+    }
+
+    /// Every line, by connection number.
+    pub fn lines(&self) -> HashMap<u64, Vec<Line>> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Connections whose client end is closed in every process.
+    pub fn closed(&self) -> Vec<u64> {
+        self.closed.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A manager whose connections talk to a [`FakeServer`].
+#[derive(Clone, Debug)]
+pub struct FakeManager {
+    path: PathBuf,
+    pub connects: Arc<AtomicU64>,
+}
+
+/// A fake connection: remembers who opened it, writes "<pid> <op>" for every operation and
+/// "<pid> goodbye" when dropped, like a driver's Terminate.
+#[derive(Debug)]
+pub struct FakeConnection {
+    pub opened_by: u32,
+    pub server_id: u64,
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl FakeConnection {
+    /// Sends `op` and returns the server's echo: "<connection number> <op>".
+    pub fn query(&mut self, op: &str) -> std::io::Result<String> {
+        writeln!(self.stream, "{} {}", std::process::id(), op)?;
+        let mut reply = String::new();
+        self.reader.read_line(&mut reply)?;
+        Ok(reply.trim_end().to_string())
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
+impl Drop for FakeConnection {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stream, "{} goodbye", std::process::id());
+    }
+}
+
+impl r2d2::ManageConnection for FakeManager {
+    type Connection = FakeConnection;
+    type Error = std::io::Error;
+
+    fn connect(&self) -> std::io::Result<FakeConnection> {
+        self.connects.fetch_add(1, Ordering::Relaxed);
+        let stream = UnixStream::connect(&self.path)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        let mut conn = FakeConnection { opened_by: std::process::id(), server_id: u64::MAX, stream, reader };
+        let reply = conn.query("hello")?;
+        conn.server_id = reply.split(' ').next().and_then(|id| id.parse().ok()).unwrap_or(u64::MAX);
+        Ok(conn)
+    }
+
+    fn is_valid(&self, conn: &mut FakeConnection) -> std::io::Result<()> {
+        conn.query("ping").map(drop)
+    }
+
+    fn has_broken(&self, _: &mut FakeConnection) -> bool {
+        false
+    }
+}
+
+/// A pool of fake connections whose descriptors are known to the pool.
+pub fn fake_pool(manager: FakeManager, size: u32) -> forksafe_pool::Pool<FakeManager> {
+    forksafe_pool::Pool::builder()
+        .max_size(size)
+        .min_idle(Some(size))
+        .connection_timeout(Duration::from_secs(5))
+        .descriptor_locator(|conn: &mut FakeConnection| Some(vec![conn.fd()]))
+        .build(manager)
+        .expect("fake pool")
+}
+
+/// How a forked child ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ChildEnd {
+    Exited(i32),
+    Signaled(Signal),
+    /// Still running at the deadline; it was killed.
+    Hung,
+}
+
+/// Forks; the child runs `child` and `_exit`s with its return value (a panic is 101). The
+/// parent gets the child's pid.
+pub fn spawn_child(child: impl FnOnce() -> i32) -> Pid {
+    // SAFETY: the child only runs test code and leaves with `_exit`, never returning into the
+    // test harness.
+    match unsafe { fork() }.expect("fork") {
+        ForkResult::Child => {
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(101);
+            // SAFETY: `_exit` is async-signal-safe and ends the process at once.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => child,
+    }
+}
+
+/// Waits for `pid` until `deadline`; kills it and reports [`ChildEnd::Hung`] after that.
+pub fn reap(pid: Pid, deadline: Duration) -> ChildEnd {
+    let until = Instant::now() + deadline;
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)).expect("waitpid") {
+            WaitStatus::Exited(_, code) => return ChildEnd::Exited(code),
+            WaitStatus::Signaled(_, signal, _) => return ChildEnd::Signaled(signal),
+            _ if Instant::now() >= until => {
+                let _ = kill(pid, Signal::SIGKILL);
+                let _ = waitpid(pid, None);
+                return ChildEnd::Hung;
+            }
+            _ => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
+/// Forks, runs `child` there, and reaps it within `deadline`.
+pub fn run_child(deadline: Duration, child: impl FnOnce() -> i32) -> ChildEnd {
+    reap(spawn_child(child), deadline)
+}
