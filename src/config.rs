@@ -232,10 +232,7 @@ impl<M: ManageConnection> Builder<M> {
     /// # Panics
     ///
     /// Panics if `min_idle` is larger than `max_size`, with r2d2's message.
-    pub fn build(self, manager: M) -> Result<Pool<M>, r2d2::Error>
-    where
-        M: Clone,
-    {
+    pub fn build(self, manager: M) -> Result<Pool<M>, r2d2::Error> {
         self.check();
         Pool::from_config(self.config, manager, true)
     }
@@ -245,10 +242,7 @@ impl<M: ManageConnection> Builder<M> {
     /// # Panics
     ///
     /// Panics if `min_idle` is larger than `max_size`, with r2d2's message.
-    pub fn build_unchecked(self, manager: M) -> Pool<M>
-    where
-        M: Clone,
-    {
+    pub fn build_unchecked(self, manager: M) -> Pool<M> {
         self.check();
         match Pool::from_config(self.config, manager, false) {
             Ok(pool) => pool,

@@ -59,7 +59,7 @@ impl<E: StdError + 'static> StdError for ConnectError<E> {
 
 /// Wraps the user's manager for one pool generation.
 pub(crate) struct ForkSafeManager<M: ManageConnection> {
-    inner: M,
+    inner: Arc<M>,
     table: Arc<DescriptorTable>,
     locator: Option<Locator<M::Connection>>,
     rebuilt_after_fork_in: Option<u32>,
@@ -67,7 +67,7 @@ pub(crate) struct ForkSafeManager<M: ManageConnection> {
 
 impl<M: ManageConnection> ForkSafeManager<M> {
     pub(crate) fn new(
-        inner: M,
+        inner: Arc<M>,
         table: Arc<DescriptorTable>,
         locator: Option<Locator<M::Connection>>,
         rebuilt_after_fork_in: Option<u32>,

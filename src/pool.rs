@@ -42,8 +42,9 @@ pub struct Pool<M: ManageConnection> {
 
 struct Shared<M: ManageConnection> {
     config: Config<M>,
-    /// Makes the manager of each generation (a clone of the one given to `build`).
-    new_manager: Box<dyn Fn() -> M + Send + Sync>,
+    /// The manager given to `build`, shared by every generation: managers are `Sync` and hold
+    /// configuration (a URL), not connections, so a child can open its own with it.
+    manager: Arc<M>,
     /// This process's generation; a forked child builds its own on first use.
     generation: PerProcess<Generation<M>>,
     counters: Arc<Counters>,
@@ -71,7 +72,7 @@ impl<M: ManageConnection> fmt::Debug for Pool<M> {
     }
 }
 
-impl<M: ManageConnection + Clone> Pool<M> {
+impl<M: ManageConnection> Pool<M> {
     /// A pool with r2d2's default configuration, waiting for its connections like
     /// [`r2d2::Pool::new`].
     ///
@@ -89,14 +90,11 @@ impl<M: ManageConnection> Pool<M> {
         Builder::new()
     }
 
-    pub(crate) fn from_config(config: Config<M>, manager: M, wait: bool) -> Result<Pool<M>, r2d2::Error>
-    where
-        M: Clone,
-    {
+    pub(crate) fn from_config(config: Config<M>, manager: M, wait: bool) -> Result<Pool<M>, r2d2::Error> {
         let counters = Arc::new(Counters::default());
-        let generation = Generation::build(&config, manager.clone(), &counters, None, wait)?;
-        let new_manager = Box::new(move || manager.clone());
-        Ok(Pool { shared: Arc::new(Shared { config, new_manager, generation: PerProcess::new(generation), counters }) })
+        let manager = Arc::new(manager);
+        let generation = Generation::build(&config, Arc::clone(&manager), &counters, None, wait)?;
+        Ok(Pool { shared: Arc::new(Shared { config, manager, generation: PerProcess::new(generation), counters }) })
     }
 
     /// Checks out a connection, waiting up to `connection_timeout`, like [`r2d2::Pool::get`].
@@ -196,7 +194,7 @@ impl<M: ManageConnection> Pool<M> {
                 );
             }
             let generation =
-                Generation::build(&shared.config, (shared.new_manager)(), &shared.counters, Some(std::process::id()), false);
+                Generation::build(&shared.config, Arc::clone(&shared.manager), &shared.counters, Some(std::process::id()), false);
             tracing::debug!(pid = std::process::id(), "forksafe-pool: fork detected, pool rebuilt");
             generation
         });
@@ -210,7 +208,7 @@ impl<M: ManageConnection> Pool<M> {
 impl<M: ManageConnection> Generation<M> {
     fn build(
         config: &Config<M>,
-        manager: M,
+        manager: Arc<M>,
         counters: &Arc<Counters>,
         rebuilt_after_fork_in: Option<u32>,
         wait: bool,
