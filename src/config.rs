@@ -19,16 +19,18 @@ use crate::pool::Pool;
 /// A builder for a [`Pool`], setter for setter the same as [`r2d2::Builder`].
 ///
 /// ```
-/// # use forksafe_pool::doc_support::MemoryManager;
+/// use diesel::r2d2::ConnectionManager;
+/// use diesel::SqliteConnection;
 /// use std::time::Duration;
 ///
 /// let pool = forksafe_pool::Pool::builder()
 ///     .max_size(4)
 ///     .min_idle(Some(1))
 ///     .connection_timeout(Duration::from_secs(5))
-///     .build(MemoryManager::default())?;
+///     .build(ConnectionManager::<SqliteConnection>::new(":memory:"))?;
 /// assert_eq!(pool.max_size(), 4);
-/// # Ok::<(), r2d2::Error>(())
+/// assert_eq!(pool.min_idle(), Some(1));
+/// # Ok::<(), forksafe_pool::Error>(())
 /// ```
 #[must_use = "a builder does nothing until `build` is called"]
 pub struct Builder<M: ManageConnection> {

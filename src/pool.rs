@@ -30,11 +30,14 @@ use crate::stats::{Counters, ForkStats};
 /// and the master keeps its connections.
 ///
 /// ```
-/// # use forksafe_pool::doc_support::MemoryManager;
-/// let pool = forksafe_pool::Pool::new(MemoryManager::default())?;
-/// let conn = pool.get()?;
-/// assert_eq!(conn.opened_by, std::process::id());
-/// # Ok::<(), r2d2::Error>(())
+/// use diesel::r2d2::ConnectionManager;
+/// use diesel::{RunQueryDsl, SqliteConnection};
+///
+/// let pool = forksafe_pool::Pool::new(ConnectionManager::<SqliteConnection>::new(":memory:"))?;
+/// let mut conn = pool.get()?;
+/// diesel::sql_query("CREATE TABLE t (x INTEGER)").execute(&mut conn)?;
+/// assert_eq!(pool.fork_stats().forks_crossed, 0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct Pool<M: ManageConnection> {
     shared: Arc<Shared<M>>,
