@@ -136,7 +136,11 @@ impl<M: ManageConnection> Builder<M> {
     ///
     /// Panics on `Some(Duration::ZERO)`, with r2d2's message "max_lifetime must be positive".
     pub fn max_lifetime(mut self, max_lifetime: Option<Duration>) -> Self {
-        assert_ne!(max_lifetime, Some(Duration::from_secs(0)), "max_lifetime must be positive");
+        assert_ne!(
+            max_lifetime,
+            Some(Duration::from_secs(0)),
+            "max_lifetime must be positive"
+        );
         self.config.max_lifetime = max_lifetime;
         self
     }
@@ -149,7 +153,11 @@ impl<M: ManageConnection> Builder<M> {
     ///
     /// Panics on `Some(Duration::ZERO)`, with r2d2's message "idle_timeout must be positive".
     pub fn idle_timeout(mut self, idle_timeout: Option<Duration>) -> Self {
-        assert_ne!(idle_timeout, Some(Duration::from_secs(0)), "idle_timeout must be positive");
+        assert_ne!(
+            idle_timeout,
+            Some(Duration::from_secs(0)),
+            "idle_timeout must be positive"
+        );
         self.config.idle_timeout = idle_timeout;
         self
     }
@@ -164,7 +172,10 @@ impl<M: ManageConnection> Builder<M> {
     /// Panics if `connection_timeout` is zero, with r2d2's message "connection_timeout must be
     /// positive".
     pub fn connection_timeout(mut self, connection_timeout: Duration) -> Self {
-        assert!(connection_timeout > Duration::from_secs(0), "connection_timeout must be positive");
+        assert!(
+            connection_timeout > Duration::from_secs(0),
+            "connection_timeout must be positive"
+        );
         self.config.connection_timeout = connection_timeout;
         self
     }
@@ -254,7 +265,10 @@ impl<M: ManageConnection> Builder<M> {
 
     fn check(&self) {
         if let Some(min_idle) = self.config.min_idle {
-            assert!(self.config.max_size >= min_idle, "min_idle must be no larger than max_size");
+            assert!(
+                self.config.max_size >= min_idle,
+                "min_idle must be no larger than max_size"
+            );
         }
     }
 }

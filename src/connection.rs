@@ -35,7 +35,10 @@ pub struct PooledConnection<M: ManageConnection> {
 
 impl<M: ManageConnection> PooledConnection<M> {
     pub(crate) fn new(inner: r2d2::PooledConnection<ForkSafeManager<M>>) -> Self {
-        PooledConnection { inner: Some(inner), epoch: current_epoch() }
+        PooledConnection {
+            inner: Some(inner),
+            epoch: current_epoch(),
+        }
     }
 
     /// The r2d2 connection extensions of this connection, like
@@ -123,7 +126,9 @@ where
 impl<M: ManageConnection> Drop for PooledConnection<M> {
     #[inline]
     fn drop(&mut self) {
-        let Some(inner) = self.inner.take() else { return };
+        let Some(inner) = self.inner.take() else {
+            return;
+        };
         if self.epoch == current_epoch() {
             drop(inner);
         } else {

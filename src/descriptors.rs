@@ -36,7 +36,11 @@ impl Descriptor {
     /// Records what `fd` refers to now; `None` if it is not open.
     pub(crate) fn identify(fd: RawFd) -> Option<Descriptor> {
         let stat = nix::sys::stat::fstat(fd).ok()?;
-        Some(Descriptor { fd, dev: stat.st_dev as u64, ino: stat.st_ino as u64 })
+        Some(Descriptor {
+            fd,
+            dev: stat.st_dev as u64,
+            ino: stat.st_ino as u64,
+        })
     }
 
     /// True while `fd` still refers to the file it referred to when identified.
@@ -97,12 +101,18 @@ impl DescriptorTable {
         if !identified {
             self.unidentified_connections.fetch_add(1, Ordering::AcqRel);
         }
-        Registration { table: Arc::clone(self), slots, identified }
+        Registration {
+            table: Arc::clone(self),
+            slots,
+            identified,
+        }
     }
 
     fn publish(&self, descriptor: Descriptor) -> Option<usize> {
         let index = self.slots.iter().position(|slot| {
-            slot.state.compare_exchange(FREE, WRITING, Ordering::Acquire, Ordering::Relaxed).is_ok()
+            slot.state
+                .compare_exchange(FREE, WRITING, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
         })?;
         let slot = &self.slots[index];
         slot.fd.store(descriptor.fd, Ordering::Relaxed);
@@ -127,7 +137,11 @@ impl DescriptorTable {
         let mut released = 0;
         let null = DevNull::open();
         for index in 0..self.slots.len() {
-            if release_slot(&self.slots[index], self.ready_descriptor(index), null.as_ref()) {
+            if release_slot(
+                &self.slots[index],
+                self.ready_descriptor(index),
+                null.as_ref(),
+            ) {
                 released += 1;
             }
         }
@@ -182,7 +196,11 @@ impl Registration {
             .slots
             .iter()
             .filter(|&&index| {
-                release_slot(&self.table.slots[index], self.table.ready_descriptor(index), null.as_ref())
+                release_slot(
+                    &self.table.slots[index],
+                    self.table.ready_descriptor(index),
+                    null.as_ref(),
+                )
             })
             .count() as u64;
         // Only count the connection if a rebuild has not already counted its generation.
@@ -202,7 +220,9 @@ impl Registration {
 
 /// Decrements a counter that is never allowed below zero; false if it was already zero.
 fn decrement(counter: &AtomicU64) -> bool {
-    counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok()
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 fn release_slot(slot: &Slot, descriptor: Option<Descriptor>, null: Option<&DevNull>) -> bool {
@@ -212,7 +232,11 @@ fn release_slot(slot: &Slot, descriptor: Option<Descriptor>, null: Option<&DevNu
     if !descriptor.unchanged() {
         return false;
     }
-    if slot.state.compare_exchange(READY, RELEASED, Ordering::AcqRel, Ordering::Acquire).is_err() {
+    if slot
+        .state
+        .compare_exchange(READY, RELEASED, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
         return false;
     }
     nix::unistd::dup3(null.fd(), descriptor.fd, OFlag::O_CLOEXEC).is_ok()
@@ -252,7 +276,14 @@ mod tests {
         let table = table();
         let _registration = table.register(Some(vec![ours.as_raw_fd()]));
         let discarded = table.release_inherited();
-        assert_eq!(discarded, Discarded { connections: 1, sockets_released: 1, connections_unidentified: 0 });
+        assert_eq!(
+            discarded,
+            Discarded {
+                connections: 1,
+                sockets_released: 1,
+                connections_unidentified: 0
+            }
+        );
         // The peer sees end-of-file: our reference to the socket is gone, nothing was written.
         use std::io::Read;
         let mut buf = [0u8; 1];
@@ -284,7 +315,11 @@ mod tests {
     fn unidentified_connections_are_counted_and_unregistered() {
         let table = table();
         let unknown = table.register(None);
-        let discarded_before = Discarded { connections: 1, sockets_released: 0, connections_unidentified: 1 };
+        let discarded_before = Discarded {
+            connections: 1,
+            sockets_released: 0,
+            connections_unidentified: 1,
+        };
         assert_eq!(unknown.table.live_connections.load(Ordering::Relaxed), 1);
         drop(unknown);
         assert_eq!(table.release_inherited(), Discarded::default());

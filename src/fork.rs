@@ -120,14 +120,18 @@ fn claim_epoch() -> Epoch {
     let cell = cell();
     loop {
         let seen = cell.load(Ordering::Acquire);
-        let stale = seen != 0 && !CELL_WIPES_ON_FORK.load(Ordering::Relaxed) && !owner_pid_matches();
+        let stale =
+            seen != 0 && !CELL_WIPES_ON_FORK.load(Ordering::Relaxed) && !owner_pid_matches();
         if seen != 0 && !stale {
             return Epoch(seen);
         }
         let fresh = EPOCH_SOURCE.fetch_add(1, Ordering::AcqRel) + 1;
         // Racing threads of the same new process: one wins, the others adopt its epoch, so
         // nothing created in this process is ever mistaken for an inherited object.
-        if cell.compare_exchange(seen, fresh, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        if cell
+            .compare_exchange(seen, fresh, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
             EPOCH_OWNER_PID.store(std::process::id(), Ordering::Relaxed);
             return Epoch(fresh);
         }
@@ -144,8 +148,16 @@ fn cell() -> &'static AtomicU64 {
         // SAFETY: see `current_epoch`: a published cell is never unmapped.
         return unsafe { &*existing };
     }
-    let (candidate, wipes) = map_wipe_on_fork_page().map_or((&FALLBACK_CELL as *const AtomicU64 as *mut AtomicU64, false), |page| (page, true));
-    match EPOCH_CELL.compare_exchange(ptr::null_mut(), candidate, Ordering::AcqRel, Ordering::Acquire) {
+    let (candidate, wipes) = map_wipe_on_fork_page().map_or(
+        (&FALLBACK_CELL as *const AtomicU64 as *mut AtomicU64, false),
+        |page| (page, true),
+    );
+    match EPOCH_CELL.compare_exchange(
+        ptr::null_mut(),
+        candidate,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
         Ok(_) => {
             CELL_WIPES_ON_FORK.store(wipes, Ordering::Release);
             register_atfork_handler();
@@ -222,7 +234,10 @@ fn register_atfork_handler() {
     // pthread_atfork only fails with ENOMEM; the wipe-on-fork page or the pid check still
     // detect every fork, so the failure costs nothing but a counter.
     if rc != 0 {
-        tracing::warn!(rc, "pthread_atfork failed; forks are still detected by the epoch check");
+        tracing::warn!(
+            rc,
+            "pthread_atfork failed; forks are still detected by the epoch check"
+        );
     }
 }
 
@@ -255,7 +270,10 @@ unsafe impl<T: Send> Send for PerProcess<T> {}
 impl<T> PerProcess<T> {
     /// Holds `value`, owned by the calling process.
     pub(crate) fn new(value: T) -> Self {
-        PerProcess { current: AtomicPtr::new(Owned::boxed(value)), installing: AtomicU64::new(0) }
+        PerProcess {
+            current: AtomicPtr::new(Owned::boxed(value)),
+            installing: AtomicU64::new(0),
+        }
     }
 
     /// The calling process's value, if it has one.
@@ -273,7 +291,10 @@ impl<T> PerProcess<T> {
 
     /// The calling process's value, made with `init` if it has none. `init` is given the value
     /// inherited from the parent, if any, to let go of what it holds.
-    pub(crate) fn get_or_try_init<E>(&self, init: impl FnOnce(Option<&T>) -> Result<T, E>) -> Result<&T, E> {
+    pub(crate) fn get_or_try_init<E>(
+        &self,
+        init: impl FnOnce(Option<&T>) -> Result<T, E>,
+    ) -> Result<&T, E> {
         if let Some(value) = self.get() {
             return Ok(value);
         }
@@ -308,7 +329,10 @@ impl<T> PerProcess<T> {
 
 impl<T> Owned<T> {
     fn boxed(value: T) -> *mut Owned<T> {
-        Box::into_raw(Box::new(Owned { epoch: current_epoch(), value }))
+        Box::into_raw(Box::new(Owned {
+            epoch: current_epoch(),
+            value,
+        }))
     }
 }
 
@@ -346,7 +370,9 @@ impl<'a> InstallLock<'a> {
             let holder = word.load(Ordering::Acquire);
             // 0 is free; another epoch's value was left by a thread that does not exist here.
             if holder != here.get()
-                && word.compare_exchange(holder, here.get(), Ordering::AcqRel, Ordering::Acquire).is_ok()
+                && word
+                    .compare_exchange(holder, here.get(), Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
             {
                 return InstallLock(word);
             }

@@ -72,11 +72,19 @@ impl<M: ManageConnection> ForkSafeManager<M> {
         locator: Option<Locator<M::Connection>>,
         rebuilt_after_fork_in: Option<u32>,
     ) -> Self {
-        ForkSafeManager { inner, table, locator, rebuilt_after_fork_in }
+        ForkSafeManager {
+            inner,
+            table,
+            locator,
+            rebuilt_after_fork_in,
+        }
     }
 
     fn wrap(&self, source: M::Error) -> ConnectError<M::Error> {
-        ConnectError { source, rebuilt_after_fork_in: self.rebuilt_after_fork_in }
+        ConnectError {
+            source,
+            rebuilt_after_fork_in: self.rebuilt_after_fork_in,
+        }
     }
 
     fn locate(&self, conn: &mut M::Connection) -> Option<Vec<RawFd>> {
@@ -99,7 +107,9 @@ impl<M: ManageConnection> ManageConnection for ForkSafeManager<M> {
     }
 
     fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
-        self.inner.is_valid(&mut conn.conn).map_err(|error| self.wrap(error))
+        self.inner
+            .is_valid(&mut conn.conn)
+            .map_err(|error| self.wrap(error))
     }
 
     fn has_broken(&self, conn: &mut Self::Connection) -> bool {
@@ -145,7 +155,12 @@ where
     fn on_acquire(&self, conn: &mut Tracked<C>) -> Result<(), ConnectError<E>> {
         // The customizer runs on a connection that is not yet in a generation of a forked child,
         // so the error carries no fork context.
-        self.0.on_acquire(&mut conn.conn).map_err(|source| ConnectError { source, rebuilt_after_fork_in: None })
+        self.0
+            .on_acquire(&mut conn.conn)
+            .map_err(|source| ConnectError {
+                source,
+                rebuilt_after_fork_in: None,
+            })
     }
 
     fn on_release(&self, conn: Tracked<C>) {

@@ -60,14 +60,17 @@ struct Generation<M: ManageConnection> {
 
 impl<M: ManageConnection> Clone for Pool<M> {
     fn clone(&self) -> Self {
-        Pool { shared: Arc::clone(&self.shared) }
+        Pool {
+            shared: Arc::clone(&self.shared),
+        }
     }
 }
 
 impl<M: ManageConnection> fmt::Debug for Pool<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut out = f.debug_struct("Pool");
-        out.field("max_size", &self.shared.config.max_size).field("fork_stats", &self.fork_stats());
+        out.field("max_size", &self.shared.config.max_size)
+            .field("fork_stats", &self.fork_stats());
         if let Some(generation) = self.shared.generation.get() {
             out.field("state", &generation.pool.state());
         }
@@ -93,11 +96,22 @@ impl<M: ManageConnection> Pool<M> {
         Builder::new()
     }
 
-    pub(crate) fn from_config(config: Config<M>, manager: M, wait: bool) -> Result<Pool<M>, r2d2::Error> {
+    pub(crate) fn from_config(
+        config: Config<M>,
+        manager: M,
+        wait: bool,
+    ) -> Result<Pool<M>, r2d2::Error> {
         let counters = Arc::new(Counters::default());
         let manager = Arc::new(manager);
         let generation = Generation::build(&config, Arc::clone(&manager), &counters, None, wait)?;
-        Ok(Pool { shared: Arc::new(Shared { config, manager, generation: PerProcess::new(generation), counters }) })
+        Ok(Pool {
+            shared: Arc::new(Shared {
+                config,
+                manager,
+                generation: PerProcess::new(generation),
+                counters,
+            }),
+        })
     }
 
     /// Checks out a connection, waiting up to `connection_timeout`, like [`r2d2::Pool::get`].
@@ -121,7 +135,10 @@ impl<M: ManageConnection> Pool<M> {
     /// As for `get`.
     pub fn get_timeout(&self, timeout: Duration) -> Result<PooledConnection<M>, r2d2::Error> {
         let generation = self.generation();
-        generation.pool.get_timeout(timeout).map(PooledConnection::new)
+        generation
+            .pool
+            .get_timeout(timeout)
+            .map(PooledConnection::new)
     }
 
     /// Checks out an idle connection if there is one, without waiting, like
@@ -196,9 +213,17 @@ impl<M: ManageConnection> Pool<M> {
                     "forksafe-pool: discarded inherited connections after fork"
                 );
             }
-            let generation =
-                Generation::build(&shared.config, Arc::clone(&shared.manager), &shared.counters, Some(std::process::id()), false);
-            tracing::debug!(pid = std::process::id(), "forksafe-pool: fork detected, pool rebuilt");
+            let generation = Generation::build(
+                &shared.config,
+                Arc::clone(&shared.manager),
+                &shared.counters,
+                Some(std::process::id()),
+                false,
+            );
+            tracing::debug!(
+                pid = std::process::id(),
+                "forksafe-pool: fork detected, pool rebuilt"
+            );
             generation
         });
         match rebuilt {
@@ -230,15 +255,27 @@ impl<M: ManageConnection> Generation<M> {
             .max_lifetime(config.max_lifetime)
             .idle_timeout(config.idle_timeout)
             .connection_timeout(config.connection_timeout)
-            .error_handler(Box::new(ErrorHandlerAdapter(Arc::clone(&config.error_handler))))
-            .event_handler(Box::new(EventHandlerAdapter(Arc::clone(&config.event_handler))))
-            .connection_customizer(Box::new(CustomizerAdapter(Arc::clone(&config.connection_customizer))));
+            .error_handler(Box::new(ErrorHandlerAdapter(Arc::clone(
+                &config.error_handler,
+            ))))
+            .event_handler(Box::new(EventHandlerAdapter(Arc::clone(
+                &config.event_handler,
+            ))))
+            .connection_customizer(Box::new(CustomizerAdapter(Arc::clone(
+                &config.connection_customizer,
+            ))));
         match &config.thread_pool {
-            Some((thread_pool, owner)) if *owner == current_epoch() => builder = builder.thread_pool(Arc::clone(thread_pool)),
+            Some((thread_pool, owner)) if *owner == current_epoch() => {
+                builder = builder.thread_pool(Arc::clone(thread_pool))
+            }
             Some(_) => builder = builder.thread_pool(Arc::new(fresh_thread_pool())),
             None => {}
         }
-        let pool = if wait { builder.build(manager)? } else { builder.build_unchecked(manager) };
+        let pool = if wait {
+            builder.build(manager)?
+        } else {
+            builder.build_unchecked(manager)
+        };
         Ok(Generation { pool, descriptors })
     }
 }
@@ -249,7 +286,8 @@ impl<M: ManageConnection> Drop for Shared<M> {
     fn drop(&mut self) {
         if self.generation.get().is_none() {
             if let Some(inherited) = self.generation.get_even_inherited() {
-                self.counters.record_rebuild(inherited.descriptors.release_inherited());
+                self.counters
+                    .record_rebuild(inherited.descriptors.release_inherited());
             }
         }
     }
@@ -257,7 +295,10 @@ impl<M: ManageConnection> Drop for Shared<M> {
 
 /// The thread pool r2d2 would make by default; a rebuilt pool cannot use its parent's.
 fn fresh_thread_pool() -> ScheduledThreadPool {
-    ScheduledThreadPool::builder().num_threads(3).thread_name_pattern("r2d2-worker-{}").build()
+    ScheduledThreadPool::builder()
+        .num_threads(3)
+        .thread_name_pattern("r2d2-worker-{}")
+        .build()
 }
 
 /// Hands r2d2's events to the user's handler, kept in an `Arc` so every generation shares it.

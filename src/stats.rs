@@ -50,9 +50,12 @@ impl Counters {
     }
 
     fn record_discarded(&self, discarded: Discarded) {
-        self.connections_discarded.fetch_add(discarded.connections, Ordering::Relaxed);
-        self.sockets_released.fetch_add(discarded.sockets_released, Ordering::Relaxed);
-        self.connections_leaked.fetch_add(discarded.connections_unidentified, Ordering::Relaxed);
+        self.connections_discarded
+            .fetch_add(discarded.connections, Ordering::Relaxed);
+        self.sockets_released
+            .fetch_add(discarded.sockets_released, Ordering::Relaxed);
+        self.connections_leaked
+            .fetch_add(discarded.connections_unidentified, Ordering::Relaxed);
     }
 
     pub(crate) fn snapshot(&self) -> ForkStats {

@@ -22,29 +22,54 @@ struct User {
 
 fn pool() -> Pool<ConnectionManager<SqliteConnection>> {
     // One connection: every checkout sees the same `:memory:` database.
-    Pool::builder().max_size(1).build(ConnectionManager::<SqliteConnection>::new(":memory:")).unwrap()
+    Pool::builder()
+        .max_size(1)
+        .build(ConnectionManager::<SqliteConnection>::new(":memory:"))
+        .unwrap()
 }
 
 #[test]
-fn load_insert_and_transaction_take_the_pooled_connection_as_is() -> Result<(), Box<dyn std::error::Error>> {
+fn load_insert_and_transaction_take_the_pooled_connection_as_is(
+) -> Result<(), Box<dyn std::error::Error>> {
     let pool = pool();
     let mut conn = pool.get()?;
-    diesel::connection::SimpleConnection::batch_execute(&mut conn, "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL)")?;
-    diesel::insert_into(users::table).values((users::id.eq(1), users::name.eq("ada"))).execute(&mut conn)?;
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut conn,
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL)",
+    )?;
+    diesel::insert_into(users::table)
+        .values((users::id.eq(1), users::name.eq("ada")))
+        .execute(&mut conn)?;
 
     let committed: QueryResult<()> = conn.transaction(|conn| {
-        diesel::insert_into(users::table).values((users::id.eq(2), users::name.eq("grace"))).execute(conn)?;
+        diesel::insert_into(users::table)
+            .values((users::id.eq(2), users::name.eq("grace")))
+            .execute(conn)?;
         Ok(())
     });
     committed?;
     let rolled_back: QueryResult<()> = conn.transaction(|conn| {
-        diesel::insert_into(users::table).values((users::id.eq(3), users::name.eq("lost"))).execute(conn)?;
+        diesel::insert_into(users::table)
+            .values((users::id.eq(3), users::name.eq("lost")))
+            .execute(conn)?;
         Err(diesel::result::Error::RollbackTransaction)
     });
     assert_eq!(rolled_back, Err(diesel::result::Error::RollbackTransaction));
 
     let all = users::table.order(users::id).load::<User>(&mut conn)?;
-    assert_eq!(all, vec![User { id: 1, name: "ada".into() }, User { id: 2, name: "grace".into() }]);
+    assert_eq!(
+        all,
+        vec![
+            User {
+                id: 1,
+                name: "ada".into()
+            },
+            User {
+                id: 2,
+                name: "grace".into()
+            }
+        ]
+    );
     Ok(())
 }
 
@@ -54,9 +79,11 @@ fn a_function_generic_over_diesel_connections_accepts_the_guard() {
     where
         C: Connection<Backend = diesel::sqlite::Sqlite> + diesel::connection::LoadConnection,
     {
-        diesel::sql_query("CREATE TABLE IF NOT EXISTS users (id INTEGER PRIMARY KEY, name TEXT NOT NULL)")
-            .execute(conn)
-            .unwrap();
+        diesel::sql_query(
+            "CREATE TABLE IF NOT EXISTS users (id INTEGER PRIMARY KEY, name TEXT NOT NULL)",
+        )
+        .execute(conn)
+        .unwrap();
         users::table.count().get_result(conn).unwrap()
     }
     let pool = pool();

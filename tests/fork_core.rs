@@ -23,6 +23,10 @@ const DEADLINE: Duration = Duration::from_secs(20);
 const POOL_SIZE: u32 = 4;
 
 type Check = Result<(), String>;
+/// A named test case.
+type Case = (&'static str, fn() -> Check);
+/// A way for a child to end: name, the child's body, how the parent must see it end.
+type Ending = (&'static str, fn(Pool<FakeManager>) -> i32, ChildEnd);
 
 macro_rules! ensure {
     ($cond:expr, $($msg:tt)+) => {
@@ -43,11 +47,18 @@ struct Warm {
 fn warm_pool() -> Warm {
     let server = FakeServer::start();
     let pool = fake_pool(server.manager(), POOL_SIZE);
-    let conns: Vec<_> = (0..POOL_SIZE).map(|_| pool.get().expect("warm get")).collect();
+    let conns: Vec<_> = (0..POOL_SIZE)
+        .map(|_| pool.get().expect("warm get"))
+        .collect();
     let server_ids = conns.iter().map(|conn| conn.server_id).collect();
     let fds = conns.iter().map(|conn| conn.fd()).collect();
     drop(conns);
-    Warm { server, pool, server_ids, fds }
+    Warm {
+        server,
+        pool,
+        server_ids,
+        fds,
+    }
 }
 
 /// In a child: checks out connections, checks each is the child's own, echoes a value.
@@ -55,9 +66,15 @@ fn use_pool_in_child(pool: &Pool<FakeManager>, rounds: usize) -> Check {
     let me = std::process::id();
     for round in 0..rounds {
         let mut conn = pool.get().map_err(|error| format!("child get: {error}"))?;
-        ensure!(conn.opened_by == me, "child got a connection opened by {}", conn.opened_by);
+        ensure!(
+            conn.opened_by == me,
+            "child got a connection opened by {}",
+            conn.opened_by
+        );
         let value = format!("child-{me}-{round}");
-        let reply = conn.query(&value).map_err(|error| format!("child query: {error}"))?;
+        let reply = conn
+            .query(&value)
+            .map_err(|error| format!("child query: {error}"))?;
         ensure!(reply.ends_with(&value), "child asked {value}, got {reply}");
     }
     Ok(())
@@ -72,23 +89,42 @@ fn check_parent_intact(warm: &Warm) -> Check {
         .collect::<Result<_, _>>()
         .map_err(|error| format!("parent get: {error}"))?;
     let ids: BTreeSet<u64> = conns.iter().map(|conn| conn.server_id).collect();
-    ensure!(ids == warm.server_ids, "parent's server connections changed: {:?} -> {ids:?}", warm.server_ids);
+    ensure!(
+        ids == warm.server_ids,
+        "parent's server connections changed: {:?} -> {ids:?}",
+        warm.server_ids
+    );
     for mut conn in conns {
         let value = format!("parent-{me}-{}", conn.server_id);
-        let reply = conn.query(&value).map_err(|error| format!("parent query: {error}"))?;
-        ensure!(reply == format!("{} {value}", conn.server_id), "parent asked {value}, got {reply}");
+        let reply = conn
+            .query(&value)
+            .map_err(|error| format!("parent query: {error}"))?;
+        ensure!(
+            reply == format!("{} {value}", conn.server_id),
+            "parent asked {value}, got {reply}"
+        );
     }
     let lines = warm.server.lines();
     for id in &warm.server_ids {
         let foreign: Vec<_> = lines[id].iter().filter(|line| line.pid != me).collect();
-        ensure!(foreign.is_empty(), "another process wrote on the parent's connection {id}: {foreign:?}");
+        ensure!(
+            foreign.is_empty(),
+            "another process wrote on the parent's connection {id}: {foreign:?}"
+        );
     }
-    ensure!(warm.pool.fork_stats() == ForkStats::default(), "parent's fork stats changed: {:?}", warm.pool.fork_stats());
+    ensure!(
+        warm.pool.fork_stats() == ForkStats::default(),
+        "parent's fork stats changed: {:?}",
+        warm.pool.fork_stats()
+    );
     Ok(())
 }
 
 fn expect_exit(end: ChildEnd, code: i32) -> Check {
-    ensure!(end == ChildEnd::Exited(code), "child ended {end:?}, expected exit {code}");
+    ensure!(
+        end == ChildEnd::Exited(code),
+        "child ended {end:?}, expected exit {code}"
+    );
     Ok(())
 }
 
@@ -98,7 +134,7 @@ fn dev_null() -> (u64, u64) {
 }
 
 fn points_at_dev_null(fd: RawFd) -> bool {
-    nix::sys::stat::fstat(fd).is_ok_and(|stat| (stat.st_dev as u64, stat.st_ino as u64) == dev_null())
+    nix::sys::stat::fstat(fd).is_ok_and(|stat| (stat.st_dev, stat.st_ino) == dev_null())
 }
 
 /// Child code returns 0 on success; a failed check is printed and exits 1.
@@ -119,12 +155,31 @@ fn inherited_idle_connections_are_discarded_never_used() -> Check {
         child_result((|| {
             use_pool_in_child(&warm.pool, 20)?;
             let stats = warm.pool.fork_stats();
-            ensure!(stats.forks_crossed == 1, "forks_crossed {}", stats.forks_crossed);
-            ensure!(stats.connections_discarded == 4, "discarded {}", stats.connections_discarded);
-            ensure!(stats.sockets_released == 4, "released {}", stats.sockets_released);
-            ensure!(stats.connections_leaked == 0, "leaked {}", stats.connections_leaked);
+            ensure!(
+                stats.forks_crossed == 1,
+                "forks_crossed {}",
+                stats.forks_crossed
+            );
+            ensure!(
+                stats.connections_discarded == 4,
+                "discarded {}",
+                stats.connections_discarded
+            );
+            ensure!(
+                stats.sockets_released == 4,
+                "released {}",
+                stats.sockets_released
+            );
+            ensure!(
+                stats.connections_leaked == 0,
+                "leaked {}",
+                stats.connections_leaked
+            );
             for fd in &fds {
-                ensure!(points_at_dev_null(*fd), "inherited socket fd {fd} still open in the child");
+                ensure!(
+                    points_at_dev_null(*fd),
+                    "inherited socket fd {fd} still open in the child"
+                );
             }
             Ok(())
         })())
@@ -135,32 +190,56 @@ fn inherited_idle_connections_are_discarded_never_used() -> Check {
 
 fn parent_survives_every_way_a_child_ends() -> Check {
     let warm = warm_pool();
-    let ways: [(&str, fn(Pool<FakeManager>) -> i32, ChildEnd); 5] = [
-        ("return, dropping the pool", |pool| child_result(use_pool_in_child(&pool, 3)), ChildEnd::Exited(0)),
-        ("drop without use", |pool| {
-            drop(pool);
-            0
-        }, ChildEnd::Exited(0)),
-        ("exit", |pool| {
-            let _ = use_pool_in_child(&pool, 3);
-            std::process::exit(7)
-        }, ChildEnd::Exited(7)),
-        ("panic", |pool| {
-            std::panic::set_hook(Box::new(|_| {}));
-            let _conn = pool.get();
-            panic!("child panics holding a connection")
-        }, ChildEnd::Exited(101)),
-        ("SIGKILL", |pool| {
-            let _conn = pool.get();
-            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-            0
-        }, ChildEnd::Signaled(nix::sys::signal::Signal::SIGKILL)),
+    let ways: [Ending; 5] = [
+        (
+            "return, dropping the pool",
+            |pool| child_result(use_pool_in_child(&pool, 3)),
+            ChildEnd::Exited(0),
+        ),
+        (
+            "drop without use",
+            |pool| {
+                drop(pool);
+                0
+            },
+            ChildEnd::Exited(0),
+        ),
+        (
+            "exit",
+            |pool| {
+                let _ = use_pool_in_child(&pool, 3);
+                std::process::exit(7)
+            },
+            ChildEnd::Exited(7),
+        ),
+        (
+            "panic",
+            |pool| {
+                std::panic::set_hook(Box::new(|_| {}));
+                let _conn = pool.get();
+                panic!("child panics holding a connection")
+            },
+            ChildEnd::Exited(101),
+        ),
+        (
+            "SIGKILL",
+            |pool| {
+                let _conn = pool.get();
+                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+                0
+            },
+            ChildEnd::Signaled(nix::sys::signal::Signal::SIGKILL),
+        ),
     ];
     for (how, child, expected) in ways {
         let pool = warm.pool.clone();
         let end = run_child(DEADLINE, move || child(pool));
-        ensure!(end == expected, "child ending by {how}: {end:?}, expected {expected:?}");
-        check_parent_intact(&warm).map_err(|error| format!("after a child ended by {how}: {error}"))?;
+        ensure!(
+            end == expected,
+            "child ending by {how}: {end:?}, expected {expected:?}"
+        );
+        check_parent_intact(&warm)
+            .map_err(|error| format!("after a child ended by {how}: {error}"))?;
     }
     Ok(())
 }
@@ -175,24 +254,48 @@ fn a_connection_leased_across_fork() -> Check {
         child_result((|| {
             // Using it would write on the parent's socket: it must fail loudly instead.
             std::panic::set_hook(Box::new(|_| {}));
-            let used = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| leased.query("steal").is_ok()));
-            let message = used.err().and_then(|panic| panic.downcast::<String>().ok()).unwrap_or_default();
-            ensure!(message.contains("checked out before fork()"), "using a leased connection did not panic clearly: {message:?}");
+            let used = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                leased.query("steal").is_ok()
+            }));
+            let message = used
+                .err()
+                .and_then(|panic| panic.downcast::<String>().ok())
+                .unwrap_or_default();
+            ensure!(
+                message.contains("checked out before fork()"),
+                "using a leased connection did not panic clearly: {message:?}"
+            );
             drop(leased);
             let stats = warm.pool.fork_stats();
-            ensure!(stats.leased_across_fork == 1, "leased_across_fork {}", stats.leased_across_fork);
-            ensure!(points_at_dev_null(leased_fd), "leased socket still open in the child");
+            ensure!(
+                stats.leased_across_fork == 1,
+                "leased_across_fork {}",
+                stats.leased_across_fork
+            );
+            ensure!(
+                points_at_dev_null(leased_fd),
+                "leased socket still open in the child"
+            );
             use_pool_in_child(&warm.pool, 5)?;
             let stats = warm.pool.fork_stats();
             // One leased (counted when dropped) plus three idle (counted at the rebuild).
-            ensure!(stats.connections_discarded == 4, "discarded {}", stats.connections_discarded);
+            ensure!(
+                stats.connections_discarded == 4,
+                "discarded {}",
+                stats.connections_discarded
+            );
             Ok(())
         })())
     });
     expect_exit(end, 0)?;
     let mut leased = leased.borrow_mut().take().unwrap();
-    let reply = leased.query("still mine").map_err(|error| format!("parent's leased connection broke: {error}"))?;
-    ensure!(reply.ends_with("still mine"), "parent's leased connection answered {reply}");
+    let reply = leased
+        .query("still mine")
+        .map_err(|error| format!("parent's leased connection broke: {error}"))?;
+    ensure!(
+        reply.ends_with("still mine"),
+        "parent's leased connection answered {reply}"
+    );
     drop(leased);
     check_parent_intact(&warm)
 }
@@ -232,10 +335,20 @@ fn fork_while_threads_hammer_the_pool() -> Check {
     }
     stop.store(true, Ordering::Relaxed);
     for hammer in hammers {
-        hammer.join().map_err(|_| "a hammer thread panicked".to_string())?;
+        hammer
+            .join()
+            .map_err(|_| "a hammer thread panicked".to_string())?;
     }
-    ensure!(failures.is_empty(), "{} of {forks} children failed or hung: {failures:?}", failures.len());
-    ensure!(errors.load(Ordering::Relaxed) == 0, "the parent's threads saw {} errors", errors.load(Ordering::Relaxed));
+    ensure!(
+        failures.is_empty(),
+        "{} of {forks} children failed or hung: {failures:?}",
+        failures.len()
+    );
+    ensure!(
+        errors.load(Ordering::Relaxed) == 0,
+        "the parent's threads saw {} errors",
+        errors.load(Ordering::Relaxed)
+    );
     check_parent_intact(&warm)
 }
 
@@ -249,14 +362,24 @@ fn nested_fork() -> Check {
                 child_result((|| {
                     use_pool_in_child(&child_pool, 3)?;
                     let stats = child_pool.fork_stats();
-                    ensure!(stats.forks_crossed == 2, "grandchild forks_crossed {}", stats.forks_crossed);
+                    ensure!(
+                        stats.forks_crossed == 2,
+                        "grandchild forks_crossed {}",
+                        stats.forks_crossed
+                    );
                     Ok(())
                 })())
             });
-            ensure!(grandchild == ChildEnd::Exited(0), "grandchild ended {grandchild:?}");
+            ensure!(
+                grandchild == ChildEnd::Exited(0),
+                "grandchild ended {grandchild:?}"
+            );
             // The child's own connections are untouched by its child.
             use_pool_in_child(&warm.pool, 3)?;
-            ensure!(warm.pool.fork_stats().forks_crossed == 1, "child rebuilt twice");
+            ensure!(
+                warm.pool.fork_stats().forks_crossed == 1,
+                "child rebuilt twice"
+            );
             Ok(())
         })())
     });
@@ -268,11 +391,17 @@ fn fork_from_a_non_main_thread() -> Check {
     let warm = warm_pool();
     let mut held = warm.pool.get().unwrap();
     let pool = warm.pool.clone();
-    let end = std::thread::spawn(move || run_child(DEADLINE, move || child_result(use_pool_in_child(&pool, 5))))
-        .join()
-        .map_err(|_| "forking thread panicked".to_string())?;
+    let end = std::thread::spawn(move || {
+        run_child(DEADLINE, move || child_result(use_pool_in_child(&pool, 5)))
+    })
+    .join()
+    .map_err(|_| "forking thread panicked".to_string())?;
     expect_exit(end, 0)?;
-    ensure!(held.query("main").is_ok_and(|reply| reply.ends_with("main")), "main thread's connection broke");
+    ensure!(
+        held.query("main")
+            .is_ok_and(|reply| reply.ends_with("main")),
+        "main thread's connection broke"
+    );
     drop(held);
     check_parent_intact(&warm)
 }
@@ -286,15 +415,25 @@ fn raw_fork_syscall_bypassing_atfork() -> Check {
     if pid == 0 {
         let code = child_result((|| {
             let detection = forksafe_pool::fork_detection();
-            ensure!(detection.atfork_child_calls == atfork_before, "the atfork handler ran for a raw fork");
+            ensure!(
+                detection.atfork_child_calls == atfork_before,
+                "the atfork handler ran for a raw fork"
+            );
             use_pool_in_child(&warm.pool, 5)?;
-            ensure!(warm.pool.fork_stats().forks_crossed == 1, "raw fork not detected");
+            ensure!(
+                warm.pool.fork_stats().forks_crossed == 1,
+                "raw fork not detected"
+            );
             Ok(())
         })());
         // SAFETY: ends the raw child at once, without running the parent's exit handlers.
         unsafe { libc::_exit(code) }
     }
-    ensure!(pid > 0, "SYS_fork failed: {}", std::io::Error::last_os_error());
+    ensure!(
+        pid > 0,
+        "SYS_fork failed: {}",
+        std::io::Error::last_os_error()
+    );
     expect_exit(reap(nix::unistd::Pid::from_raw(pid as i32), DEADLINE), 0)?;
     check_parent_intact(&warm)
 }
@@ -307,7 +446,9 @@ fn command_spawn_does_not_rebuild_the_parent() -> Check {
             // SAFETY: the closure only returns; it runs between fork and exec.
             unsafe { command.pre_exec(|| Ok(())) };
         }
-        let status = command.status().map_err(|error| format!("spawn: {error}"))?;
+        let status = command
+            .status()
+            .map_err(|error| format!("spawn: {error}"))?;
         ensure!(status.success(), "`true` failed");
         check_parent_intact(&warm).map_err(|error| format!("pre_exec {with_pre_exec}: {error}"))?;
     }
@@ -324,14 +465,24 @@ fn a_child_never_rebuilds_twice_under_racing_threads() -> Check {
                 std::thread::spawn(move || use_pool_in_child(&pool, 10))
             })
             .collect();
-        let results: Vec<Check> = threads.into_iter().map(|t| t.join().unwrap_or(Err("panicked".into()))).collect();
+        let results: Vec<Check> = threads
+            .into_iter()
+            .map(|t| t.join().unwrap_or(Err("panicked".into())))
+            .collect();
         child_result((|| {
             for result in results {
                 result?;
             }
-            ensure!(pool.fork_stats().forks_crossed == 1, "rebuilt {} times", pool.fork_stats().forks_crossed);
+            ensure!(
+                pool.fork_stats().forks_crossed == 1,
+                "rebuilt {} times",
+                pool.fork_stats().forks_crossed
+            );
             let opened_here: HashSet<u32> = (0..2).map(|_| pool.get().unwrap().opened_by).collect();
-            ensure!(opened_here == HashSet::from([std::process::id()]), "{opened_here:?}");
+            ensure!(
+                opened_here == HashSet::from([std::process::id()]),
+                "{opened_here:?}"
+            );
             Ok(())
         })())
     });
@@ -354,19 +505,43 @@ fn many_children_at_once() -> Check {
 }
 
 fn main() {
-    let cases: [(&str, fn() -> Check); 10] = [
-        ("inherited_idle_connections_are_discarded_never_used", inherited_idle_connections_are_discarded_never_used),
-        ("parent_survives_every_way_a_child_ends", parent_survives_every_way_a_child_ends),
-        ("a_connection_leased_across_fork", a_connection_leased_across_fork),
-        ("fork_while_threads_hammer_the_pool", fork_while_threads_hammer_the_pool),
+    let cases: [Case; 10] = [
+        (
+            "inherited_idle_connections_are_discarded_never_used",
+            inherited_idle_connections_are_discarded_never_used,
+        ),
+        (
+            "parent_survives_every_way_a_child_ends",
+            parent_survives_every_way_a_child_ends,
+        ),
+        (
+            "a_connection_leased_across_fork",
+            a_connection_leased_across_fork,
+        ),
+        (
+            "fork_while_threads_hammer_the_pool",
+            fork_while_threads_hammer_the_pool,
+        ),
         ("nested_fork", nested_fork),
         ("fork_from_a_non_main_thread", fork_from_a_non_main_thread),
-        ("raw_fork_syscall_bypassing_atfork", raw_fork_syscall_bypassing_atfork),
-        ("command_spawn_does_not_rebuild_the_parent", command_spawn_does_not_rebuild_the_parent),
-        ("a_child_never_rebuilds_twice_under_racing_threads", a_child_never_rebuilds_twice_under_racing_threads),
+        (
+            "raw_fork_syscall_bypassing_atfork",
+            raw_fork_syscall_bypassing_atfork,
+        ),
+        (
+            "command_spawn_does_not_rebuild_the_parent",
+            command_spawn_does_not_rebuild_the_parent,
+        ),
+        (
+            "a_child_never_rebuilds_twice_under_racing_threads",
+            a_child_never_rebuilds_twice_under_racing_threads,
+        ),
         ("many_children_at_once", many_children_at_once),
     ];
-    let filter: Vec<String> = std::env::args().skip(1).filter(|arg| !arg.starts_with('-')).collect();
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|arg| !arg.starts_with('-'))
+        .collect();
     let (mut passed, mut failed) = (0, 0);
     for (name, case) in cases {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
@@ -383,7 +558,10 @@ fn main() {
             }
         }
     }
-    println!("\ntest result: {}. {passed} passed; {failed} failed", if failed == 0 { "ok" } else { "FAILED" });
+    println!(
+        "\ntest result: {}. {passed} passed; {failed} failed",
+        if failed == 0 { "ok" } else { "FAILED" }
+    );
     if failed > 0 {
         std::process::exit(1);
     }

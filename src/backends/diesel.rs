@@ -42,7 +42,8 @@ where
     M::Connection: Connection + R2D2Connection + Send + 'static,
 {
     type Backend = <M::Connection as Connection>::Backend;
-    type TransactionManager = PooledTransactionManager<<M::Connection as Connection>::TransactionManager>;
+    type TransactionManager =
+        PooledTransactionManager<<M::Connection as Connection>::TransactionManager>;
 
     /// A pooled connection comes from `Pool::get`, never from a URL.
     fn establish(_: &str) -> ConnectionResult<Self> {
@@ -89,7 +90,10 @@ where
     type Cursor<'conn, 'query> = <M::Connection as LoadConnection<B>>::Cursor<'conn, 'query>;
     type Row<'conn, 'query> = <M::Connection as LoadConnection<B>>::Row<'conn, 'query>;
 
-    fn load<'conn, 'query, T>(&'conn mut self, source: T) -> QueryResult<Self::Cursor<'conn, 'query>>
+    fn load<'conn, 'query, T>(
+        &'conn mut self,
+        source: T,
+    ) -> QueryResult<Self::Cursor<'conn, 'query>>
     where
         T: Query + QueryFragment<Self::Backend> + QueryId + 'query,
         Self::Backend: QueryMetadata<T::SqlType>,
@@ -109,7 +113,8 @@ where
     }
 }
 
-impl<Changes, Output, M> diesel::query_dsl::UpdateAndFetchResults<Changes, Output> for PooledConnection<M>
+impl<Changes, Output, M> diesel::query_dsl::UpdateAndFetchResults<Changes, Output>
+    for PooledConnection<M>
 where
     M: ManageConnection,
     M::Connection: diesel::query_dsl::UpdateAndFetchResults<Changes, Output>,
@@ -145,7 +150,9 @@ where
         T::commit_transaction(&mut **conn)
     }
 
-    fn transaction_manager_status_mut(conn: &mut PooledConnection<M>) -> &mut TransactionManagerStatus {
+    fn transaction_manager_status_mut(
+        conn: &mut PooledConnection<M>,
+    ) -> &mut TransactionManagerStatus {
         T::transaction_manager_status_mut(&mut **conn)
     }
 }

@@ -62,9 +62,17 @@ impl FakeServer {
                             Ok(0) | Err(_) => break,
                             Ok(_) => {
                                 let (pid, op) = buf.trim_end().split_once(' ').unwrap_or(("0", ""));
-                                let line = Line { pid: pid.parse().unwrap_or(0), op: op.to_string() };
+                                let line = Line {
+                                    pid: pid.parse().unwrap_or(0),
+                                    op: op.to_string(),
+                                };
                                 let reply = format!("{} {}\n", id, line.op);
-                                lines.lock().unwrap().entry(id as u64).or_default().push(line);
+                                lines
+                                    .lock()
+                                    .unwrap()
+                                    .entry(id as u64)
+                                    .or_default()
+                                    .push(line);
                                 if writer.write_all(reply.as_bytes()).is_err() {
                                     break;
                                 }
@@ -75,11 +83,18 @@ impl FakeServer {
                 });
             }
         });
-        FakeServer { path, lines, closed }
+        FakeServer {
+            path,
+            lines,
+            closed,
+        }
     }
 
     pub fn manager(&self) -> FakeManager {
-        FakeManager { path: self.path.clone(), connects: Arc::default() }
+        FakeManager {
+            path: self.path.clone(),
+            connects: Arc::default(),
+        }
     }
 
     /// Every line, by connection number.
@@ -145,9 +160,18 @@ impl r2d2::ManageConnection for FakeManager {
         let stream = UnixStream::connect(&self.path)?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         let reader = BufReader::new(stream.try_clone()?);
-        let mut conn = FakeConnection { opened_by: std::process::id(), server_id: u64::MAX, stream, reader };
+        let mut conn = FakeConnection {
+            opened_by: std::process::id(),
+            server_id: u64::MAX,
+            stream,
+            reader,
+        };
         let reply = conn.query("hello")?;
-        conn.server_id = reply.split(' ').next().and_then(|id| id.parse().ok()).unwrap_or(u64::MAX);
+        conn.server_id = reply
+            .split(' ')
+            .next()
+            .and_then(|id| id.parse().ok())
+            .unwrap_or(u64::MAX);
         Ok(conn)
     }
 
