@@ -53,6 +53,26 @@ pub(crate) struct Config<M: ManageConnection> {
     /// forked child, so a rebuilt pool gets a fresh one.
     pub(crate) thread_pool: Option<(Arc<ScheduledThreadPool>, Epoch)>,
     pub(crate) descriptor_locator: Option<Locator<M::Connection>>,
+    pub(crate) on_fork: OnFork,
+}
+
+/// What a [`Pool`] does when it is first used in a forked child; see [`Builder::on_fork`].
+///
+/// ```
+/// use forksafe_pool::OnFork;
+///
+/// assert_eq!(OnFork::default(), OnFork::Rebuild);
+/// ```
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum OnFork {
+    /// Build the child's own pool from the saved configuration, transparently.
+    #[default]
+    Rebuild,
+    /// Refuse: every `get` in the child fails at once with an `r2d2::Error` saying the pool
+    /// crossed `fork()`. The inherited connections are still never used, and their sockets are
+    /// still let go of.
+    Fail,
 }
 
 impl<M: ManageConnection> Default for Builder<M> {
@@ -73,6 +93,7 @@ impl<M: ManageConnection> Default for Builder<M> {
                 connection_customizer: Arc::new(NopConnectionCustomizer),
                 thread_pool: None,
                 descriptor_locator: None,
+                on_fork: OnFork::Rebuild,
             },
             _manager: PhantomData,
         }
@@ -88,6 +109,7 @@ impl<M: ManageConnection> fmt::Debug for Builder<M> {
             .field("max_lifetime", &self.config.max_lifetime)
             .field("idle_timeout", &self.config.idle_timeout)
             .field("connection_timeout", &self.config.connection_timeout)
+            .field("on_fork", &self.config.on_fork)
             .finish_non_exhaustive()
     }
 }
@@ -216,6 +238,34 @@ impl<M: ManageConnection> Builder<M> {
     /// Defaults to a new pool of three threads per pool, as in r2d2.
     pub fn thread_pool(mut self, thread_pool: Arc<ScheduledThreadPool>) -> Self {
         self.config.thread_pool = Some((thread_pool, current_epoch()));
+        self
+    }
+
+    /// What the pool does on its first use in a forked child: rebuild itself
+    /// ([`OnFork::Rebuild`]), or fail loudly ([`OnFork::Fail`]) for programs that must not use
+    /// a pool across `fork()` and want to hear about it when they do.
+    ///
+    /// With `OnFork::Fail`, `get` and `get_timeout` in a child return an [`r2d2::Error`] at
+    /// once — no wait for `connection_timeout`, no connection attempt — reading "timed out
+    /// waiting for connection: forksafe-pool: this pool crossed fork() ..." (r2d2's error always
+    /// starts with its fixed prefix). `try_get` returns `None`, `state` counts nothing, and
+    /// [`Pool::warm_up`] fails the same way. The pool stays usable in the process that built it.
+    ///
+    /// ```
+    /// use diesel::r2d2::ConnectionManager;
+    /// use diesel::SqliteConnection;
+    /// use forksafe_pool::OnFork;
+    ///
+    /// let pool = forksafe_pool::Pool::builder()
+    ///     .on_fork(OnFork::Fail)
+    ///     .build(ConnectionManager::<SqliteConnection>::new(":memory:"))?;
+    /// assert!(pool.get().is_ok(), "the building process uses it as usual");
+    /// # Ok::<(), forksafe_pool::Error>(())
+    /// ```
+    ///
+    /// Defaults to [`OnFork::Rebuild`].
+    pub fn on_fork(mut self, on_fork: OnFork) -> Self {
+        self.config.on_fork = on_fork;
         self
     }
 

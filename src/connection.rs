@@ -12,8 +12,44 @@ use std::ops::{Deref, DerefMut};
 
 use r2d2::ManageConnection;
 
+use crate::child_pool::Lease;
 use crate::fork::{current_epoch, Epoch};
 use crate::manager::{ForkSafeManager, Tracked};
+
+/// What a generation hands out: r2d2's guard in the process that built the pool, a
+/// [`Lease`] of the std-only pool a forked child rebuilds (see `child_pool`).
+pub(crate) enum Checkout<M: ManageConnection> {
+    R2d2(r2d2::PooledConnection<ForkSafeManager<M>>),
+    Child(Lease<M>),
+}
+
+impl<M: ManageConnection> Checkout<M> {
+    fn tracked(&self) -> &Tracked<M::Connection> {
+        match self {
+            Checkout::R2d2(conn) => conn,
+            Checkout::Child(lease) => lease,
+        }
+    }
+
+    fn tracked_mut(&mut self) -> &mut Tracked<M::Connection> {
+        match self {
+            Checkout::R2d2(conn) => conn,
+            Checkout::Child(lease) => lease,
+        }
+    }
+}
+
+impl<M: ManageConnection> From<r2d2::PooledConnection<ForkSafeManager<M>>> for Checkout<M> {
+    fn from(conn: r2d2::PooledConnection<ForkSafeManager<M>>) -> Self {
+        Checkout::R2d2(conn)
+    }
+}
+
+impl<M: ManageConnection> From<Lease<M>> for Checkout<M> {
+    fn from(lease: Lease<M>) -> Self {
+        Checkout::Child(lease)
+    }
+}
 
 /// A connection checked out of a [`Pool`](crate::Pool); returned to the pool when dropped.
 ///
@@ -29,14 +65,14 @@ use crate::manager::{ForkSafeManager, Tracked};
 /// is the only safe answer. Dropping such a guard is always fine.
 pub struct PooledConnection<M: ManageConnection> {
     /// `None` only while dropping.
-    inner: Option<r2d2::PooledConnection<ForkSafeManager<M>>>,
+    inner: Option<Checkout<M>>,
     epoch: Epoch,
 }
 
 impl<M: ManageConnection> PooledConnection<M> {
-    pub(crate) fn new(inner: r2d2::PooledConnection<ForkSafeManager<M>>) -> Self {
+    pub(crate) fn new(inner: impl Into<Checkout<M>>) -> Self {
         PooledConnection {
-            inner: Some(inner),
+            inner: Some(inner.into()),
             epoch: current_epoch(),
         }
     }
@@ -44,17 +80,23 @@ impl<M: ManageConnection> PooledConnection<M> {
     /// The r2d2 connection extensions of this connection, like
     /// [`r2d2::PooledConnection::extensions`].
     pub fn extensions(this: &Self) -> &r2d2::Extensions {
-        r2d2::PooledConnection::extensions(this.checked())
+        match this.checked() {
+            Checkout::R2d2(conn) => r2d2::PooledConnection::extensions(conn),
+            Checkout::Child(lease) => lease.extensions(),
+        }
     }
 
     /// Mutable access to the connection extensions, like
     /// [`r2d2::PooledConnection::extensions_mut`].
     pub fn extensions_mut(this: &mut Self) -> &mut r2d2::Extensions {
-        r2d2::PooledConnection::extensions_mut(this.checked_mut())
+        match this.checked_mut() {
+            Checkout::R2d2(conn) => r2d2::PooledConnection::extensions_mut(conn),
+            Checkout::Child(lease) => lease.extensions_mut(),
+        }
     }
 
     #[inline]
-    fn checked(&self) -> &r2d2::PooledConnection<ForkSafeManager<M>> {
+    fn checked(&self) -> &Checkout<M> {
         self.assert_same_process();
         match &self.inner {
             Some(inner) => inner,
@@ -63,7 +105,7 @@ impl<M: ManageConnection> PooledConnection<M> {
     }
 
     #[inline]
-    fn checked_mut(&mut self) -> &mut r2d2::PooledConnection<ForkSafeManager<M>> {
+    fn checked_mut(&mut self) -> &mut Checkout<M> {
         self.assert_same_process();
         match &mut self.inner {
             Some(inner) => inner,
@@ -96,16 +138,14 @@ impl<M: ManageConnection> Deref for PooledConnection<M> {
 
     #[inline]
     fn deref(&self) -> &M::Connection {
-        let tracked: &Tracked<M::Connection> = self.checked();
-        &tracked.conn
+        &self.checked().tracked().conn
     }
 }
 
 impl<M: ManageConnection> DerefMut for PooledConnection<M> {
     #[inline]
     fn deref_mut(&mut self) -> &mut M::Connection {
-        let tracked: &mut Tracked<M::Connection> = self.checked_mut();
-        &mut tracked.conn
+        &mut self.checked_mut().tracked_mut().conn
     }
 }
 
@@ -126,12 +166,10 @@ where
 impl<M: ManageConnection> Drop for PooledConnection<M> {
     #[inline]
     fn drop(&mut self) {
-        let Some(inner) = self.inner.take() else {
-            return;
-        };
         if self.epoch == current_epoch() {
-            drop(inner);
-        } else {
+            // Dropped in place: moving the guard out first would copy it on every checkin.
+            self.inner = None;
+        } else if let Some(inner) = self.inner.take() {
             forget_across_fork(inner);
         }
     }
@@ -142,9 +180,9 @@ impl<M: ManageConnection> Drop for PooledConnection<M> {
 /// leak the rest.
 #[cold]
 #[inline(never)]
-fn forget_across_fork<M: ManageConnection>(inner: r2d2::PooledConnection<ForkSafeManager<M>>) {
-    // r2d2's Deref reads the guard's own field; it does not touch the pool.
-    let registration = &inner.registration;
+fn forget_across_fork<M: ManageConnection>(inner: Checkout<M>) {
+    // Both guards' Deref read the guard's own field; neither touches the pool.
+    let registration = &inner.tracked().registration;
     let discarded = registration.release_inherited();
     registration.counters().record_leased(discarded);
     tracing::warn!(

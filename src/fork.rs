@@ -254,11 +254,17 @@ fn register_atfork_handler() {
 pub(crate) struct PerProcess<T> {
     current: AtomicPtr<Owned<T>>,
     installing: AtomicU64,
+    /// Values retired with [`PerProcess::retire`], newest first, linked through
+    /// `Owned::retired_next`; freed by `Drop` (those of other processes are leaked).
+    retired: AtomicPtr<Owned<T>>,
 }
 
 struct Owned<T> {
     epoch: Epoch,
     value: T,
+    /// The next older retired value; only written under the install lock, before this value
+    /// is linked into `PerProcess::retired`.
+    retired_next: AtomicPtr<Owned<T>>,
 }
 
 // SAFETY: a `PerProcess<T>` hands out `&T` to any thread (so `T: Sync`) and may drop its `T`
@@ -268,11 +274,22 @@ unsafe impl<T: Send + Sync> Sync for PerProcess<T> {}
 unsafe impl<T: Send> Send for PerProcess<T> {}
 
 impl<T> PerProcess<T> {
+    /// Holds nothing yet: the first `get_or_try_init` in each process makes that process's
+    /// value. `const`, so it can live in a `static`.
+    pub(crate) const fn empty() -> Self {
+        PerProcess {
+            current: AtomicPtr::new(ptr::null_mut()),
+            installing: AtomicU64::new(0),
+            retired: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+
     /// Holds `value`, owned by the calling process.
     pub(crate) fn new(value: T) -> Self {
         PerProcess {
             current: AtomicPtr::new(Owned::boxed(value)),
             installing: AtomicU64::new(0),
+            retired: AtomicPtr::new(ptr::null_mut()),
         }
     }
 
@@ -318,6 +335,29 @@ impl<T> PerProcess<T> {
         Ok(unsafe { &(*fresh).value })
     }
 
+    /// Takes the calling process's value out of service: `get` returns `None` until the next
+    /// `get_or_try_init` makes a new one (which is given no inherited value). The retired value
+    /// stays allocated, and is returned, because other threads may still hold borrows of it;
+    /// it is dropped with the `PerProcess`. `None` if the calling process has no value.
+    pub(crate) fn retire(&self) -> Option<&T> {
+        let here = current_epoch();
+        let _lock = InstallLock::acquire(&self.installing, here);
+        let owned = self.current.load(Ordering::Acquire);
+        // SAFETY: as in `load`: null, or a published `Owned<T>` that only `Drop` frees.
+        let value = unsafe { owned.as_ref() }?;
+        if value.epoch != here {
+            return None;
+        }
+        // Linked before it is unpublished, under the install lock (the only writer of the
+        // list), so `Drop` always finds it.
+        value
+            .retired_next
+            .store(self.retired.load(Ordering::Acquire), Ordering::Release);
+        self.retired.store(owned, Ordering::Release);
+        self.current.store(ptr::null_mut(), Ordering::Release);
+        Some(&value.value)
+    }
+
     fn load(&self) -> Option<&Owned<T>> {
         let owned = self.current.load(Ordering::Acquire);
         // SAFETY: `current` is null or points at an `Owned<T>` from `Box::into_raw`, published
@@ -332,13 +372,25 @@ impl<T> Owned<T> {
         Box::into_raw(Box::new(Owned {
             epoch: current_epoch(),
             value,
+            retired_next: AtomicPtr::new(ptr::null_mut()),
         }))
     }
 }
 
 impl<T> Drop for PerProcess<T> {
-    /// Drops the value only in the process that made it; an inherited one is leaked.
+    /// Drops the values only in the process that made them; inherited ones are leaked.
     fn drop(&mut self) {
+        let here = current_epoch();
+        let mut next = *self.retired.get_mut();
+        while !next.is_null() {
+            // SAFETY: every retired pointer came from `Box::into_raw` and was linked exactly
+            // once; `&mut self` proves no borrow handed out by `get` or `retire` is alive.
+            let owned = unsafe { Box::from_raw(next) };
+            next = owned.retired_next.load(Ordering::Acquire);
+            if owned.epoch != here {
+                std::mem::forget(owned);
+            }
+        }
         let owned = *self.current.get_mut();
         if owned.is_null() {
             return;
@@ -346,7 +398,7 @@ impl<T> Drop for PerProcess<T> {
         // SAFETY: non-null `current` came from `Box::into_raw`; `&mut self` proves no borrow
         // handed out by `get` is alive, and nothing else frees it.
         let owned = unsafe { Box::from_raw(owned) };
-        if owned.epoch != current_epoch() {
+        if owned.epoch != here {
             std::mem::forget(owned);
         }
     }
@@ -366,6 +418,7 @@ struct InstallLock<'a>(&'a AtomicU64);
 
 impl<'a> InstallLock<'a> {
     fn acquire(word: &'a AtomicU64, here: Epoch) -> Self {
+        let mut waits = 0u32;
         loop {
             let holder = word.load(Ordering::Acquire);
             // 0 is free; another epoch's value was left by a thread that does not exist here.
@@ -376,9 +429,15 @@ impl<'a> InstallLock<'a> {
             {
                 return InstallLock(word);
             }
-            // A thread of this process is installing; installs open no connections, so the
-            // wait is short.
-            std::thread::yield_now();
+            // A thread of this process is installing. A pool generation installs without
+            // connecting, so the wait is short; a `ForkLocal` or `GuardedPool` initialiser may
+            // connect, so a longer wait sleeps instead of spinning.
+            waits = waits.saturating_add(1);
+            if waits < 100 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
         }
     }
 }
@@ -388,6 +447,31 @@ impl Drop for InstallLock<'_> {
     fn drop(&mut self) {
         self.0.store(0, Ordering::Release);
     }
+}
+
+// r2d2's `Error` and `State` for the pool a forked child runs on (`child_pool`), which must not
+// run r2d2's code: r2d2 has no public constructor for either, and the only r2d2 paths that make
+// them park on parking_lot, whose global state a fork leaves corrupted (see `child_pool`).
+
+/// An `r2d2::Error` reading "timed out waiting for connection: {message}", made without r2d2.
+pub(crate) fn r2d2_error(message: String) -> r2d2::Error {
+    // SAFETY: r2d2 0.8 declares `pub struct Error(Option<String>)`, and any `Option<String>` is
+    // a valid value of it (r2d2 only formats it). `transmute` checks at compile time that both
+    // types have the same size, so the one field sits at offset 0 and covers every byte: the
+    // bytes of an `Option<String>` are exactly an `Error`. The value is always `Some`, which is
+    // also bit-identical to a plain `String`, should r2d2 ever drop the `Option`.
+    unsafe { std::mem::transmute::<Option<String>, r2d2::Error>(Some(message)) }
+}
+
+/// An `r2d2::State` with the given counts, made without r2d2.
+pub(crate) fn r2d2_state(connections: u32, idle_connections: u32) -> r2d2::State {
+    // SAFETY: r2d2 0.8's `State` is two `u32`s and a private `()`; all-zero bytes are a valid
+    // value of each, and r2d2 attaches no meaning to the private field. The public fields are
+    // then set by name, so their order in memory does not matter.
+    let mut state: r2d2::State = unsafe { std::mem::zeroed() };
+    state.connections = connections;
+    state.idle_connections = idle_connections;
+    state
 }
 
 #[cfg(test)]
@@ -406,8 +490,42 @@ mod tests {
     }
 
     #[test]
+    fn retired_values_stay_valid_and_are_dropped_with_the_container() {
+        use std::sync::atomic::AtomicUsize;
+        static DROPS: AtomicUsize = AtomicUsize::new(0);
+        struct Counted(u32);
+        impl Drop for Counted {
+            fn drop(&mut self) {
+                DROPS.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let slot = PerProcess::new(Counted(1));
+        let retired = slot.retire().expect("a value to retire");
+        assert!(slot.get().is_none());
+        assert!(slot.retire().is_none(), "nothing left to retire");
+        let fresh = slot.get_or_try_init(|inherited| {
+            assert!(inherited.is_none(), "a retired value is not inherited");
+            Ok::<_, ()>(Counted(2))
+        });
+        assert_eq!(fresh.map(|value| value.0), Ok(2));
+        assert_eq!(retired.0, 1, "still readable after its replacement");
+        assert!(slot.retire().is_some());
+        assert_eq!(DROPS.load(Ordering::SeqCst), 0);
+        drop(slot);
+        assert_eq!(DROPS.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
     fn this_kernel_wipes_on_fork() {
         // The CI machine runs Linux >= 4.14; a fallback here would mean a getpid() per checkout.
         assert!(fork_detection().wipe_on_fork);
+    }
+
+    #[test]
+    fn r2d2_values_made_outside_r2d2() {
+        let error = r2d2_error("rebuilt after fork: refused".to_string());
+        assert_eq!(error.to_string(), "timed out waiting for connection: rebuilt after fork: refused");
+        let state = r2d2_state(3, 2);
+        assert_eq!((state.connections, state.idle_connections), (3, 2));
     }
 }

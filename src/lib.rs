@@ -3,17 +3,22 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 mod backends;
+mod child_pool;
 mod config;
 mod connection;
 mod descriptors;
 mod fork;
+mod fork_local;
+mod guarded;
 mod manager;
 mod pool;
 mod stats;
 
-pub use crate::config::Builder;
+pub use crate::config::{Builder, OnFork};
 pub use crate::connection::PooledConnection;
 pub use crate::fork::{fork_detection, ForkDetection};
+pub use crate::fork_local::ForkLocal;
+pub use crate::guarded::GuardedPool;
 pub use crate::pool::Pool;
 pub use crate::stats::ForkStats;
 pub use r2d2::{

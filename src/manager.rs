@@ -5,6 +5,7 @@ use std::any::Any;
 use std::error::Error as StdError;
 use std::fmt;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use r2d2::{CustomizeConnection, HandleError, ManageConnection};
@@ -17,7 +18,10 @@ pub(crate) type Locator<C> = Arc<dyn Fn(&mut C) -> Option<Vec<RawFd>> + Send + S
 /// A connection plus its entry in the descriptor table.
 pub(crate) struct Tracked<C> {
     pub(crate) conn: C,
-    pub(crate) registration: Registration,
+    /// Boxed (one allocation per connect, not per checkout) to keep r2d2's guard small: every
+    /// checkout moves the guard several times, and past ~128 bytes those moves become `memcpy`
+    /// calls that cost more than r2d2's own bookkeeping (see benches/checkout.rs).
+    pub(crate) registration: Box<Registration>,
 }
 
 impl<C> Tracked<C> {
@@ -34,26 +38,33 @@ impl<C> Tracked<C> {
 /// pool was rebuilt in a forked child.
 #[derive(Debug)]
 pub(crate) struct ConnectError<E> {
-    source: E,
+    /// `None` when the generation was retired and refused to connect (not the user's error).
+    source: Option<E>,
     rebuilt_after_fork_in: Option<u32>,
 }
 
 impl<E: fmt::Display> fmt::Display for ConnectError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(source) = &self.source else {
+            return f.write_str(
+                "forksafe-pool: this generation of the pool was retired by Pool::release_idle and opens no connections",
+            );
+        };
         match self.rebuilt_after_fork_in {
             Some(pid) => write!(
                 f,
-                "{} (forksafe-pool: the pool was rebuilt after fork() in process {pid} and could not connect)",
-                self.source
+                "{source} (forksafe-pool: the pool was rebuilt after fork() in process {pid} and could not connect)",
             ),
-            None => self.source.fmt(f),
+            None => source.fmt(f),
         }
     }
 }
 
 impl<E: StdError + 'static> StdError for ConnectError<E> {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        Some(&self.source)
+        self.source
+            .as_ref()
+            .map(|source| source as &(dyn StdError + 'static))
     }
 }
 
@@ -63,6 +74,9 @@ pub(crate) struct ForkSafeManager<M: ManageConnection> {
     table: Arc<DescriptorTable>,
     locator: Option<Locator<M::Connection>>,
     rebuilt_after_fork_in: Option<u32>,
+    /// Set when `Pool::release_idle` retires this generation: it opens no more connections,
+    /// and every connection that comes back to it is closed instead of pooled.
+    retired: Arc<AtomicBool>,
 }
 
 impl<M: ManageConnection> ForkSafeManager<M> {
@@ -71,19 +85,33 @@ impl<M: ManageConnection> ForkSafeManager<M> {
         table: Arc<DescriptorTable>,
         locator: Option<Locator<M::Connection>>,
         rebuilt_after_fork_in: Option<u32>,
+        retired: Arc<AtomicBool>,
     ) -> Self {
         ForkSafeManager {
             inner,
             table,
             locator,
             rebuilt_after_fork_in,
+            retired,
         }
     }
 
     fn wrap(&self, source: M::Error) -> ConnectError<M::Error> {
         ConnectError {
-            source,
+            source: Some(source),
             rebuilt_after_fork_in: self.rebuilt_after_fork_in,
+        }
+    }
+
+    #[inline]
+    fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    fn refuse(&self) -> ConnectError<M::Error> {
+        ConnectError {
+            source: None,
+            rebuilt_after_fork_in: None,
         }
     }
 
@@ -100,20 +128,26 @@ impl<M: ManageConnection> ManageConnection for ForkSafeManager<M> {
     type Error = ConnectError<M::Error>;
 
     fn connect(&self) -> Result<Self::Connection, Self::Error> {
+        if self.is_retired() {
+            return Err(self.refuse());
+        }
         let mut conn = self.inner.connect().map_err(|error| self.wrap(error))?;
         let fds = self.locate(&mut conn);
-        let registration = self.table.register(fds);
+        let registration = Box::new(self.table.register(fds));
         Ok(Tracked { conn, registration })
     }
 
     fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
+        if self.is_retired() {
+            return Err(self.refuse());
+        }
         self.inner
             .is_valid(&mut conn.conn)
             .map_err(|error| self.wrap(error))
     }
 
     fn has_broken(&self, conn: &mut Self::Connection) -> bool {
-        self.inner.has_broken(&mut conn.conn)
+        self.is_retired() || self.inner.has_broken(&mut conn.conn)
     }
 }
 
@@ -134,7 +168,10 @@ impl<E> fmt::Debug for ErrorHandlerAdapter<E> {
 
 impl<E: StdError + 'static> HandleError<ConnectError<E>> for ErrorHandlerAdapter<E> {
     fn handle_error(&self, error: ConnectError<E>) {
-        self.0.handle_error(error.source);
+        // A retired generation's refusals are ours, not the user's connection errors.
+        if let Some(source) = error.source {
+            self.0.handle_error(source);
+        }
     }
 }
 
@@ -158,7 +195,7 @@ where
         self.0
             .on_acquire(&mut conn.conn)
             .map_err(|source| ConnectError {
-                source,
+                source: Some(source),
                 rebuilt_after_fork_in: None,
             })
     }

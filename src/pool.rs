@@ -9,17 +9,19 @@
 //! Its sockets are pointed at `/dev/null` instead (see `descriptors`).
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use r2d2::event::{AcquireEvent, CheckinEvent, CheckoutEvent, ReleaseEvent, TimeoutEvent};
 use r2d2::{HandleEvent, ManageConnection};
 use scheduled_thread_pool::ScheduledThreadPool;
 
-use crate::config::{Builder, Config};
+use crate::child_pool::{AnyPool, ChildPool, Settings};
+use crate::config::{Builder, Config, OnFork};
 use crate::connection::PooledConnection;
 use crate::descriptors::DescriptorTable;
-use crate::fork::{current_epoch, PerProcess};
+use crate::fork::{current_epoch, r2d2_error, Epoch, PerProcess};
 use crate::manager::{CustomizerAdapter, ErrorHandlerAdapter, ForkSafeManager};
 use crate::stats::{Counters, ForkStats};
 
@@ -51,11 +53,21 @@ struct Shared<M: ManageConnection> {
     /// This process's generation; a forked child builds its own on first use.
     generation: PerProcess<Generation<M>>,
     counters: Arc<Counters>,
+    /// The process that built the pool: with `OnFork::Fail`, every other process refuses.
+    built_in: Epoch,
+    /// The process that built the latest generation (inherited, so a child sees its parent's).
+    latest_generation_in: AtomicU64,
 }
 
 struct Generation<M: ManageConnection> {
-    pool: r2d2::Pool<ForkSafeManager<M>>,
+    /// r2d2's pool in the process that built the `Pool`; in a forked child a pool on std
+    /// primitives, since r2d2 cannot run safely there (see `child_pool`).
+    pool: AnyPool<M>,
     descriptors: Arc<DescriptorTable>,
+    /// Set by `release_idle`: the generation opens no connections and closes returned ones.
+    retired: Arc<AtomicBool>,
+    /// With `OnFork::Fail`, in a forked child: the message every `get` fails with.
+    refusal: Option<String>,
 }
 
 impl<M: ManageConnection> Clone for Pool<M> {
@@ -97,19 +109,27 @@ impl<M: ManageConnection> Pool<M> {
     }
 
     pub(crate) fn from_config(
-        config: Config<M>,
+        mut config: Config<M>,
         manager: M,
         wait: bool,
     ) -> Result<Pool<M>, r2d2::Error> {
+        // r2d2's default, three threads, made here once so that every r2d2 generation of this
+        // process shares it: one retired by `release_idle` then adds no threads.
+        if config.thread_pool.is_none() {
+            config.thread_pool = Some((Arc::new(fresh_thread_pool()), current_epoch()));
+        }
         let counters = Arc::new(Counters::default());
         let manager = Arc::new(manager);
-        let generation = Generation::build(&config, Arc::clone(&manager), &counters, None, wait)?;
+        let generation =
+            Generation::build(&config, Arc::clone(&manager), &counters, None, None, false, wait)?;
         Ok(Pool {
             shared: Arc::new(Shared {
                 config,
                 manager,
                 generation: PerProcess::new(generation),
                 counters,
+                built_in: current_epoch(),
+                latest_generation_in: AtomicU64::new(current_epoch().get()),
             }),
         })
     }
@@ -124,8 +144,7 @@ impl<M: ManageConnection> Pool<M> {
     /// r2d2's "timed out waiting for connection" error, with the last connection error; after a
     /// fork it says that the pool was rebuilt in this process and why it could not connect.
     pub fn get(&self) -> Result<PooledConnection<M>, r2d2::Error> {
-        let generation = self.generation();
-        generation.pool.get().map(PooledConnection::new)
+        self.checkout(self.shared.config.connection_timeout)
     }
 
     /// Like [`get`](Self::get), waiting at most `timeout`.
@@ -134,18 +153,140 @@ impl<M: ManageConnection> Pool<M> {
     ///
     /// As for `get`.
     pub fn get_timeout(&self, timeout: Duration) -> Result<PooledConnection<M>, r2d2::Error> {
+        self.checkout(timeout)
+    }
+
+    #[inline]
+    fn checkout(&self, timeout: Duration) -> Result<PooledConnection<M>, r2d2::Error> {
         let generation = self.generation();
-        generation
-            .pool
-            .get_timeout(timeout)
-            .map(PooledConnection::new)
+        if let Some(refusal) = &generation.refusal {
+            return Err(r2d2_error(refusal.clone()));
+        }
+        match generation.pool.get_timeout(timeout) {
+            Ok(conn) => Ok(PooledConnection::new(conn)),
+            // `release_idle` retired the generation this call was waiting on: try the next one.
+            Err(_) if generation.is_retired() => self
+                .generation()
+                .pool
+                .get_timeout(timeout)
+                .map(PooledConnection::new),
+            Err(error) => Err(error),
+        }
     }
 
     /// Checks out an idle connection if there is one, without waiting, like
-    /// [`r2d2::Pool::try_get`].
+    /// [`r2d2::Pool::try_get`]. `None` in a forked child of a pool built with
+    /// [`OnFork::Fail`](crate::OnFork::Fail).
     pub fn try_get(&self) -> Option<PooledConnection<M>> {
         let generation = self.generation();
+        if generation.refusal.is_some() {
+            return None;
+        }
         generation.pool.try_get().map(PooledConnection::new)
+    }
+
+    /// Waits until this process's pool holds its `min_idle` connections (all `max_size` when
+    /// `min_idle` is `None`), at most `connection_timeout` — rebuilding it first in a forked
+    /// child. Call it in a worker right after `fork()` (uWSGI's `@postfork`, a gunicorn
+    /// `post_fork` hook) so the first request does not pay for connecting; or in the master
+    /// after [`Builder::build_unchecked`].
+    ///
+    /// ```
+    /// use diesel::r2d2::ConnectionManager;
+    /// use diesel::SqliteConnection;
+    ///
+    /// let pool = forksafe_pool::Pool::builder()
+    ///     .max_size(3)
+    ///     .min_idle(Some(2))
+    ///     .build_unchecked(ConnectionManager::<SqliteConnection>::new(":memory:"));
+    /// pool.warm_up()?;
+    /// assert!(pool.state().connections >= 2);
+    /// # Ok::<(), forksafe_pool::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// r2d2's "timed out waiting for connection" error, with the last connection error, when
+    /// the connections could not be opened in time; with [`OnFork::Fail`](crate::OnFork::Fail),
+    /// in a forked child, the error `get` returns there.
+    pub fn warm_up(&self) -> Result<(), r2d2::Error> {
+        let generation = self.generation();
+        if let Some(refusal) = &generation.refusal {
+            return Err(r2d2_error(refusal.clone()));
+        }
+        let config = &self.shared.config;
+        let wanted = config.min_idle.unwrap_or(config.max_size);
+        let deadline = Instant::now() + config.connection_timeout;
+        while generation.pool.state().connections < wanted {
+            if Instant::now() >= deadline {
+                let opened = generation.pool.state().connections;
+                // r2d2's own error carries the last connection error, when there is no idle
+                // connection to hand out; otherwise say how far the pool got.
+                return Err(match generation.pool.get_timeout(Duration::from_nanos(1)) {
+                    Err(error) => error,
+                    Ok(_) => r2d2_error(format!(
+                        "forksafe-pool: warm_up opened {opened} of {wanted} connections within {:?}",
+                        config.connection_timeout
+                    )),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// Closes this process's idle connections now, and every checked-out one when it is
+    /// returned; the pool opens new ones only when it is next used. Call it in a master right
+    /// before forking workers (Unicorn's `before_fork`): the children then inherit no
+    /// connection at all, so there is nothing for them to discard, and the master's database
+    /// sessions end now instead of lingering as long as some child holds a copy of their
+    /// sockets. Returns how many idle connections were closed.
+    ///
+    /// ```
+    /// use diesel::r2d2::ConnectionManager;
+    /// use diesel::SqliteConnection;
+    ///
+    /// let pool = forksafe_pool::Pool::builder()
+    ///     .max_size(2)
+    ///     .build(ConnectionManager::<SqliteConnection>::new(":memory:"))?;
+    /// assert_eq!(pool.release_idle(), 2);
+    /// // ... fork the workers here ...
+    /// assert!(pool.get().is_ok(), "the master can still use it: it reconnects on demand");
+    /// # Ok::<(), forksafe_pool::Error>(())
+    /// ```
+    ///
+    /// How: this process's inner pool (its *generation*) is retired, and the next use builds a
+    /// new one. A retired generation opens no connection and closes every connection that
+    /// comes back to it. It stays allocated until the `Pool` is dropped, because another thread
+    /// may be using it at that instant; in the process that built the `Pool` it is an r2d2
+    /// pool, whose worker threads (shared by every generation of the pool) keep making
+    /// connection attempts for it, backing off to one per missing connection every
+    /// `connection_timeout / 2`, which it refuses. Calling `release_idle` again before the pool is used retires nothing.
+    /// A thread that was waiting in `get` on the retired generation waits out its timeout and
+    /// then tries the new one. In a forked child of a pool built with
+    /// [`OnFork::Fail`](crate::OnFork::Fail) it does nothing and returns 0.
+    pub fn release_idle(&self) -> u32 {
+        match self.shared.generation.get() {
+            Some(generation) if generation.refusal.is_none() => {}
+            _ => return 0,
+        }
+        let Some(retired) = self.shared.generation.retire() else {
+            return 0;
+        };
+        retired.retired.store(true, Ordering::Release);
+        let idle_before = retired.pool.state().idle_connections;
+        // With `test_on_check_out`, r2d2 closes each refused connection inside `try_get`; without
+        // it, the guard comes back and closes its connection on return (`has_broken` is true).
+        while let Some(conn) = retired.pool.try_get() {
+            drop(conn);
+        }
+        let closed = idle_before.saturating_sub(retired.pool.state().idle_connections);
+        tracing::debug!(
+            pid = std::process::id(),
+            closed,
+            "forksafe-pool: idle connections released; the pool reconnects on next use"
+        );
+        closed
     }
 
     /// The connection counts of this process's pool, like [`r2d2::Pool::state`].
@@ -202,6 +343,14 @@ impl<M: ManageConnection> Pool<M> {
     fn rebuild_after_fork(&self) -> &Generation<M> {
         let shared = &*self.shared;
         let rebuilt = shared.generation.get_or_try_init(|inherited| {
+            let here = current_epoch();
+            // False after `release_idle` in this same process: then nothing crossed a fork.
+            let crossed_fork =
+                shared.latest_generation_in.swap(here.get(), Ordering::AcqRel) != here.get();
+            if crossed_fork && inherited.is_none() {
+                // The parent had released its connections before forking: nothing to discard.
+                shared.counters.record_rebuild(Default::default());
+            }
             if let Some(inherited) = inherited {
                 let discarded = inherited.descriptors.release_inherited();
                 shared.counters.record_rebuild(discarded);
@@ -213,11 +362,22 @@ impl<M: ManageConnection> Pool<M> {
                     "forksafe-pool: discarded inherited connections after fork"
                 );
             }
+            let refusal = (shared.config.on_fork == OnFork::Fail && here != shared.built_in)
+                .then(|| {
+                    format!(
+                        "forksafe-pool: this pool crossed fork() into process {} and was built with \
+                         OnFork::Fail, so it is not rebuilt there; build the pool after fork(), or \
+                         use OnFork::Rebuild",
+                        std::process::id()
+                    )
+                });
             let generation = Generation::build(
                 &shared.config,
                 Arc::clone(&shared.manager),
                 &shared.counters,
-                Some(std::process::id()),
+                crossed_fork.then(std::process::id),
+                refusal,
+                here != shared.built_in,
                 false,
             );
             tracing::debug!(
@@ -239,15 +399,47 @@ impl<M: ManageConnection> Generation<M> {
         manager: Arc<M>,
         counters: &Arc<Counters>,
         rebuilt_after_fork_in: Option<u32>,
+        refusal: Option<String>,
+        in_forked_child: bool,
         wait: bool,
     ) -> Result<Generation<M>, r2d2::Error> {
         let descriptors = DescriptorTable::new(config.max_size, Arc::clone(counters));
+        let retired = Arc::new(AtomicBool::new(refusal.is_some()));
         let manager = ForkSafeManager::new(
             manager,
             Arc::clone(&descriptors),
             config.descriptor_locator.clone(),
             rebuilt_after_fork_in,
+            Arc::clone(&retired),
         );
+        if in_forked_child {
+            let settings = Settings {
+                max_size: config.max_size,
+                // A refusing generation never connects: it exists so that `state` has
+                // something to count.
+                min_idle: if refusal.is_some() {
+                    Some(0)
+                } else {
+                    config.min_idle
+                },
+                test_on_check_out: config.test_on_check_out,
+                max_lifetime: config.max_lifetime,
+                idle_timeout: config.idle_timeout,
+                connection_timeout: config.connection_timeout,
+            };
+            let pool = ChildPool::new(
+                manager,
+                settings,
+                Box::new(ErrorHandlerAdapter(Arc::clone(&config.error_handler))),
+                Box::new(CustomizerAdapter(Arc::clone(&config.connection_customizer))),
+            );
+            return Ok(Generation {
+                pool: AnyPool::Child(pool),
+                descriptors,
+                retired,
+                refusal,
+            });
+        }
         let mut builder = r2d2::Pool::builder()
             .max_size(config.max_size)
             .min_idle(config.min_idle)
@@ -276,7 +468,16 @@ impl<M: ManageConnection> Generation<M> {
         } else {
             builder.build_unchecked(manager)
         };
-        Ok(Generation { pool, descriptors })
+        Ok(Generation {
+            pool: AnyPool::R2d2(pool),
+            descriptors,
+            retired,
+            refusal,
+        })
+    }
+
+    fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 }
 

@@ -504,8 +504,43 @@ fn many_children_at_once() -> Check {
     check_parent_intact(&warm)
 }
 
+fn a_child_that_cannot_connect_gets_a_clear_error_in_time() -> Check {
+    let server = FakeServer::start();
+    let timeout = Duration::from_millis(500);
+    let pool = forksafe_pool::Pool::builder()
+        .max_size(2)
+        .connection_timeout(timeout)
+        .descriptor_locator(|conn: &mut support::FakeConnection| Some(vec![conn.fd()]))
+        .build(server.manager())
+        .map_err(|error| format!("build: {error}"))?;
+    let path = server.path.clone();
+    let end = run_child(DEADLINE, || {
+        child_result((|| {
+            // The server is gone for this child: its socket file is removed.
+            std::fs::remove_file(&path).map_err(|error| format!("remove: {error}"))?;
+            let started = std::time::Instant::now();
+            let error = match pool.get() {
+                Ok(_) => return Err("got a connection with the server gone".into()),
+                Err(error) => error.to_string(),
+            };
+            let waited = started.elapsed();
+            ensure!(waited >= timeout && waited < timeout * 4, "waited {waited:?} for a {timeout:?} timeout");
+            ensure!(error.contains("timed out waiting for connection"), "not r2d2's error: {error}");
+            ensure!(
+                error.contains(&format!("rebuilt after fork() in process {}", std::process::id())),
+                "error does not say the pool was rebuilt after fork: {error}"
+            );
+            Ok(())
+        })())
+    });
+    expect_exit(end, 0)?;
+    let mut conn = pool.get().map_err(|error| format!("parent get: {error}"))?;
+    ensure!(conn.query("parent").is_ok(), "parent's idle connection broke");
+    Ok(())
+}
+
 fn main() {
-    let cases: [Case; 10] = [
+    let cases: [Case; 11] = [
         (
             "inherited_idle_connections_are_discarded_never_used",
             inherited_idle_connections_are_discarded_never_used,
@@ -537,6 +572,10 @@ fn main() {
             a_child_never_rebuilds_twice_under_racing_threads,
         ),
         ("many_children_at_once", many_children_at_once),
+        (
+            "a_child_that_cannot_connect_gets_a_clear_error_in_time",
+            a_child_that_cannot_connect_gets_a_clear_error_in_time,
+        ),
     ];
     let filter: Vec<String> = std::env::args()
         .skip(1)

@@ -1,0 +1,284 @@
+//! The application every worker serves: a connection pool plus a large read-only lookup table.
+//!
+//! A request `GET /?n=N` runs one database query that echoes `N` and reads the row
+//! `N % ROWS + 1`, looks `N` up in the table, and answers `n=<echo> label=<label> v=<value>
+//! pid=<worker pid>`. The client knows what every field must be, so an answer that belongs
+//! to another request (a reply read off a shared socket) is caught.
+
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::pg::PgConnection;
+use diesel::r2d2::ConnectionManager;
+use diesel::sql_types::{BigInt, Text};
+use diesel::sqlite::SqliteConnection;
+use diesel::{Connection, QueryableByName, RunQueryDsl};
+
+/// Rows in the demo table; request `n` reads row `n % ROWS + 1`.
+pub const ROWS: u64 = 1000;
+const TABLE: &str = "prefork_demo_items";
+
+/// Which pool the application is built with, and when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Plain `r2d2::Pool`, built in the master before the fork (today's broken setup).
+    Naive,
+    /// `forksafe_pool::Pool`, built in the master before the fork.
+    ForkSafe,
+    /// uWSGI `--lazy-apps`: every worker builds the whole application after the fork.
+    Lazy,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::Naive, Mode::ForkSafe, Mode::Lazy];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Naive => "naive",
+            Mode::ForkSafe => "forksafe",
+            Mode::Lazy => "lazy",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Mode, String> {
+        Mode::ALL
+            .into_iter()
+            .find(|mode| mode.name() == name)
+            .ok_or_else(|| format!("unknown mode {name:?}"))
+    }
+
+    /// Whether the master builds the application before forking.
+    pub fn eager(self) -> bool {
+        self != Mode::Lazy
+    }
+}
+
+/// Where the data lives: a PostgreSQL URL, or an SQLite file.
+#[derive(Clone, Debug)]
+pub enum Database {
+    Postgres(String),
+    Sqlite(String),
+}
+
+impl Database {
+    /// `postgres://…` or `postgresql://…` is PostgreSQL; anything else is an SQLite file path.
+    pub fn from_arg(arg: &str) -> Database {
+        if arg.starts_with("postgres://") || arg.starts_with("postgresql://") {
+            Database::Postgres(arg.to_owned())
+        } else {
+            Database::Sqlite(arg.to_owned())
+        }
+    }
+
+    pub fn arg(&self) -> &str {
+        match self {
+            Database::Postgres(url) | Database::Sqlite(url) => url,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Database::Postgres(url) => format!("PostgreSQL ({url})"),
+            Database::Sqlite(path) => format!("embedded SQLite (file {path})"),
+        }
+    }
+
+    /// Creates and fills the demo table (idempotent); run once by the driver.
+    pub fn prepare(&self) -> Result<(), String> {
+        let fill = format!(
+            "CREATE TABLE IF NOT EXISTS {TABLE} (id BIGINT PRIMARY KEY, label TEXT NOT NULL);
+             WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < {ROWS})
+             INSERT INTO {TABLE} (id, label) SELECT i, 'item-' || i FROM seq WHERE true
+             ON CONFLICT (id) DO NOTHING;"
+        );
+        match self {
+            Database::Postgres(url) => PgConnection::establish(url)
+                .map_err(|error| error.to_string())?
+                .batch_execute(&fill)
+                .map_err(|error| error.to_string()),
+            Database::Sqlite(path) => SqliteConnection::establish(path)
+                .map_err(|error| error.to_string())?
+                .batch_execute(&format!("PRAGMA journal_mode = WAL; {fill}"))
+                .map_err(|error| error.to_string()),
+        }
+    }
+}
+
+/// The label row `n` carries.
+pub fn expected_label(n: u64) -> String {
+    format!("item-{}", n % ROWS + 1)
+}
+
+/// The lookup table's entry `index`: a cheap hash, so filling the table costs CPU like loading
+/// real application data, and the client can check every value.
+pub fn table_value(index: u64) -> u64 {
+    let mut z = index.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Entries in a table of `mib` MiB.
+pub fn table_len(mib: usize) -> u64 {
+    (mib * 1024 * 1024 / 8).max(1) as u64
+}
+
+type PgManager = ConnectionManager<PgConnection>;
+type SqliteManager = ConnectionManager<SqliteConnection>;
+
+/// The pool, by mode and backend.
+pub enum DbPool {
+    R2d2Pg(r2d2::Pool<PgManager>),
+    R2d2Sqlite(r2d2::Pool<SqliteManager>),
+    ForkSafePg(forksafe_pool::Pool<PgManager>),
+    ForkSafeSqlite(forksafe_pool::Pool<SqliteManager>),
+}
+
+#[derive(QueryableByName)]
+struct Row {
+    #[diesel(sql_type = BigInt)]
+    echo: i64,
+    #[diesel(sql_type = Text)]
+    label: String,
+}
+
+const PG_QUERY: &str =
+    "SELECT CAST($1 AS BIGINT) AS echo, label FROM prefork_demo_items WHERE id = $2";
+const SQLITE_QUERY: &str =
+    "SELECT CAST(? AS BIGINT) AS echo, label FROM prefork_demo_items WHERE id = ?";
+
+/// Runs the request's query on a connection from `$pool`.
+macro_rules! query_on {
+    ($pool:expr, $sql:expr, $n:expr) => {{
+        let mut conn = $pool.get().map_err(|error| format!("checkout: {error}"))?;
+        diesel::sql_query($sql)
+            .bind::<BigInt, _>($n as i64)
+            .bind::<BigInt, _>(($n % ROWS + 1) as i64)
+            .get_result::<Row>(&mut conn)
+            .map_err(|error| format!("query: {error}"))
+    }};
+}
+
+impl DbPool {
+    fn build(mode: Mode, database: &Database, pool_size: u32) -> Result<DbPool, String> {
+        // The same settings for every mode; the connection timeout only bounds how long a
+        // checkout waits, so a broken worker answers with an error instead of hanging forever.
+        let timeout = Duration::from_secs(5);
+        let pool = match (mode, database) {
+            (Mode::ForkSafe, Database::Postgres(url)) => DbPool::ForkSafePg(
+                forksafe_pool::Pool::builder()
+                    .max_size(pool_size)
+                    .connection_timeout(timeout)
+                    .build(ConnectionManager::new(url))
+                    .map_err(|error| error.to_string())?,
+            ),
+            (Mode::ForkSafe, Database::Sqlite(path)) => DbPool::ForkSafeSqlite(
+                forksafe_pool::Pool::builder()
+                    .max_size(pool_size)
+                    .connection_timeout(timeout)
+                    .build(ConnectionManager::new(path))
+                    .map_err(|error| error.to_string())?,
+            ),
+            (_, Database::Postgres(url)) => DbPool::R2d2Pg(
+                r2d2::Pool::builder()
+                    .max_size(pool_size)
+                    .connection_timeout(timeout)
+                    .build(ConnectionManager::new(url))
+                    .map_err(|error| error.to_string())?,
+            ),
+            (_, Database::Sqlite(path)) => DbPool::R2d2Sqlite(
+                r2d2::Pool::builder()
+                    .max_size(pool_size)
+                    .connection_timeout(timeout)
+                    .build(ConnectionManager::new(path))
+                    .map_err(|error| error.to_string())?,
+            ),
+        };
+        Ok(pool)
+    }
+
+    /// The request's query: `(echo, label)`.
+    fn query(&self, n: u64) -> Result<(i64, String), String> {
+        let row = match self {
+            DbPool::R2d2Pg(pool) => query_on!(pool, PG_QUERY, n),
+            DbPool::ForkSafePg(pool) => query_on!(pool, PG_QUERY, n),
+            DbPool::R2d2Sqlite(pool) => query_on!(pool, SQLITE_QUERY, n),
+            DbPool::ForkSafeSqlite(pool) => query_on!(pool, SQLITE_QUERY, n),
+        }?;
+        Ok((row.echo, row.label))
+    }
+}
+
+/// The application: what a gunicorn `preload_app` or a uWSGI master would load.
+pub struct App {
+    pool: DbPool,
+    table: Vec<u64>,
+}
+
+impl App {
+    /// Builds the pool (waiting for its connections), warms it with one query, and fills the
+    /// lookup table.
+    pub fn build(
+        mode: Mode,
+        database: &Database,
+        pool_size: u32,
+        table_mib: usize,
+    ) -> Result<App, String> {
+        let pool = DbPool::build(mode, database, pool_size)?;
+        pool.query(0)?;
+        let table = (0..table_len(table_mib)).map(table_value).collect();
+        Ok(App { pool, table })
+    }
+
+    /// Answers one request: the body, or an error message for a 500.
+    pub fn handle(&self, n: u64) -> Result<String, String> {
+        let (echo, label) = self.pool.query(n)?;
+        // Read the table at the index the database echoed, as an app would use a query result.
+        let value = self.table[(echo as u64 % self.table.len() as u64) as usize];
+        Ok(format!(
+            "n={echo} label={label} v={value} pid={}\n",
+            std::process::id()
+        ))
+    }
+}
+
+/// The parsed answer of one request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub echo: u64,
+    pub label: String,
+    pub value: u64,
+    pub pid: u32,
+}
+
+impl Answer {
+    pub fn parse(body: &str) -> Option<Answer> {
+        let mut echo = None;
+        let mut label = None;
+        let mut value = None;
+        let mut pid = None;
+        for field in body.split_whitespace() {
+            let (key, val) = field.split_once('=')?;
+            match key {
+                "n" => echo = val.parse().ok(),
+                "label" => label = Some(val.to_owned()),
+                "v" => value = val.parse().ok(),
+                "pid" => pid = val.parse().ok(),
+                _ => return None,
+            }
+        }
+        Some(Answer {
+            echo: echo?,
+            label: label?,
+            value: value?,
+            pid: pid?,
+        })
+    }
+
+    /// Whether this is the answer to request `n` from a server with a `table_mib` table.
+    pub fn is_for(&self, n: u64, table_mib: usize) -> bool {
+        self.echo == n
+            && self.label == expected_label(n)
+            && self.value == table_value(n % table_len(table_mib))
+    }
+}

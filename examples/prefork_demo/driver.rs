@@ -1,0 +1,521 @@
+//! The demo driver: starts the server in one mode, measures it, stops it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use indicatif::ProgressBar;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::app::{Answer, Database, Mode};
+
+/// How long the driver waits for every worker to serve its first request.
+pub const STARTUP_LIMIT: Duration = Duration::from_secs(15);
+/// How long the driver waits for a killed worker's replacement to serve.
+pub const RESPAWN_LIMIT: Duration = Duration::from_secs(10);
+
+/// How the driver runs every mode.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub database: Database,
+    pub workers: usize,
+    pub table_mib: usize,
+    pub pool_size: u32,
+    pub requests: u64,
+    pub clients: usize,
+    pub request_timeout: Duration,
+    pub load_time_limit: Duration,
+    pub hang_after: Duration,
+    pub server_log: std::path::PathBuf,
+}
+
+/// Everything measured for one mode; the table's columns.
+#[derive(Clone, Debug, Default)]
+pub struct ModeResult {
+    pub mode: &'static str,
+    pub workers: usize,
+    pub requests_ok: u64,
+    /// Errors, timeouts, and requests not sent before the load time limit.
+    pub failed: u64,
+    pub not_sent: u64,
+    pub wrong_answers: u64,
+    pub hung_workers: usize,
+    pub req_per_s: f64,
+    pub p99_latency_ms: f64,
+    pub cpu_seconds_starting: f64,
+    /// Workers that answered before the start-up deadline (all of them, normally).
+    pub workers_serving_at_start: usize,
+    pub respawn_time_ms: Option<f64>,
+    /// When the master had forked the replacement (its `spawned` line arrived), for context.
+    pub respawn_forked_ms: Option<f64>,
+    pub total_pss_mib: f64,
+    pub pss_ratio_to_lazy: Option<f64>,
+    /// The most frequent error answers, with counts.
+    pub errors: Vec<(String, u64)>,
+    /// Set when the server could not be run at all.
+    pub server_error: Option<String>,
+}
+
+/// One worker slot as the master reported it.
+#[derive(Clone, Copy, Debug)]
+struct SlotStatus {
+    /// When its request in progress started (master's clock, µs); 0 when idle.
+    busy_since: u64,
+}
+
+/// What the master has said so far.
+#[derive(Default)]
+struct View {
+    port: Option<u16>,
+    master: Option<u32>,
+    workers: BTreeMap<usize, u32>,
+    ever: HashSet<u32>,
+    /// When each worker's `spawned` line was read.
+    spawned_at: BTreeMap<u32, Instant>,
+    statuses: u64,
+    status: Vec<SlotStatus>,
+    status_now: u64,
+    error: Option<String>,
+    closed: bool,
+}
+
+/// A running `prefork_demo serve` process.
+struct Server {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    view: Arc<(Mutex<View>, Condvar)>,
+}
+
+impl Server {
+    fn start(mode: Mode, config: &RunConfig) -> Result<Server, String> {
+        let exe = std::env::current_exe().map_err(|error| error.to_string())?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&config.server_log)
+            .map_err(|error| error.to_string())?;
+        let mut child = Command::new(exe)
+            .args([
+                "serve",
+                "--mode",
+                mode.name(),
+                "--database",
+                config.database.arg(),
+            ])
+            .args([
+                "--workers",
+                &config.workers.to_string(),
+                "--state-mib",
+                &config.table_mib.to_string(),
+            ])
+            .args(["--pool-size", &config.pool_size.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .map_err(|error| format!("cannot start the server: {error}"))?;
+        let stdout = child.stdout.take().expect("piped");
+        let view = Arc::new((Mutex::new(View::default()), Condvar::new()));
+        let reader_view = Arc::clone(&view);
+        std::thread::spawn(move || {
+            let (lock, changed) = &*reader_view;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let mut view = lock.lock().unwrap();
+                read_line(&mut view, &line);
+                changed.notify_all();
+            }
+            lock.lock().unwrap().closed = true;
+            changed.notify_all();
+        });
+        let stdin = child.stdin.take();
+        Ok(Server { child, stdin, view })
+    }
+
+    /// Waits until `ready` finds what it wants in the view, or the deadline passes.
+    fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        mut ready: impl FnMut(&View) -> Option<T>,
+    ) -> Option<T> {
+        let deadline = Instant::now() + timeout;
+        let (lock, changed) = &*self.view;
+        let mut view = lock.lock().unwrap();
+        loop {
+            if let Some(found) = ready(&view) {
+                return Some(found);
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            if view.closed {
+                return None;
+            }
+            view = changed.wait_timeout(view, left).unwrap().0;
+        }
+    }
+
+    fn with_view<T>(&self, read: impl FnOnce(&View) -> T) -> T {
+        read(&self.view.0.lock().unwrap())
+    }
+
+    /// Asks the master for its clock (µs) and its workers' slots.
+    fn status(&mut self) -> Option<(u64, Vec<SlotStatus>)> {
+        let before = self.with_view(|view| view.statuses);
+        writeln!(self.stdin.as_mut()?, "status").ok()?;
+        self.wait_for(Duration::from_secs(5), |view| {
+            (view.statuses > before).then(|| (view.status_now, view.status.clone()))
+        })
+    }
+
+    /// Stops the master and its workers; kills them if they do not stop in time. Always reaps.
+    fn stop(mut self) {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = writeln!(stdin, "quit");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    // The workers die with it (PR_SET_PDEATHSIG); this process reaps them as
+                    // the subreaper.
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        let workers: Vec<u32> = self.with_view(|view| view.ever.iter().copied().collect());
+        for pid in workers {
+            // Normally long gone; a straggler reparented to us is killed and reaped.
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        reap_orphans(Duration::from_secs(5));
+    }
+}
+
+fn read_line(view: &mut View, line: &str) {
+    let mut words = line.split_whitespace();
+    match words.next() {
+        Some("listening") => {
+            view.port = words.next().and_then(|port| port.parse().ok());
+            view.master = words.next().and_then(|pid| pid.parse().ok());
+        }
+        Some("spawned") => {
+            if let (Some(Ok(slot)), Some(Ok(pid))) =
+                (words.next().map(str::parse), words.next().map(str::parse))
+            {
+                view.workers.insert(slot, pid);
+                view.ever.insert(pid);
+                view.spawned_at.insert(pid, Instant::now());
+            }
+        }
+        Some("status") => {
+            view.status_now = words.next().and_then(|now| now.parse().ok()).unwrap_or(0);
+            view.status = words
+                .filter_map(|slot| {
+                    // slot:pid:busy_since:served
+                    let busy_since = slot.split(':').nth(2)?.parse().ok()?;
+                    Some(SlotStatus { busy_since })
+                })
+                .collect();
+            view.statuses += 1;
+        }
+        Some("error") => view.error = Some(line["error ".len()..].to_owned()),
+        _ => {}
+    }
+}
+
+/// Reaps children left to this process (it is a subreaper), killing none it does not know.
+pub fn reap_orphans(timeout: Duration) {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let deadline = Instant::now() + timeout;
+    loop {
+        match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// One HTTP request's outcome.
+enum Outcome {
+    Ok(Answer),
+    Wrong,
+    Failed(String),
+}
+
+fn agent(timeout: Duration, keep_alive: bool) -> ureq::Agent {
+    let config = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .max_idle_connections(if keep_alive { 4 } else { 0 })
+        .max_idle_connections_per_host(if keep_alive { 4 } else { 0 })
+        .build();
+    config.into()
+}
+
+fn request(agent: &ureq::Agent, port: u16, n: u64, table_mib: usize) -> Outcome {
+    let response = agent.get(&format!("http://127.0.0.1:{port}/?n={n}")).call();
+    let mut response = match response {
+        Ok(response) => response,
+        Err(ureq::Error::Timeout(_)) => return Outcome::Failed(String::from("request timed out")),
+        Err(error) => return Outcome::Failed(format!("http: {error}")),
+    };
+    let status = response.status().as_u16();
+    let body = match response.body_mut().read_to_string() {
+        Ok(body) => body,
+        Err(ureq::Error::Timeout(_)) => return Outcome::Failed(String::from("request timed out")),
+        Err(error) => return Outcome::Failed(format!("http: {error}")),
+    };
+    if status != 200 {
+        // "query: <driver error> pid=123": keep the error, drop the pid, so messages group.
+        let message = body
+            .trim()
+            .rsplit_once(" pid=")
+            .map_or(body.trim(), |(message, _)| message);
+        return Outcome::Failed(format!("HTTP {status}: {message}"));
+    }
+    match Answer::parse(&body) {
+        Some(answer) if answer.is_for(n, table_mib) => Outcome::Ok(answer),
+        _ => Outcome::Wrong,
+    }
+}
+
+/// Sends one request on a fresh connection; the pid of the worker that answered, if any did.
+/// Requests are numbered from a range the load never uses.
+fn probe(port: u16, timeout: Duration, table_mib: usize) -> Option<u32> {
+    static NEXT: AtomicU64 = AtomicU64::new(9_000_000_000_000);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    match request(&agent(timeout, false), port, n, table_mib) {
+        Outcome::Ok(answer) => Some(answer.pid),
+        // An error answer still names the worker in its body, but not in a form we trust;
+        // a worker that can only fail does not count as serving.
+        Outcome::Wrong | Outcome::Failed(_) => None,
+    }
+}
+
+/// CPU seconds (user + system, all threads) a process has used, from /proc/PID/stat.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some((_, fields)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    // After the command: state is field 3; utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = fields.split_whitespace().collect();
+    let ticks: u64 = fields.get(11..13).map_or(0, |pair| {
+        pair.iter()
+            .filter_map(|field| field.parse::<u64>().ok())
+            .sum()
+    });
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / per_second as f64
+}
+
+/// Proportional set size of a process in MiB, from /proc/PID/smaps_rollup.
+fn pss_mib(pid: u32) -> f64 {
+    let Ok(rollup) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else {
+        return 0.0;
+    };
+    rollup
+        .lines()
+        .find_map(|line| line.strip_prefix("Pss:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Starts the server in `mode`, measures it, stops it.
+pub fn run_mode(mode: Mode, index: u64, config: &RunConfig, bar: &ProgressBar) -> ModeResult {
+    let mut result = ModeResult {
+        mode: mode.name(),
+        workers: config.workers,
+        ..ModeResult::default()
+    };
+    bar.set_message("starting");
+    let mut server = match Server::start(mode, config) {
+        Ok(server) => server,
+        Err(error) => {
+            result.server_error = Some(error);
+            return result;
+        }
+    };
+    let outcome = measure(index, config, bar, &mut server, &mut result);
+    bar.set_message("stopping");
+    server.stop();
+    if let Err(error) = outcome {
+        let log = std::fs::read_to_string(&config.server_log).unwrap_or_default();
+        let last = log.lines().rev().take(3).collect::<Vec<_>>().join(" / ");
+        result.server_error = Some(if last.is_empty() {
+            error
+        } else {
+            format!("{error} (server said: {last})")
+        });
+    }
+    result
+}
+
+fn measure(
+    index: u64,
+    config: &RunConfig,
+    bar: &ProgressBar,
+    server: &mut Server,
+    result: &mut ModeResult,
+) -> Result<(), String> {
+    let wanted = config.workers;
+    let started = server.wait_for(Duration::from_secs(120), |view| {
+        if let Some(error) = &view.error {
+            return Some(Err(error.clone()));
+        }
+        match (view.port, view.master) {
+            (Some(port), Some(master)) if view.workers.len() == wanted => Some(Ok((port, master))),
+            _ => None,
+        }
+    });
+    let (port, master) = match started {
+        Some(Ok(found)) => found,
+        Some(Err(error)) => return Err(error),
+        None => {
+            return Err(format!(
+                "the server did not start; see {}",
+                config.server_log.display()
+            ))
+        }
+    };
+
+    // Start-up: until every worker has served a request.
+    bar.set_message("waiting for every worker to serve");
+    let workers: Vec<u32> = server.with_view(|view| view.workers.values().copied().collect());
+    let mut serving = HashSet::new();
+    let deadline = Instant::now() + STARTUP_LIMIT;
+    while serving.len() < workers.len() && Instant::now() < deadline {
+        if let Some(pid) = probe(port, Duration::from_secs(2), config.table_mib) {
+            serving.insert(pid);
+        }
+    }
+    result.workers_serving_at_start = workers.iter().filter(|pid| serving.contains(pid)).count();
+    result.cpu_seconds_starting =
+        cpu_seconds(master) + workers.iter().map(|&pid| cpu_seconds(pid)).sum::<f64>();
+
+    // Load: a fixed number of requests over keep-alive connections, bounded in time.
+    bar.set_message("load");
+    let next = AtomicU64::new(0);
+    let load_deadline = Instant::now() + config.load_time_limit;
+    let base = (index + 1) * 1_000_000_000_000;
+    let load_start = Instant::now();
+    let per_client: Vec<(Vec<Duration>, u64, u64, Vec<String>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..config.clients)
+            .map(|_| {
+                scope.spawn(|| {
+                    let agent = agent(config.request_timeout, true);
+                    let (mut latencies, mut ok, mut wrong, mut errors) =
+                        (Vec::new(), 0, 0, Vec::new());
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= config.requests || Instant::now() >= load_deadline {
+                            break;
+                        }
+                        let sent = Instant::now();
+                        match request(&agent, port, base + i, config.table_mib) {
+                            Outcome::Ok(_) => ok += 1,
+                            Outcome::Wrong => wrong += 1,
+                            Outcome::Failed(error) => errors.push(error),
+                        }
+                        latencies.push(sent.elapsed());
+                        bar.inc(1);
+                    }
+                    (latencies, ok, wrong, errors)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("client thread"))
+            .collect()
+    });
+    let load_time = load_start.elapsed();
+    let mut latencies = Vec::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for (client_latencies, ok, wrong, client_errors) in per_client {
+        latencies.extend(client_latencies);
+        result.requests_ok += ok;
+        result.wrong_answers += wrong;
+        result.failed += client_errors.len() as u64;
+        for error in client_errors {
+            *errors.entry(error).or_default() += 1;
+        }
+    }
+    let sent = latencies.len() as u64;
+    result.not_sent = config.requests.saturating_sub(sent);
+    result.failed += result.not_sent;
+    bar.inc(result.not_sent);
+    let mut errors: Vec<(String, u64)> = errors.into_iter().collect();
+    errors.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
+    errors.truncate(4);
+    result.errors = errors;
+    result.req_per_s = result.requests_ok as f64 / load_time.as_secs_f64();
+    latencies.sort();
+    if !latencies.is_empty() {
+        let rank = ((latencies.len() as f64) * 0.99).ceil() as usize;
+        result.p99_latency_ms =
+            latencies[rank.clamp(1, latencies.len()) - 1].as_secs_f64() * 1000.0;
+    }
+
+    // Hung workers: still busy on one request `hang_after` after the load stopped.
+    bar.set_message("looking for hung workers");
+    let checked_from = Instant::now();
+    while let Some((now, slots)) = server.status() {
+        let busy: Vec<u64> = slots
+            .iter()
+            .filter(|slot| slot.busy_since != 0)
+            .map(|slot| now.saturating_sub(slot.busy_since))
+            .collect();
+        let hang_us = config.hang_after.as_micros() as u64;
+        if busy.is_empty() || checked_from.elapsed() >= config.hang_after {
+            result.hung_workers = busy.iter().filter(|&&busy_us| busy_us >= hang_us).count();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Memory: master + workers, after serving.
+    let workers: Vec<u32> = server.with_view(|view| view.workers.values().copied().collect());
+    result.total_pss_mib = pss_mib(master) + workers.iter().map(|&pid| pss_mib(pid)).sum::<f64>();
+
+    // Respawn: kill one worker; time until its replacement has served a request.
+    bar.set_message("respawn");
+    let known: HashSet<u32> = server.with_view(|view| view.ever.clone());
+    let victim = workers[0];
+    let killed_at = Instant::now();
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL)
+        .map_err(|error| format!("kill worker: {error}"))?;
+    let respawn_deadline = killed_at + RESPAWN_LIMIT;
+    while Instant::now() < respawn_deadline {
+        if let Some(pid) = probe(port, Duration::from_millis(300), config.table_mib) {
+            if !known.contains(&pid) {
+                result.respawn_time_ms = Some(killed_at.elapsed().as_secs_f64() * 1000.0);
+                result.respawn_forked_ms = server
+                    .with_view(|view| view.spawned_at.get(&pid).copied())
+                    .map(|at| at.saturating_duration_since(killed_at).as_secs_f64() * 1000.0);
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    Ok(())
+}

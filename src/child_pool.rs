@@ -1,0 +1,408 @@
+//! The pool a forked child runs on: r2d2's checkout rules on std's `Mutex` and `Condvar`,
+//! with no parking_lot and no long-lived worker threads.
+//!
+//! Why not a fresh r2d2 pool? r2d2 keeps its state behind parking_lot 0.12 and runs on a
+//! scheduled-thread-pool (parking_lot 0.13). Both parking_lots keep a process-global table of
+//! parked threads whose entries live in each thread's TLS. A child inherits the table with
+//! entries of parent threads that were parked at the fork instant (an idle r2d2 worker always
+//! is), and glibc gives the dead threads' stacks, TLS included, to the child's next threads. A
+//! new r2d2 worker in the child therefore initialises its parking state on top of an entry that
+//! is still linked into the table: the lists are cross-linked, wake-ups are lost, and a table
+//! resize loops forever with every bucket locked. The README's "Why children hung in
+//! parking_lot" has the measurements. std's `Mutex` and `Condvar` are futex words inside the
+//! object and keep no registry of threads, so a pool made in the child depends on nothing the
+//! fork left behind.
+//!
+//! Connections are opened on a short-lived std thread per attempt, so `get` still waits no
+//! longer than its timeout even while a connect hangs; an attempt that finishes after its
+//! caller gave up leaves its connection idle in the pool, as r2d2's workers do.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use r2d2::{CustomizeConnection, HandleError, ManageConnection};
+
+use crate::connection::Checkout;
+use crate::fork::{r2d2_error, r2d2_state};
+use crate::manager::{ConnectError, ForkSafeManager, Tracked};
+
+/// The settings of an r2d2 pool that the child pool honours.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Settings {
+    pub(crate) max_size: u32,
+    pub(crate) min_idle: Option<u32>,
+    pub(crate) test_on_check_out: bool,
+    pub(crate) max_lifetime: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) connection_timeout: Duration,
+}
+
+type Conn<M> = Tracked<<M as ManageConnection>::Connection>;
+type Error<M> = ConnectError<<M as ManageConnection>::Error>;
+
+/// A pool made in a forked child; cheap to clone, like r2d2's.
+pub(crate) struct ChildPool<M: ManageConnection> {
+    shared: Arc<Shared<M>>,
+}
+
+struct Shared<M: ManageConnection> {
+    manager: ForkSafeManager<M>,
+    settings: Settings,
+    error_handler: Box<dyn HandleError<Error<M>>>,
+    customizer: Box<dyn CustomizeConnection<Conn<M>, Error<M>>>,
+    state: Mutex<State<M>>,
+    /// Signalled when a connection becomes idle, a slot frees up, or an attempt fails.
+    changed: Condvar,
+}
+
+struct State<M: ManageConnection> {
+    idle: Vec<Idle<M>>,
+    /// Open connections, idle or checked out.
+    open: u32,
+    /// Connection attempts running on helper threads.
+    connecting: u32,
+    last_error: Option<String>,
+    /// Consecutive failed attempts, for r2d2's back-off (200 ms doubling, at most half the
+    /// connection timeout).
+    failures: u32,
+    /// No new attempt before this instant, after a failure.
+    retry_at: Option<Instant>,
+}
+
+struct Idle<M: ManageConnection> {
+    conn: Pooled<M>,
+    since: Instant,
+}
+
+struct Pooled<M: ManageConnection> {
+    conn: Conn<M>,
+    extensions: r2d2::Extensions,
+    birth: Instant,
+}
+
+impl<M: ManageConnection> Clone for ChildPool<M> {
+    fn clone(&self) -> Self {
+        ChildPool { shared: Arc::clone(&self.shared) }
+    }
+}
+
+impl<M: ManageConnection> fmt::Debug for ChildPool<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChildPool").field("settings", &self.shared.settings).finish_non_exhaustive()
+    }
+}
+
+impl<M: ManageConnection> ChildPool<M> {
+    /// Makes the pool and starts opening its `min_idle` connections, like r2d2's
+    /// `build_unchecked`.
+    pub(crate) fn new(
+        manager: ForkSafeManager<M>,
+        settings: Settings,
+        error_handler: Box<dyn HandleError<Error<M>>>,
+        customizer: Box<dyn CustomizeConnection<Conn<M>, Error<M>>>,
+    ) -> Self {
+        let pool = ChildPool {
+            shared: Arc::new(Shared {
+                manager,
+                settings,
+                error_handler,
+                customizer,
+                state: Mutex::new(State {
+                    idle: Vec::new(),
+                    open: 0,
+                    connecting: 0,
+                    last_error: None,
+                    failures: 0,
+                    retry_at: None,
+                }),
+                changed: Condvar::new(),
+            }),
+        };
+        let mut state = pool.shared.lock();
+        let starts = pool.shared.top_up(&mut state);
+        drop(state);
+        pool.shared.start(starts);
+        pool
+    }
+
+    /// Checks out a connection, waiting at most `timeout`, like `r2d2::Pool::get_timeout`.
+    pub(crate) fn get_timeout(&self, timeout: Duration) -> Result<Lease<M>, r2d2::Error> {
+        let deadline = Instant::now() + timeout;
+        let shared = &self.shared;
+        let mut state = shared.lock();
+        loop {
+            match shared.take_idle(state) {
+                Ok(lease) => return Ok(lease),
+                Err(again) => state = again,
+            }
+            let now = Instant::now();
+            let mut starts = 0;
+            if state.open + state.connecting < shared.settings.max_size
+                && state.retry_at.map_or(true, |at| at <= now)
+            {
+                state.connecting += 1;
+                starts = 1;
+            }
+            if starts > 0 {
+                drop(state);
+                shared.start(starts);
+                state = shared.lock();
+                continue;
+            }
+            if now >= deadline {
+                let message = state.last_error.take().unwrap_or_else(|| {
+                    format!(
+                        "forksafe-pool: no connection of the pool rebuilt after fork() in process {} \
+                         became free within {timeout:?}",
+                        std::process::id()
+                    )
+                });
+                return Err(r2d2_error(message));
+            }
+            let wake = match state.retry_at {
+                Some(at) if at > now && state.connecting == 0 => at.min(deadline),
+                _ => deadline,
+            };
+            state = shared
+                .changed
+                .wait_timeout(state, wake.saturating_duration_since(now))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// An idle connection if there is one, without waiting, like `r2d2::Pool::try_get`.
+    pub(crate) fn try_get(&self) -> Option<Lease<M>> {
+        self.shared.take_idle(self.shared.lock()).ok()
+    }
+
+    /// Connection counts, like `r2d2::Pool::state`.
+    pub(crate) fn state(&self) -> r2d2::State {
+        let state = self.shared.lock();
+        r2d2_state(state.open, state.idle.len() as u32)
+    }
+}
+
+impl<M: ManageConnection> Shared<M> {
+    fn lock(&self) -> MutexGuard<'_, State<M>> {
+        // Every critical section leaves the state consistent (user code runs unlocked), so a
+        // panic elsewhere cannot leave it half-updated.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Pops idle connections until one is fresh and (with `test_on_check_out`) valid; gives
+    /// the lock back when there is none. Closes the stale ones unlocked.
+    fn take_idle<'a>(
+        self: &'a Arc<Self>,
+        mut state: MutexGuard<'a, State<M>>,
+    ) -> Result<Lease<M>, MutexGuard<'a, State<M>>> {
+        loop {
+            let Some(idle) = state.idle.pop() else {
+                return Err(state);
+            };
+            let starts = self.top_up(&mut state);
+            let now = Instant::now();
+            let stale = self.settings.idle_timeout.is_some_and(|t| now - idle.since >= t)
+                || self.settings.max_lifetime.is_some_and(|t| now - idle.conn.birth >= t);
+            if stale {
+                state.open -= 1;
+                drop(state);
+                self.start(starts);
+                self.close(idle.conn);
+                state = self.lock();
+                continue;
+            }
+            drop(state);
+            self.start(starts);
+            let mut conn = idle.conn;
+            if self.settings.test_on_check_out {
+                if let Err(error) = self.manager.is_valid(&mut conn.conn) {
+                    let message = error.to_string();
+                    self.error_handler.handle_error(error);
+                    let mut relocked = self.lock();
+                    relocked.open -= 1;
+                    relocked.last_error = Some(message);
+                    drop(relocked);
+                    self.close(conn);
+                    state = self.lock();
+                    continue;
+                }
+            }
+            return Ok(Lease { pool: Arc::clone(self), conn: Some(conn) });
+        }
+    }
+
+    /// Reserves attempts to bring idle plus connecting up to `min_idle`, as r2d2 does after
+    /// every checkout; returns how many to start once unlocked.
+    fn top_up(&self, state: &mut State<M>) -> u32 {
+        let min_idle = self.settings.min_idle.unwrap_or(self.settings.max_size);
+        let mut starts = 0;
+        while (state.idle.len() as u32) + state.connecting < min_idle
+            && state.open + state.connecting < self.settings.max_size
+            && state.retry_at.map_or(true, |at| at <= Instant::now())
+        {
+            state.connecting += 1;
+            starts += 1;
+        }
+        starts
+    }
+
+    /// Runs `count` reserved connection attempts, each on its own std thread.
+    fn start(self: &Arc<Self>, count: u32) {
+        for _ in 0..count {
+            let shared = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name("forksafe-connect".into())
+                .spawn(move || shared.connect_one());
+            if spawned.is_err() {
+                // No thread to be had (EAGAIN): connect here; the wait is then the connect's.
+                self.connect_one();
+            }
+        }
+    }
+
+    /// One connection attempt, reserved by the caller (`connecting` counts it).
+    fn connect_one(&self) {
+        let result = self
+            .manager
+            .connect()
+            .and_then(|mut conn| self.customizer.on_acquire(&mut conn).map(|()| conn));
+        let mut state = self.lock();
+        state.connecting -= 1;
+        match result {
+            Ok(conn) => {
+                let now = Instant::now();
+                state.open += 1;
+                state.last_error = None;
+                state.failures = 0;
+                state.retry_at = None;
+                state.idle.push(Idle {
+                    conn: Pooled { conn, extensions: r2d2::Extensions::new(), birth: now },
+                    since: now,
+                });
+                drop(state);
+                self.changed.notify_all();
+            }
+            Err(error) => {
+                state.last_error = Some(error.to_string());
+                state.failures = state.failures.saturating_add(1);
+                let backoff = Duration::from_millis(200)
+                    .saturating_mul(1 << state.failures.saturating_sub(1).min(16))
+                    .min(self.settings.connection_timeout / 2);
+                state.retry_at = Some(Instant::now() + backoff);
+                drop(state);
+                self.changed.notify_all();
+                self.error_handler.handle_error(error);
+            }
+        }
+    }
+
+    /// Takes a connection back, like r2d2's `put_back`: broken (or past `max_lifetime`) ones
+    /// are closed through the customizer's `on_release`.
+    fn put_back(&self, mut conn: Pooled<M>) {
+        let broken = self.manager.has_broken(&mut conn.conn)
+            || self.settings.max_lifetime.is_some_and(|t| conn.birth.elapsed() >= t);
+        let mut state = self.lock();
+        if broken {
+            state.open -= 1;
+            drop(state);
+            self.changed.notify_all();
+            self.close(conn);
+        } else {
+            state.idle.push(Idle { conn, since: Instant::now() });
+            drop(state);
+            self.changed.notify_one();
+        }
+    }
+
+    fn close(&self, conn: Pooled<M>) {
+        self.customizer.on_release(conn.conn);
+    }
+}
+
+/// A connection checked out of a [`ChildPool`]; goes back when dropped.
+pub(crate) struct Lease<M: ManageConnection> {
+    pool: Arc<Shared<M>>,
+    /// `None` only while dropping.
+    conn: Option<Pooled<M>>,
+}
+
+impl<M: ManageConnection> Lease<M> {
+    pub(crate) fn extensions(&self) -> &r2d2::Extensions {
+        &self.pooled().extensions
+    }
+
+    pub(crate) fn extensions_mut(&mut self) -> &mut r2d2::Extensions {
+        &mut self.pooled_mut().extensions
+    }
+
+    fn pooled(&self) -> &Pooled<M> {
+        match &self.conn {
+            Some(conn) => conn,
+            None => unreachable!("the connection is only taken while dropping"),
+        }
+    }
+
+    fn pooled_mut(&mut self) -> &mut Pooled<M> {
+        match &mut self.conn {
+            Some(conn) => conn,
+            None => unreachable!("the connection is only taken while dropping"),
+        }
+    }
+}
+
+impl<M: ManageConnection> Deref for Lease<M> {
+    type Target = Conn<M>;
+
+    fn deref(&self) -> &Conn<M> {
+        &self.pooled().conn
+    }
+}
+
+impl<M: ManageConnection> DerefMut for Lease<M> {
+    fn deref_mut(&mut self) -> &mut Conn<M> {
+        &mut self.pooled_mut().conn
+    }
+}
+
+impl<M: ManageConnection> Drop for Lease<M> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.put_back(conn);
+        }
+    }
+}
+
+/// The pool of one generation: r2d2's in the process that built the `Pool`, a [`ChildPool`]
+/// in every forked process.
+pub(crate) enum AnyPool<M: ManageConnection> {
+    R2d2(r2d2::Pool<ForkSafeManager<M>>),
+    Child(ChildPool<M>),
+}
+
+impl<M: ManageConnection> AnyPool<M> {
+    // Inlined so the guard is built in place instead of being copied once more per checkout.
+    #[inline]
+    pub(crate) fn get_timeout(&self, timeout: Duration) -> Result<Checkout<M>, r2d2::Error> {
+        match self {
+            AnyPool::R2d2(pool) => pool.get_timeout(timeout).map(Checkout::R2d2),
+            AnyPool::Child(pool) => pool.get_timeout(timeout).map(Checkout::Child),
+        }
+    }
+
+    pub(crate) fn try_get(&self) -> Option<Checkout<M>> {
+        match self {
+            AnyPool::R2d2(pool) => pool.try_get().map(Checkout::R2d2),
+            AnyPool::Child(pool) => pool.try_get().map(Checkout::Child),
+        }
+    }
+
+    pub(crate) fn state(&self) -> r2d2::State {
+        match self {
+            AnyPool::R2d2(pool) => pool.state(),
+            AnyPool::Child(pool) => pool.state(),
+        }
+    }
+}

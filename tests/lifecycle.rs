@@ -1,0 +1,515 @@
+//! The pool's explicit lifecycle across real forks, against the fake server that records which
+//! process wrote what on which connection: `release_idle` before forking (Unicorn's
+//! `before_fork`), `warm_up` right after (uWSGI's `@postfork`), and `OnFork::Fail`.
+//!
+//! A `harness = false` binary (see `fork_core.rs`).
+
+mod support;
+#[macro_use]
+mod cases;
+
+use std::collections::BTreeSet;
+use std::os::fd::RawFd;
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use cases::{child_result, expect_exit, Case, Check};
+use forksafe_pool::{OnFork, Pool};
+use support::{
+    fake_pool, reap, run_child, spawn_child, ChildEnd, FakeConnection, FakeManager, FakeServer,
+};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Checks out `n` connections at once and returns them: their server numbers and fds.
+fn warm(pool: &Pool<FakeManager>, n: u32) -> Result<(BTreeSet<u64>, Vec<RawFd>), String> {
+    let conns: Vec<_> = (0..n)
+        .map(|_| pool.get().map_err(|error| format!("warm get: {error}")))
+        .collect::<Result<_, _>>()?;
+    Ok((
+        conns.iter().map(|conn| conn.server_id).collect(),
+        conns.iter().map(|conn| conn.fd()).collect(),
+    ))
+}
+
+/// Waits until the server has seen every connection in `ids` closed by every process.
+fn wait_closed(server: &FakeServer, ids: &BTreeSet<u64>) -> Check {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let closed: BTreeSet<u64> = server.closed().into_iter().collect();
+        if ids.is_subset(&closed) {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < until,
+            "connections {ids:?} still open; closed: {closed:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Nobody but this process wrote on the connections in `ids`.
+fn only_we_wrote_on(server: &FakeServer, ids: &BTreeSet<u64>) -> Check {
+    let me = std::process::id();
+    let lines = server.lines();
+    for id in ids {
+        let foreign: Vec<_> = lines
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter(|line| line.pid != me)
+            .collect();
+        ensure!(
+            foreign.is_empty(),
+            "another process wrote on connection {id}: {foreign:?}"
+        );
+    }
+    Ok(())
+}
+
+fn query(conn: &mut FakeConnection, value: &str) -> Check {
+    let reply = conn
+        .query(value)
+        .map_err(|error| format!("query: {error}"))?;
+    ensure!(
+        reply == format!("{} {value}", conn.server_id),
+        "asked {value}, got {reply}"
+    );
+    Ok(())
+}
+
+fn release_idle_before_fork_leaves_children_nothing_to_discard() -> Check {
+    let server = FakeServer::start();
+    let pool = fake_pool(server.manager(), 4);
+    let (ids, _) = warm(&pool, 4)?;
+    let closed = pool.release_idle();
+    ensure!(
+        closed == 4,
+        "release_idle closed {closed} connections, expected 4"
+    );
+    // The master's sessions end now, with the driver's own goodbye from the master.
+    wait_closed(&server, &ids)?;
+    let me = std::process::id();
+    let lines = server.lines();
+    for id in &ids {
+        let last = lines.get(id).and_then(|lines| lines.last());
+        ensure!(
+            last.is_some_and(|line| line.op == "goodbye" && line.pid == me),
+            "connection {id} did not end with the master's goodbye: {last:?}"
+        );
+    }
+    ensure!(
+        pool.release_idle() == 0,
+        "a second release_idle found something to close"
+    );
+
+    let end = run_child(DEADLINE, || {
+        child_result((|| {
+            let me = std::process::id();
+            let mut conn = pool.get().map_err(|error| format!("child get: {error}"))?;
+            ensure!(
+                conn.opened_by == me,
+                "child got a connection opened by {}",
+                conn.opened_by
+            );
+            ensure!(
+                !ids.contains(&conn.server_id),
+                "child got the master's connection {}",
+                conn.server_id
+            );
+            query(&mut conn, "child")?;
+            let stats = pool.fork_stats();
+            ensure!(
+                stats.forks_crossed == 1,
+                "forks_crossed {}",
+                stats.forks_crossed
+            );
+            ensure!(
+                stats.connections_discarded == 0,
+                "the child discarded {} connections",
+                stats.connections_discarded
+            );
+            ensure!(
+                stats.sockets_released == 0,
+                "the child released {} sockets",
+                stats.sockets_released
+            );
+            Ok(())
+        })())
+    });
+    expect_exit(end, 0)?;
+
+    // The master reconnects on demand, with new connections.
+    let mut conn = pool
+        .get()
+        .map_err(|error| format!("master get after release: {error}"))?;
+    ensure!(
+        conn.opened_by == me,
+        "master got a connection opened by {}",
+        conn.opened_by
+    );
+    ensure!(
+        !ids.contains(&conn.server_id),
+        "master got a released connection {}",
+        conn.server_id
+    );
+    query(&mut conn, "master")?;
+    ensure!(
+        pool.fork_stats().forks_crossed == 0,
+        "the master counted a fork: {:?}",
+        pool.fork_stats()
+    );
+    Ok(())
+}
+
+fn release_idle_closes_a_leased_connection_when_it_is_returned() -> Check {
+    let server = FakeServer::start();
+    let pool = fake_pool(server.manager(), 2);
+    let (ids, _) = warm(&pool, 2)?;
+    let mut leased = pool.get().map_err(|error| format!("get: {error}"))?;
+    let leased_id = leased.server_id;
+    let closed = pool.release_idle();
+    ensure!(
+        closed == 1,
+        "release_idle closed {closed} connections, expected the 1 idle one"
+    );
+    wait_closed(
+        &server,
+        &ids.iter().copied().filter(|id| *id != leased_id).collect(),
+    )?;
+    // Still usable while leased...
+    query(&mut leased, "still mine")?;
+    ensure!(
+        !server.closed().contains(&leased_id),
+        "the leased connection was closed under its user"
+    );
+    // ...and closed, not pooled, once returned.
+    drop(leased);
+    wait_closed(&server, &ids)?;
+    let conn = pool
+        .get()
+        .map_err(|error| format!("get after release: {error}"))?;
+    ensure!(
+        !ids.contains(&conn.server_id),
+        "got a released connection {}",
+        conn.server_id
+    );
+    Ok(())
+}
+
+/// A worker (whose pool is the one rebuilt after fork) releasing before it forks in turn.
+fn release_idle_in_a_worker_before_it_forks() -> Check {
+    let server = FakeServer::start();
+    let pool = fake_pool(server.manager(), 2);
+    warm(&pool, 2)?;
+    let worker = spawn_child(|| {
+        child_result((|| {
+            let (worker_ids, _) = warm(&pool, 2)?;
+            let closed = pool.release_idle();
+            ensure!(closed == 2, "the worker's release_idle closed {closed}");
+            let discarded_before = pool.fork_stats().connections_discarded;
+            let grandchild = run_child(DEADLINE, || {
+                child_result((|| {
+                    let mut conn = pool
+                        .get()
+                        .map_err(|error| format!("grandchild get: {error}"))?;
+                    ensure!(
+                        conn.opened_by == std::process::id(),
+                        "grandchild got {}'s connection",
+                        conn.opened_by
+                    );
+                    query(&mut conn, "grandchild")?;
+                    let discarded = pool.fork_stats().connections_discarded - discarded_before;
+                    ensure!(discarded == 0, "the grandchild discarded {discarded}");
+                    Ok(())
+                })())
+            });
+            ensure!(
+                grandchild == ChildEnd::Exited(0),
+                "grandchild ended {grandchild:?}"
+            );
+            let mut conn = pool
+                .get()
+                .map_err(|error| format!("worker get after release: {error}"))?;
+            ensure!(
+                !worker_ids.contains(&conn.server_id),
+                "the worker got a released connection"
+            );
+            query(&mut conn, "worker")?;
+            Ok(())
+        })())
+    });
+    expect_exit(reap(worker, DEADLINE), 0)?;
+    // The worker's first two connections ended with its own goodbye, before anything else
+    // happened on them (the server only runs here, so the check is made here).
+    let worker = worker.as_raw() as u32;
+    let lines = server.lines();
+    let mut opened: Vec<_> = lines
+        .iter()
+        .filter(|(_, lines)| lines.first().is_some_and(|line| line.pid == worker))
+        .collect();
+    opened.sort_by_key(|(id, _)| **id);
+    // Two before the release, then the new pool's `min_idle` of two.
+    ensure!(
+        opened.len() == 4,
+        "the worker opened {} connections, expected 4",
+        opened.len()
+    );
+    for (id, lines) in &opened[..2] {
+        let ops: Vec<_> = lines
+            .iter()
+            .map(|line| (line.pid, line.op.as_str()))
+            .collect();
+        ensure!(
+            ops.last() == Some(&(worker, "goodbye")) && ops.iter().all(|(pid, _)| *pid == worker),
+            "released connection {id}: {ops:?}"
+        );
+    }
+    Ok(())
+}
+
+fn warm_up_after_fork_opens_the_connections_before_the_first_request() -> Check {
+    let server = FakeServer::start();
+    let manager = server.manager();
+    let connects = std::sync::Arc::clone(&manager.connects);
+    let pool = fake_pool(manager, 3);
+    let (ids, _) = warm(&pool, 3)?;
+    let end = run_child(DEADLINE, || {
+        child_result((|| {
+            // The counter is the child's copy: it counts the child's connection attempts.
+            let before = connects.load(Ordering::SeqCst);
+            pool.warm_up()
+                .map_err(|error| format!("warm_up: {error}"))?;
+            let state = pool.state();
+            ensure!(
+                state.connections == 3 && state.idle_connections == 3,
+                "after warm_up: {state:?}"
+            );
+            ensure!(
+                connects.load(Ordering::SeqCst) == before + 3,
+                "warm_up connected {} times",
+                connects.load(Ordering::SeqCst) - before
+            );
+            let mut conn = pool
+                .get()
+                .map_err(|error| format!("first request: {error}"))?;
+            ensure!(
+                connects.load(Ordering::SeqCst) == before + 3,
+                "the first request had to connect"
+            );
+            ensure!(
+                conn.opened_by == std::process::id(),
+                "child got {}'s connection",
+                conn.opened_by
+            );
+            ensure!(
+                !ids.contains(&conn.server_id),
+                "child got the parent's connection"
+            );
+            query(&mut conn, "warm child")?;
+            ensure!(
+                pool.fork_stats().connections_discarded == 3,
+                "stats {:?}",
+                pool.fork_stats()
+            );
+            Ok(())
+        })())
+    });
+    expect_exit(end, 0)?;
+    only_we_wrote_on(&server, &ids)
+}
+
+fn warm_up_in_the_building_process_and_when_it_cannot_connect() -> Check {
+    let server = FakeServer::start();
+    let pool = Pool::builder()
+        .max_size(4)
+        .min_idle(Some(2))
+        .connection_timeout(Duration::from_secs(5))
+        .build_unchecked(server.manager());
+    pool.warm_up()
+        .map_err(|error| format!("warm_up: {error}"))?;
+    ensure!(
+        pool.state().connections >= 2,
+        "after warm_up: {:?}",
+        pool.state()
+    );
+
+    let missing = FakeServer::start();
+    let unreachable = missing.manager();
+    drop(missing);
+    let pool = Pool::builder()
+        .max_size(2)
+        .connection_timeout(Duration::from_millis(300))
+        .error_handler(Box::new(forksafe_pool::NopErrorHandler))
+        .build_unchecked(unreachable);
+    let started = Instant::now();
+    let error = match pool.warm_up() {
+        Ok(()) => return Err("warm_up succeeded without a server".to_string()),
+        Err(error) => error.to_string(),
+    };
+    ensure!(
+        started.elapsed() < Duration::from_secs(3),
+        "warm_up took {:?}",
+        started.elapsed()
+    );
+    ensure!(
+        error.starts_with("timed out waiting for connection"),
+        "error: {error}"
+    );
+    ensure!(
+        error.contains("No such file") || error.contains("refused"),
+        "the connection error is missing: {error}"
+    );
+    Ok(())
+}
+
+fn dev_null() -> (u64, u64) {
+    let meta = std::fs::metadata("/dev/null").unwrap();
+    (meta.dev(), meta.ino())
+}
+
+fn points_at_dev_null(fd: RawFd) -> bool {
+    nix::sys::stat::fstat(fd).is_ok_and(|stat| (stat.st_dev, stat.st_ino) == dev_null())
+}
+
+fn on_fork_fail_refuses_in_a_child_at_once() -> Check {
+    let server = FakeServer::start();
+    let manager = server.manager();
+    let connects = std::sync::Arc::clone(&manager.connects);
+    let pool = Pool::builder()
+        .max_size(2)
+        .min_idle(Some(2))
+        .connection_timeout(Duration::from_secs(5))
+        .descriptor_locator(|conn: &mut FakeConnection| Some(vec![conn.fd()]))
+        .on_fork(OnFork::Fail)
+        .build(manager)
+        .map_err(|error| format!("build: {error}"))?;
+    let (ids, fds) = warm(&pool, 2)?;
+    let end = run_child(DEADLINE, || {
+        child_result((|| {
+            let before = connects.load(Ordering::SeqCst);
+            let started = Instant::now();
+            let error = match pool.get() {
+                Ok(conn) => {
+                    return Err(format!(
+                        "child got a connection opened by {}",
+                        conn.opened_by
+                    ))
+                }
+                Err(error) => error.to_string(),
+            };
+            ensure!(
+                started.elapsed() < Duration::from_secs(1),
+                "the error took {:?}",
+                started.elapsed()
+            );
+            for needle in [
+                "crossed fork()",
+                "OnFork::Fail",
+                &format!("process {}", std::process::id()),
+            ] {
+                ensure!(
+                    error.contains(needle),
+                    "error {error:?} does not mention {needle:?}"
+                );
+            }
+            ensure!(
+                pool.get_timeout(Duration::from_secs(3)).is_err(),
+                "get_timeout succeeded"
+            );
+            ensure!(pool.try_get().is_none(), "try_get returned a connection");
+            ensure!(pool.warm_up().is_err(), "warm_up succeeded");
+            ensure!(pool.release_idle() == 0, "release_idle released something");
+            ensure!(pool.get().is_err(), "get succeeded after release_idle");
+            ensure!(pool.state().connections == 0, "state {:?}", pool.state());
+            ensure!(
+                connects.load(Ordering::SeqCst) == before,
+                "the child tried to connect"
+            );
+            // The inherited connections are still discarded: their sockets let go of, unused.
+            let stats = pool.fork_stats();
+            ensure!(
+                stats.forks_crossed == 1,
+                "forks_crossed {}",
+                stats.forks_crossed
+            );
+            ensure!(
+                stats.connections_discarded == 2,
+                "discarded {}",
+                stats.connections_discarded
+            );
+            ensure!(
+                fds.iter().all(|fd| points_at_dev_null(*fd)),
+                "inherited sockets still open"
+            );
+            let grandchild = run_child(DEADLINE, || {
+                child_result(if pool.get().is_err() {
+                    Ok(())
+                } else {
+                    Err("grandchild got a connection".into())
+                })
+            });
+            ensure!(
+                grandchild == ChildEnd::Exited(0),
+                "grandchild ended {grandchild:?}"
+            );
+            Ok(())
+        })())
+    });
+    expect_exit(end, 0)?;
+    only_we_wrote_on(&server, &ids)?;
+    let mut conn = pool
+        .get()
+        .map_err(|error| format!("parent get after fork: {error}"))?;
+    ensure!(ids.contains(&conn.server_id), "parent lost its connections");
+    query(&mut conn, "parent")?;
+    drop(conn);
+
+    // A master that released its connections before forking: its child has nothing inherited
+    // to notice, and must refuse all the same.
+    ensure!(pool.release_idle() == 2, "the parent's release_idle");
+    let end = run_child(DEADLINE, || {
+        child_result(match pool.get() {
+            Ok(_) => Err("a child of a released OnFork::Fail pool got a connection".into()),
+            Err(error) if error.to_string().contains("OnFork::Fail") => Ok(()),
+            Err(error) => Err(format!("unexpected error: {error}")),
+        })
+    });
+    expect_exit(end, 0)?;
+    ensure!(
+        pool.get().is_ok(),
+        "the parent cannot reconnect after release_idle"
+    );
+    Ok(())
+}
+
+fn main() {
+    let cases: [Case; 6] = [
+        (
+            "release_idle_before_fork_leaves_children_nothing_to_discard",
+            release_idle_before_fork_leaves_children_nothing_to_discard,
+        ),
+        (
+            "release_idle_closes_a_leased_connection_when_it_is_returned",
+            release_idle_closes_a_leased_connection_when_it_is_returned,
+        ),
+        (
+            "release_idle_in_a_worker_before_it_forks",
+            release_idle_in_a_worker_before_it_forks,
+        ),
+        (
+            "warm_up_after_fork_opens_the_connections_before_the_first_request",
+            warm_up_after_fork_opens_the_connections_before_the_first_request,
+        ),
+        (
+            "warm_up_in_the_building_process_and_when_it_cannot_connect",
+            warm_up_in_the_building_process_and_when_it_cannot_connect,
+        ),
+        (
+            "on_fork_fail_refuses_in_a_child_at_once",
+            on_fork_fail_refuses_in_a_child_at_once,
+        ),
+    ];
+    cases::run_cases(&cases);
+}

@@ -1,0 +1,562 @@
+//! diesel `SqliteConnection` through forksafe-pool on a file database (rollback journal and
+//! WAL) and on `:memory:`.
+//!
+//! A `harness = false` binary: the cases fork for real, one after another, and every child is
+//! reaped with a deadline (a child still running then is killed and fails its case).
+//!
+//! SQLite has no server sessions, so each of the master's connections is marked with a TEMP
+//! table (private to one connection) holding its name: the master's connections are the same
+//! afterwards when their marks are, and a worker's connection is its own when it has none.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::os::fd::RawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use diesel::r2d2::ConnectionManager;
+use diesel::sql_types::{Integer, Text};
+use diesel::{QueryableByName, RunQueryDsl, SqliteConnection};
+use forksafe_pool::{CustomizeConnection, ForkStats, Pool};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use support::{reap, run_child, spawn_child, ChildEnd};
+
+type SqlitePool = Pool<ConnectionManager<SqliteConnection>>;
+type SqliteConn = forksafe_pool::PooledConnection<ConnectionManager<SqliteConnection>>;
+type Check = Result<(), String>;
+/// A way for a child to end: its name, its body, how the parent must see it end.
+type Ending = (&'static str, fn(&SqlitePool) -> i32, ChildEnd);
+
+const POOL_SIZE: u32 = 4;
+const WORKERS: usize = 4;
+const REQUESTS: usize = 300;
+/// One request in this many also writes a row and reads it back.
+const WRITE_EVERY: usize = 10;
+const DEADLINE: Duration = Duration::from_secs(60);
+
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Journal {
+    Rollback,
+    Wal,
+}
+
+#[derive(QueryableByName)]
+struct Value {
+    #[diesel(sql_type = Text)]
+    value: String,
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = Integer)]
+    n: i32,
+}
+
+/// Every connection waits for another process's lock instead of failing at once.
+#[derive(Debug)]
+struct BusyTimeout;
+
+impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for BusyTimeout {
+    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
+        diesel::sql_query("PRAGMA busy_timeout = 20000")
+            .execute(conn)
+            .map(drop)
+            .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+/// A database file of its own for one case, removed (with its journals) when dropped.
+struct Database {
+    path: PathBuf,
+}
+
+impl Database {
+    fn create(name: &str, journal: Journal) -> Result<Database, String> {
+        let path =
+            std::env::temp_dir().join(format!("forksafe-sqlite-{name}-{}.db", std::process::id()));
+        let database = Database { path };
+        database.remove_files();
+        let mut conn = <SqliteConnection as diesel::Connection>::establish(database.url())
+            .map_err(|error| format!("create {:?}: {error}", database.path))?;
+        let mode = match journal {
+            Journal::Rollback => "DELETE",
+            Journal::Wal => "WAL",
+        };
+        let setup = format!(
+            "PRAGMA journal_mode = {mode}; CREATE TABLE answers (worker INTEGER, request INTEGER, value TEXT NOT NULL)"
+        );
+        diesel::connection::SimpleConnection::batch_execute(&mut conn, &setup)
+            .map_err(|error| format!("setup: {error}"))?;
+        Ok(database)
+    }
+
+    fn url(&self) -> &str {
+        self.path.to_str().expect("temp paths are UTF-8 here")
+    }
+
+    fn remove_files(&self) {
+        for suffix in ["", "-journal", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.path.display()));
+        }
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        self.remove_files();
+    }
+}
+
+fn pool(url: &str, size: u32) -> Result<SqlitePool, String> {
+    Pool::builder()
+        .max_size(size)
+        .min_idle(Some(size))
+        .connection_timeout(Duration::from_secs(10))
+        .connection_customizer(Box::new(BusyTimeout))
+        .build(ConnectionManager::<SqliteConnection>::new(url))
+        .map_err(|error| format!("pool on {url}: {error}"))
+}
+
+fn echo(conn: &mut SqliteConn, value: &str) -> Result<String, String> {
+    let row: Value = diesel::sql_query("SELECT ? AS value")
+        .bind::<Text, _>(value)
+        .get_result(conn)
+        .map_err(|error| format!("echo {value:?}: {error}"))?;
+    Ok(row.value)
+}
+
+/// The mark of one of the master's connections; `None` on any other connection.
+fn mark(conn: &mut SqliteConn) -> Option<String> {
+    diesel::sql_query("SELECT name AS value FROM temp.mark")
+        .get_result::<Value>(conn)
+        .ok()
+        .map(|row| row.value)
+}
+
+/// Writes a row of this request and reads it back.
+fn write_and_read(conn: &mut SqliteConn, worker: i32, request: i32, value: &str) -> Check {
+    diesel::sql_query("INSERT INTO answers (worker, request, value) VALUES (?, ?, ?)")
+        .bind::<Integer, _>(worker)
+        .bind::<Integer, _>(request)
+        .bind::<Text, _>(value)
+        .execute(conn)
+        .map_err(|error| format!("insert {value:?}: {error}"))?;
+    let row: Value =
+        diesel::sql_query("SELECT value FROM answers WHERE worker = ? AND request = ?")
+            .bind::<Integer, _>(worker)
+            .bind::<Integer, _>(request)
+            .get_result(conn)
+            .map_err(|error| format!("read back {value:?}: {error}"))?;
+    ensure!(
+        row.value == value,
+        "wrote {value:?}, read back {:?}",
+        row.value
+    );
+    Ok(())
+}
+
+/// The master's warm pool and the names of its connections.
+struct Warm {
+    pool: SqlitePool,
+    marks: BTreeSet<String>,
+}
+
+fn warm(url: &str, size: u32) -> Result<Warm, String> {
+    let pool = pool(url, size)?;
+    let mut conns: Vec<SqliteConn> = (0..size)
+        .map(|_| pool.get().map_err(|error| format!("warm get: {error}")))
+        .collect::<Result<_, _>>()?;
+    let mut marks = BTreeSet::new();
+    for (index, conn) in conns.iter_mut().enumerate() {
+        let name = format!("master-{index}");
+        diesel::sql_query(format!("CREATE TEMP TABLE mark AS SELECT '{name}' AS name"))
+            .execute(conn)
+            .map_err(|error| format!("mark: {error}"))?;
+        ensure!(echo(conn, &name)? == name, "master's echo failed");
+        marks.insert(name);
+    }
+    drop(conns);
+    Ok(Warm { pool, marks })
+}
+
+/// After the children: the master's connections are the same ones and work.
+fn check_master_intact(warm: &Warm) -> Check {
+    let size = warm.marks.len();
+    let mut conns: Vec<SqliteConn> = (0..size)
+        .map(|_| {
+            warm.pool
+                .get_timeout(Duration::from_secs(10))
+                .map_err(|error| format!("master get: {error}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut marks = BTreeSet::new();
+    for conn in &mut conns {
+        let name = mark(conn).ok_or("a master connection lost its mark (it was replaced)")?;
+        let value = format!("master-again-{name}");
+        ensure!(
+            echo(conn, &value)? == value,
+            "master's echo failed on {name}"
+        );
+        marks.insert(name);
+    }
+    ensure!(
+        marks == warm.marks,
+        "master's connections changed: {:?} -> {marks:?}",
+        warm.marks
+    );
+    ensure!(
+        warm.pool.fork_stats() == ForkStats::default(),
+        "master's fork stats changed: {:?}",
+        warm.pool.fork_stats()
+    );
+    Ok(())
+}
+
+/// In a worker: `requests` checkouts on connections of its own, each echoing its own value;
+/// every tenth also writes a row and reads it back.
+fn work(pool: &SqlitePool, first: usize, requests: usize) -> Check {
+    let me = std::process::id();
+    for request in first..first + requests {
+        let mut conn = pool
+            .get()
+            .map_err(|error| format!("request {request}: get: {error}"))?;
+        if let Some(name) = mark(&mut conn) {
+            return Err(format!(
+                "request {request} got the master's connection {name}"
+            ));
+        }
+        let value = format!("worker-{me}-request-{request}");
+        let answer = echo(&mut conn, &value)?;
+        ensure!(
+            answer == value,
+            "request {request}: asked {value:?}, got {answer:?}"
+        );
+        if request % WRITE_EVERY == 0 {
+            write_and_read(&mut conn, me as i32, request as i32, &value)?;
+        }
+    }
+    Ok(())
+}
+
+/// What a worker's pool did with the inherited connections: every one discarded, each either
+/// released or counted as leaked (only a connection whose file had no other descriptor in the
+/// process at connect time can be identified).
+fn check_child_stats(pool: &SqlitePool, size: u64, leased: u64) -> Check {
+    let stats = pool.fork_stats();
+    ensure!(stats.forks_crossed == 1, "forks_crossed: {stats:?}");
+    ensure!(
+        stats.connections_discarded == size,
+        "connections_discarded: {stats:?}"
+    );
+    ensure!(
+        stats.leased_across_fork == leased,
+        "leased_across_fork: {stats:?}"
+    );
+    ensure!(
+        stats.sockets_released + stats.connections_leaked == size,
+        "released + leaked != {size}: {stats:?}"
+    );
+    Ok(())
+}
+
+fn child_result(check: Check) -> i32 {
+    match check {
+        Ok(()) => 0,
+        Err(message) => {
+            eprintln!("child {}: {message}", std::process::id());
+            1
+        }
+    }
+}
+
+fn expect_exit(who: &str, end: ChildEnd, code: i32) -> Check {
+    ensure!(
+        end == ChildEnd::Exited(code),
+        "{who} ended {end:?}, expected exit {code}"
+    );
+    Ok(())
+}
+
+/// The scenario on a file database: a warm master forks 4 workers, each runs 300
+/// requests (30 of them writes) that must all get their own answers; the master keeps its
+/// connections, and every worker's rows are in the file.
+fn workers_get_answers_of_their_own(journal: Journal) -> Check {
+    let database = Database::create(&format!("scenario-{journal:?}"), journal)?;
+    let warm = warm(database.url(), POOL_SIZE)?;
+    let workers: Vec<Pid> = (0..WORKERS)
+        .map(|_| {
+            spawn_child(|| {
+                child_result((|| {
+                    work(&warm.pool, 0, 1)?;
+                    check_child_stats(&warm.pool, POOL_SIZE as u64, 0)?;
+                    work(&warm.pool, 1, REQUESTS - 1)
+                })())
+            })
+        })
+        .collect();
+    for (index, worker) in workers.into_iter().enumerate() {
+        expect_exit(&format!("worker {index}"), reap(worker, DEADLINE), 0)?;
+    }
+    check_master_intact(&warm)?;
+    let mut conn = warm
+        .pool
+        .get()
+        .map_err(|error| format!("master get: {error}"))?;
+    let rows: Count = diesel::sql_query("SELECT count(*) AS n FROM answers")
+        .get_result(&mut conn)
+        .map_err(|error| format!("count: {error}"))?;
+    let expected = WORKERS * REQUESTS.div_ceil(WRITE_EVERY);
+    ensure!(
+        rows.n as usize == expected,
+        "{} rows in the file, expected {expected}",
+        rows.n
+    );
+    Ok(())
+}
+
+/// A pool of one connection: its database descriptor is the only one on the file, so it is
+/// identified, and a child points it at `/dev/null` before opening the file itself.
+fn the_only_descriptor_is_released(journal: Journal) -> Check {
+    let database = Database::create(&format!("single-{journal:?}"), journal)?;
+    let warm = warm(database.url(), 1)?;
+    let fds = descriptors_of(&database.path);
+    ensure!(
+        fds.len() == 1,
+        "expected one descriptor on the database, found {fds:?}"
+    );
+    let fd = fds[0];
+    let end = run_child(DEADLINE, || {
+        child_result((|| {
+            work(&warm.pool, 0, 20)?;
+            let stats = warm.pool.fork_stats();
+            ensure!(
+                stats.sockets_released == 1 && stats.connections_leaked == 0,
+                "stats: {stats:?}"
+            );
+            ensure!(
+                points_at_dev_null(fd),
+                "the inherited database descriptor {fd} was not released"
+            );
+            ensure!(
+                !descriptors_of(&database.path).contains(&fd),
+                "the inherited descriptor still refers to the file"
+            );
+            Ok(())
+        })())
+    });
+    expect_exit("child", end, 0)?;
+    ensure!(
+        descriptors_of(&database.path) == vec![fd],
+        "the parent's descriptor changed"
+    );
+    check_master_intact(&warm)
+}
+
+/// A connection checked out across the fork: the child drops it and uses the pool; the master
+/// goes on using it.
+fn a_connection_leased_across_fork() -> Check {
+    let database = Database::create("leased", Journal::Wal)?;
+    let warm = warm(database.url(), POOL_SIZE)?;
+    let leased = warm.pool.get().map_err(|error| format!("lease: {error}"))?;
+    // The child takes the guard out of its copy of this slot; the parent's copy keeps it.
+    let mut slot = Some(leased);
+    let end = run_child(DEADLINE, || {
+        child_result((|| {
+            drop(slot.take());
+            work(&warm.pool, 0, 50)?;
+            check_child_stats(&warm.pool, POOL_SIZE as u64, 1)
+        })())
+    });
+    expect_exit("child", end, 0)?;
+    let mut leased = slot.ok_or("the parent lost its leased connection")?;
+    ensure!(
+        mark(&mut leased).is_some(),
+        "the leased connection lost its mark"
+    );
+    write_and_read(&mut leased, 0, 0, "parent-after-child")?;
+    drop(leased);
+    check_master_intact(&warm)
+}
+
+/// Children that end by returning, by `exit` and by SIGKILL — the last two while holding a
+/// connection, the SIGKILLed one inside a write transaction: the master is untouched and can
+/// still write.
+fn children_that_end_every_way() -> Check {
+    let database = Database::create("endings", Journal::Wal)?;
+    let warm = warm(database.url(), POOL_SIZE)?;
+    let endings: [Ending; 3] = [
+        (
+            "return",
+            |pool| child_result(work(pool, 0, 20)),
+            ChildEnd::Exited(0),
+        ),
+        (
+            "exit",
+            |pool| {
+                let code = child_result(work(pool, 0, 20));
+                let _held = pool.get();
+                std::process::exit(code)
+            },
+            ChildEnd::Exited(0),
+        ),
+        (
+            "SIGKILL",
+            |pool| {
+                if work(pool, 0, 20).is_ok() {
+                    if let Ok(mut held) = pool.get() {
+                        let _ = diesel::sql_query("BEGIN IMMEDIATE").execute(&mut held);
+                        let _ = diesel::sql_query(
+                            "INSERT INTO answers VALUES (0, -1, 'never committed')",
+                        )
+                        .execute(&mut held);
+                        let _ = kill(Pid::this(), Signal::SIGKILL);
+                    }
+                }
+                1
+            },
+            ChildEnd::Signaled(Signal::SIGKILL),
+        ),
+    ];
+    for (index, (name, ending, expected)) in endings.into_iter().enumerate() {
+        let end = run_child(DEADLINE, || ending(&warm.pool));
+        ensure!(
+            end == expected,
+            "child ending by {name}: {end:?}, expected {expected:?}"
+        );
+        check_master_intact(&warm)
+            .map_err(|error| format!("after a child ended by {name}: {error}"))?;
+        let mut conn = warm
+            .pool
+            .get()
+            .map_err(|error| format!("master get: {error}"))?;
+        write_and_read(&mut conn, 1, index as i32, &format!("master-after-{name}"))?;
+    }
+    Ok(())
+}
+
+/// `:memory:` connections own no descriptor: discarded in a child, neither released nor leaks.
+fn memory_databases_are_not_leaks() -> Check {
+    let warm = warm(":memory:", 2)?;
+    let end = run_child(DEADLINE, || {
+        child_result((|| {
+            work_memory(&warm.pool)?;
+            let stats = warm.pool.fork_stats();
+            ensure!(
+                stats.connections_discarded == 2,
+                "connections_discarded: {stats:?}"
+            );
+            ensure!(
+                stats.sockets_released == 0 && stats.connections_leaked == 0,
+                "stats: {stats:?}"
+            );
+            Ok(())
+        })())
+    });
+    expect_exit("child", end, 0)?;
+    check_master_intact(&warm)
+}
+
+fn work_memory(pool: &SqlitePool) -> Check {
+    for request in 0..50 {
+        let mut conn = pool.get().map_err(|error| format!("get: {error}"))?;
+        ensure!(mark(&mut conn).is_none(), "got the master's connection");
+        let value = format!("memory-{request}");
+        ensure!(echo(&mut conn, &value)? == value, "echo failed");
+    }
+    Ok(())
+}
+
+/// This process's descriptors open on `path`'s file.
+fn descriptors_of(path: &Path) -> Vec<RawFd> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    let mut fds: Vec<RawFd> = entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| {
+            nix::sys::stat::fstat(fd)
+                .is_ok_and(|stat| (stat.st_dev, stat.st_ino) == (meta.dev(), meta.ino()))
+        })
+        .collect();
+    fds.sort_unstable();
+    fds
+}
+
+fn points_at_dev_null(fd: RawFd) -> bool {
+    let Ok(null) = std::fs::metadata("/dev/null") else {
+        return false;
+    };
+    nix::sys::stat::fstat(fd)
+        .is_ok_and(|stat| (stat.st_dev, stat.st_ino) == (null.dev(), null.ino()))
+}
+
+type Case = (String, Box<dyn Fn() -> Check>);
+
+fn main() {
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|arg| !arg.starts_with('-'))
+        .collect();
+    let mut cases: Vec<Case> = Vec::new();
+    for journal in [Journal::Rollback, Journal::Wal] {
+        let name = format!("{journal:?}").to_lowercase();
+        cases.push((
+            format!("workers_get_answers_of_their_own_{name}"),
+            Box::new(move || workers_get_answers_of_their_own(journal)),
+        ));
+        cases.push((
+            format!("the_only_descriptor_is_released_{name}"),
+            Box::new(move || the_only_descriptor_is_released(journal)),
+        ));
+    }
+    cases.push((
+        "a_connection_leased_across_fork".into(),
+        Box::new(a_connection_leased_across_fork),
+    ));
+    cases.push((
+        "children_that_end_every_way".into(),
+        Box::new(children_that_end_every_way),
+    ));
+    cases.push((
+        "memory_databases_are_not_leaks".into(),
+        Box::new(memory_databases_are_not_leaks),
+    ));
+    let (mut passed, mut failed) = (0, 0);
+    for (name, case) in cases {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        let started = Instant::now();
+        match case() {
+            Ok(()) => {
+                println!("test {name} ... ok ({:.1?})", started.elapsed());
+                passed += 1;
+            }
+            Err(message) => {
+                println!("test {name} ... FAILED: {message}");
+                failed += 1;
+            }
+        }
+    }
+    println!(
+        "\ntest result: {}. {passed} passed; {failed} failed",
+        if failed == 0 { "ok" } else { "FAILED" }
+    );
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
