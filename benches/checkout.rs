@@ -91,7 +91,10 @@ fn profile(which: &str, iterations: u64) {
         }
         "ab" => {
             // Alternating batches, best of each: robust against other jobs on a shared machine.
-            let (r2d2_pool, forksafe_pool) = (r2d2_pool.expect("r2d2 pool"), forksafe_pool.expect("forksafe pool"));
+            let (r2d2_pool, forksafe_pool) = (
+                r2d2_pool.expect("r2d2 pool"),
+                forksafe_pool.expect("forksafe pool"),
+            );
             let (mut best_r2d2, mut best_forksafe) = (f64::MAX, f64::MAX);
             let batch = iterations / 100;
             for _ in 0..100 {

@@ -16,7 +16,7 @@
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel::r2d2::{ConnectionManager, R2D2Connection};
@@ -53,10 +53,18 @@ fn in_child(timed: impl FnOnce() -> Duration) -> Duration {
             drop(writer);
             let (done, watched) = std::sync::mpsc::channel::<()>();
             let watchdog = std::thread::spawn(move || {
-                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watched.recv_timeout(Duration::from_secs(8)) {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    watched.recv_timeout(Duration::from_secs(8))
+                {
                     // About to be killed by its alarm: show where it is stuck.
                     let _ = std::process::Command::new("gdb")
-                        .args(["-p", &child.to_string(), "-batch", "-ex", "thread apply all bt"])
+                        .args([
+                            "-p",
+                            &child.to_string(),
+                            "-batch",
+                            "-ex",
+                            "thread apply all bt",
+                        ])
                         .status();
                 }
             });
@@ -129,7 +137,9 @@ where
             sum_in_children(iters, || {
                 let start = Instant::now();
                 let owned = url.to_owned();
-                let conn = std::thread::spawn(move || C::establish(&owned).expect("connect")).join().expect("thread");
+                let conn = std::thread::spawn(move || C::establish(&owned).expect("connect"))
+                    .join()
+                    .expect("thread");
                 let took = start.elapsed();
                 std::mem::forget(conn);
                 took
@@ -174,4 +184,32 @@ fn first_checkout_after_fork(c: &mut Criterion) {
 }
 
 criterion_group!(benches, first_checkout_after_fork);
-criterion_main!(benches);
+
+fn main() {
+    // `FIRST_GET_PROFILE=<sqlite path or postgres URL>`: one fork and one first checkout, nothing
+    // else, for `strace -f -ttt` or `valgrind`; prints the duration.
+    if let Ok(target) = std::env::var("FIRST_GET_PROFILE") {
+        fn once<C: Connection + R2D2Connection + 'static>(url: &str) {
+            let pool = forksafe_pool::Pool::builder()
+                .max_size(POOL_SIZE)
+                .build(ConnectionManager::<C>::new(url))
+                .expect("forksafe pool");
+            let took = in_child(|| {
+                let start = Instant::now();
+                let conn = pool.get().expect("first checkout in the child");
+                let took = start.elapsed();
+                std::mem::forget(conn);
+                took
+            });
+            println!("first get() in the child: {took:?}");
+        }
+        if target.starts_with("postgres") {
+            once::<PgConnection>(&target);
+        } else {
+            once::<SqliteConnection>(&target);
+        }
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -26,7 +26,10 @@ fn main() {
             "--fake-forks" => scale.fake_storm = number(&mut args, "--fake-forks"),
             "--only" => {
                 let list = args.next().expect("--only needs a list like 1,2");
-                only = list.split(',').map(|n| n.trim().parse().expect("scenario number")).collect();
+                only = list
+                    .split(',')
+                    .map(|n| n.trim().parse().expect("scenario number"))
+                    .collect();
             }
             other => panic!("unknown argument {other:?}; see the example's docs"),
         }
@@ -45,5 +48,7 @@ fn main() {
 }
 
 fn number(args: &mut impl Iterator<Item = String>, name: &str) -> u64 {
-    args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} needs a number"))
+    args.next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} needs a number"))
 }

@@ -84,13 +84,17 @@ struct Pooled<M: ManageConnection> {
 
 impl<M: ManageConnection> Clone for ChildPool<M> {
     fn clone(&self) -> Self {
-        ChildPool { shared: Arc::clone(&self.shared) }
+        ChildPool {
+            shared: Arc::clone(&self.shared),
+        }
     }
 }
 
 impl<M: ManageConnection> fmt::Debug for ChildPool<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ChildPool").field("settings", &self.shared.settings).finish_non_exhaustive()
+        f.debug_struct("ChildPool")
+            .field("settings", &self.shared.settings)
+            .finish_non_exhaustive()
     }
 }
 
@@ -204,8 +208,14 @@ impl<M: ManageConnection> Shared<M> {
             };
             let starts = self.top_up(&mut state);
             let now = Instant::now();
-            let stale = self.settings.idle_timeout.is_some_and(|t| now - idle.since >= t)
-                || self.settings.max_lifetime.is_some_and(|t| now - idle.conn.birth >= t);
+            let stale = self
+                .settings
+                .idle_timeout
+                .is_some_and(|t| now - idle.since >= t)
+                || self
+                    .settings
+                    .max_lifetime
+                    .is_some_and(|t| now - idle.conn.birth >= t);
             if stale {
                 state.open -= 1;
                 drop(state);
@@ -230,7 +240,10 @@ impl<M: ManageConnection> Shared<M> {
                     continue;
                 }
             }
-            return Ok(Lease { pool: Arc::clone(self), conn: Some(conn) });
+            return Ok(Lease {
+                pool: Arc::clone(self),
+                conn: Some(conn),
+            });
         }
     }
 
@@ -279,7 +292,11 @@ impl<M: ManageConnection> Shared<M> {
                 state.failures = 0;
                 state.retry_at = None;
                 state.idle.push(Idle {
-                    conn: Pooled { conn, extensions: r2d2::Extensions::new(), birth: now },
+                    conn: Pooled {
+                        conn,
+                        extensions: r2d2::Extensions::new(),
+                        birth: now,
+                    },
                     since: now,
                 });
                 drop(state);
@@ -303,7 +320,10 @@ impl<M: ManageConnection> Shared<M> {
     /// are closed through the customizer's `on_release`.
     fn put_back(&self, mut conn: Pooled<M>) {
         let broken = self.manager.has_broken(&mut conn.conn)
-            || self.settings.max_lifetime.is_some_and(|t| conn.birth.elapsed() >= t);
+            || self
+                .settings
+                .max_lifetime
+                .is_some_and(|t| conn.birth.elapsed() >= t);
         let mut state = self.lock();
         if broken {
             state.open -= 1;
@@ -311,7 +331,10 @@ impl<M: ManageConnection> Shared<M> {
             self.changed.notify_all();
             self.close(conn);
         } else {
-            state.idle.push(Idle { conn, since: Instant::now() });
+            state.idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
             drop(state);
             self.changed.notify_one();
         }

@@ -48,6 +48,9 @@ pub(crate) struct Config<M: ManageConnection> {
     pub(crate) connection_timeout: Duration,
     pub(crate) error_handler: Arc<dyn HandleError<M::Error>>,
     pub(crate) event_handler: Arc<dyn HandleEvent>,
+    /// Whether `event_handler` was set; if not, r2d2 gets its own `NopEventHandler`, which it
+    /// calls without the adapter's indirection on every checkout and checkin.
+    pub(crate) custom_event_handler: bool,
     pub(crate) connection_customizer: Arc<dyn CustomizeConnection<M::Connection, M::Error>>,
     /// The user's thread pool and the process it belongs to: its threads do not exist in a
     /// forked child, so a rebuilt pool gets a fresh one.
@@ -90,6 +93,7 @@ impl<M: ManageConnection> Default for Builder<M> {
                 connection_timeout: Duration::from_secs(30),
                 error_handler: Arc::new(LoggingErrorHandler),
                 event_handler: Arc::new(NopEventHandler),
+                custom_event_handler: false,
                 connection_customizer: Arc::new(NopConnectionCustomizer),
                 thread_pool: None,
                 descriptor_locator: None,
@@ -216,6 +220,7 @@ impl<M: ManageConnection> Builder<M> {
     /// Defaults to r2d2's `NopEventHandler`.
     pub fn event_handler(mut self, event_handler: Box<dyn HandleEvent>) -> Self {
         self.config.event_handler = Arc::from(event_handler);
+        self.config.custom_event_handler = true;
         self
     }
 

@@ -120,8 +120,15 @@ impl<M: ManageConnection> Pool<M> {
         }
         let counters = Arc::new(Counters::default());
         let manager = Arc::new(manager);
-        let generation =
-            Generation::build(&config, Arc::clone(&manager), &counters, None, None, false, wait)?;
+        let generation = Generation::build(
+            &config,
+            Arc::clone(&manager),
+            &counters,
+            None,
+            None,
+            false,
+            wait,
+        )?;
         Ok(Pool {
             shared: Arc::new(Shared {
                 config,
@@ -450,12 +457,14 @@ impl<M: ManageConnection> Generation<M> {
             .error_handler(Box::new(ErrorHandlerAdapter(Arc::clone(
                 &config.error_handler,
             ))))
-            .event_handler(Box::new(EventHandlerAdapter(Arc::clone(
-                &config.event_handler,
-            ))))
             .connection_customizer(Box::new(CustomizerAdapter(Arc::clone(
                 &config.connection_customizer,
             ))));
+        if config.custom_event_handler {
+            builder = builder.event_handler(Box::new(EventHandlerAdapter(Arc::clone(
+                &config.event_handler,
+            ))));
+        }
         match &config.thread_pool {
             Some((thread_pool, owner)) if *owner == current_epoch() => {
                 builder = builder.thread_pool(Arc::clone(thread_pool))

@@ -524,10 +524,19 @@ fn a_child_that_cannot_connect_gets_a_clear_error_in_time() -> Check {
                 Err(error) => error.to_string(),
             };
             let waited = started.elapsed();
-            ensure!(waited >= timeout && waited < timeout * 4, "waited {waited:?} for a {timeout:?} timeout");
-            ensure!(error.contains("timed out waiting for connection"), "not r2d2's error: {error}");
             ensure!(
-                error.contains(&format!("rebuilt after fork() in process {}", std::process::id())),
+                waited >= timeout && waited < timeout * 4,
+                "waited {waited:?} for a {timeout:?} timeout"
+            );
+            ensure!(
+                error.contains("timed out waiting for connection"),
+                "not r2d2's error: {error}"
+            );
+            ensure!(
+                error.contains(&format!(
+                    "rebuilt after fork() in process {}",
+                    std::process::id()
+                )),
                 "error does not say the pool was rebuilt after fork: {error}"
             );
             Ok(())
@@ -535,7 +544,10 @@ fn a_child_that_cannot_connect_gets_a_clear_error_in_time() -> Check {
     });
     expect_exit(end, 0)?;
     let mut conn = pool.get().map_err(|error| format!("parent get: {error}"))?;
-    ensure!(conn.query("parent").is_ok(), "parent's idle connection broke");
+    ensure!(
+        conn.query("parent").is_ok(),
+        "parent's idle connection broke"
+    );
     Ok(())
 }
 

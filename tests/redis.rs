@@ -535,6 +535,238 @@ fn resp3_connections_are_released_too() -> Check {
     check_master_intact(&pool, &master)
 }
 
+/// A Redis server of the test's own on a free loopback port, so it can be stopped and restarted.
+struct PrivateServer {
+    port: u16,
+    process: Option<std::process::Child>,
+}
+
+impl PrivateServer {
+    /// A new server; `None` when `redis-server` is not installed and `CI` is unset.
+    fn start() -> Result<Option<PrivateServer>, String> {
+        match std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+        {
+            Ok(_) => {}
+            Err(error) if !ci() => {
+                println!("skipping: cannot run redis-server for a private server: {error}");
+                return Ok(None);
+            }
+            Err(error) => {
+                return Err(format!(
+                    "redis-server: {error} (CI is set, so it is required)"
+                ))
+            }
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map_err(|error| format!("no free port: {error}"))?
+            .port();
+        let mut server = PrivateServer {
+            port,
+            process: None,
+        };
+        server.restart()?;
+        Ok(Some(server))
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn restart(&mut self) -> Check {
+        let process = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|error| format!("redis-server: {error}"))?;
+        self.process = Some(process);
+        let started = Instant::now();
+        let client = client(&self.url())?;
+        while client
+            .get_connection_with_timeout(Duration::from_secs(1))
+            .and_then(|mut conn| redis::cmd("PING").query::<String>(&mut conn))
+            .is_err()
+        {
+            ensure!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server on port {} did not start within 10 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Checks out a connection, retrying until `within` has passed: a pool recovering from a
+/// restarted server may first hand out errors, never hang.
+fn get_eventually(
+    pool: &Pool<Manager>,
+    within: Duration,
+) -> Result<PooledConnection<Manager>, String> {
+    let started = Instant::now();
+    loop {
+        let attempt = Instant::now();
+        match pool.get() {
+            Ok(conn) => return Ok(conn),
+            Err(error) => {
+                ensure!(
+                    attempt.elapsed() < pool.connection_timeout() + SLACK,
+                    "a failing get took {:?}",
+                    attempt.elapsed()
+                );
+                ensure!(
+                    started.elapsed() < within,
+                    "no connection within {within:?}: {error}"
+                );
+            }
+        }
+    }
+}
+
+/// The server is down when the master forks: the child's first `get()` fails within
+/// `connection_timeout` naming the cause, and once the server is back the child and the master
+/// both get working connections again.
+fn server_down_at_fork_and_back_later() -> Check {
+    let Some(mut server) = PrivateServer::start()? else {
+        return Ok(());
+    };
+    let timeout = Duration::from_millis(1500);
+    let pool = Pool::builder()
+        .max_size(2)
+        .min_idle(Some(2))
+        .connection_timeout(timeout)
+        .build(client(&server.url())?)
+        .map_err(|error| format!("build: {error}"))?;
+    session_ids(&pool)?;
+    server.stop();
+    let (report, child_report) = UnixDatagram::pair().map_err(|error| error.to_string())?;
+    let (to_child, from_parent) = UnixDatagram::pair().map_err(|error| error.to_string())?;
+    let pid = spawn_child(|| {
+        child_case(&child_report, || {
+            let started = Instant::now();
+            let error = pool
+                .get()
+                .err()
+                .ok_or("get succeeded with the server down")?
+                .to_string();
+            ensure!(
+                started.elapsed() < timeout + SLACK,
+                "get took {:?}",
+                started.elapsed()
+            );
+            ensure!(
+                error.contains("Connection refused") && error.contains("rebuilt after fork()"),
+                "get error {error:?} does not say the connection was refused after fork()"
+            );
+            send(&child_report, String::from("down"))?;
+            receive(&from_parent, DEADLINE)?;
+            let mut conn = get_eventually(&pool, Duration::from_secs(10))?;
+            echo(
+                &mut conn,
+                &format!("child-{}-after-restart", std::process::id()),
+            )?;
+            drop(conn);
+            check_released(&pool, 2, 0)
+        })
+    });
+    let mut cleanup = KillOnDrop(vec![pid]);
+    let message = receive(&report, DEADLINE)?;
+    ensure!(message == "down", "{message}");
+    server.restart()?;
+    send(&to_child, String::from("back"))?;
+    cleanup.0.clear();
+    let ends = vec![(String::from("child"), pid, reap(pid, DEADLINE))];
+    expect_exits(ends, |_| ChildEnd::Exited(0), &report)?;
+    let mut conn = get_eventually(&pool, Duration::from_secs(10))?;
+    echo(&mut conn, "master-after-restart").map(drop)
+}
+
+/// The server restarts while 2 workers run requests: requests may fail while it is down, but
+/// none hangs, and every worker gets answers again once it is back.
+fn server_restarted_while_workers_run() -> Check {
+    let Some(mut server) = PrivateServer::start()? else {
+        return Ok(());
+    };
+    let timeout = Duration::from_millis(1500);
+    let pool = Pool::builder()
+        .max_size(2)
+        .min_idle(Some(2))
+        .connection_timeout(timeout)
+        .build(client(&server.url())?)
+        .map_err(|error| format!("build: {error}"))?;
+    session_ids(&pool)?;
+    let (report, child_report) = UnixDatagram::pair().map_err(|error| error.to_string())?;
+    let (to_workers, from_parent) = UnixDatagram::pair().map_err(|error| error.to_string())?;
+    let workers = 2;
+    let pids: Vec<Pid> = (0..workers)
+        .map(|_| {
+            spawn_child(|| {
+                child_case(&child_report, || {
+                    let me = std::process::id();
+                    run_requests(&pool, 20, &BTreeSet::new())?;
+                    send(&child_report, String::from("running"))?;
+                    from_parent
+                        .set_nonblocking(true)
+                        .map_err(|error| error.to_string())?;
+                    // Requests until told the server is back; errors allowed, hangs not.
+                    let mut request = 0;
+                    while from_parent.recv(&mut [0; 16]).is_err() {
+                        let attempt = Instant::now();
+                        if let Ok(mut conn) = pool.get() {
+                            let _ = echo(&mut conn, &format!("worker-{me}-{request}"));
+                        }
+                        ensure!(
+                            attempt.elapsed() < timeout + SLACK,
+                            "request {request} took {:?}",
+                            attempt.elapsed()
+                        );
+                        request += 1;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    // Back: answers again, each one its own.
+                    drop(get_eventually(&pool, Duration::from_secs(10))?);
+                    run_requests(&pool, 50, &BTreeSet::new()).map(drop)
+                })
+            })
+        })
+        .collect();
+    let mut cleanup = KillOnDrop(pids.clone());
+    for _ in 0..workers {
+        let message = receive(&report, DEADLINE)?;
+        ensure!(message == "running", "{message}");
+    }
+    server.stop();
+    std::thread::sleep(Duration::from_millis(300));
+    server.restart()?;
+    for _ in 0..workers {
+        send(&to_workers, String::from("back"))?;
+    }
+    cleanup.0.clear();
+    let ends = pids
+        .into_iter()
+        .enumerate()
+        .map(|(n, pid)| (format!("worker {n}"), pid, reap(pid, DEADLINE)))
+        .collect();
+    expect_exits(ends, |_| ChildEnd::Exited(0), &report)
+}
+
 /// Bad configuration fails fast with r2d2's error and the cause, never hangs: in the process
 /// that built the pool, and in a forked child that rebuilds it. (A URL the redis crate cannot
 /// parse never reaches a pool: `redis::Client::open` rejects it.)
@@ -626,6 +858,11 @@ fn bad_input_fails_within_connection_timeout() -> Check {
     Ok(())
 }
 
+/// With `CI` set a missing server fails the tests instead of skipping them.
+fn ci() -> bool {
+    std::env::var_os("CI").is_some_and(|ci| !ci.is_empty())
+}
+
 fn main() {
     let reachable = client(&url()).and_then(|client| {
         let mut conn = client
@@ -637,7 +874,7 @@ fn main() {
     });
     if let Err(error) = reachable {
         let reason = format!("Redis at {} is unreachable: {error}", url());
-        if std::env::var_os("CI").is_some_and(|ci| !ci.is_empty()) {
+        if ci() {
             println!("test result: FAILED. {reason} (CI is set, so the server is required)");
             std::process::exit(1);
         }
@@ -649,7 +886,7 @@ fn main() {
     // Workers of a SIGKILLed master are reparented to this process, so it can reap them.
     nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER");
 
-    let cases: [Case; 6] = [
+    let cases: [Case; 8] = [
         (
             "four_workers_get_their_own_answers",
             four_workers_get_their_own_answers,
@@ -669,6 +906,14 @@ fn main() {
         (
             "resp3_connections_are_released_too",
             resp3_connections_are_released_too,
+        ),
+        (
+            "server_down_at_fork_and_back_later",
+            server_down_at_fork_and_back_later,
+        ),
+        (
+            "server_restarted_while_workers_run",
+            server_restarted_while_workers_run,
         ),
         (
             "bad_input_fails_within_connection_timeout",

@@ -14,7 +14,10 @@ mod scenarios;
 use scenarios::{Scale, TABLE_HEADER};
 
 fn main() {
-    let only: Vec<u32> = std::env::args().skip(1).filter_map(|arg| arg.parse().ok()).collect();
+    let only: Vec<u32> = std::env::args()
+        .skip(1)
+        .filter_map(|arg| arg.parse().ok())
+        .collect();
     println!("fork torture, CI length: {:?}", Scale::CI);
     println!("{TABLE_HEADER}");
     let outcomes = scenarios::run_all(&Scale::CI, &only, |outcome| println!("{outcome}"));

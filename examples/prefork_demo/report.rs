@@ -209,24 +209,23 @@ pub fn plot(
             .iter()
             .map(|result| (metric.value)(result))
             .collect();
-        let top = values
-            .iter()
-            .flatten()
-            .copied()
-            .fold(0.0_f64, f64::max)
-            .max(1e-9)
-            * 1.2;
+        let top = values.iter().flatten().copied().fold(0.0_f64, f64::max);
+        // An all-zero panel (no failures) still gets a readable 0..1 axis.
+        let top = if top > 0.0 { top * 1.2 } else { 1.0 };
         let mut chart = ChartBuilder::on(panel)
             .caption(metric.title, ("sans-serif", 15))
             .margin(12)
             .x_label_area_size(28)
             .y_label_area_size(56)
-            .build_cartesian_2d((0..results.len().saturating_sub(1)).into_segmented(), 0.0..top)?;
+            .build_cartesian_2d(
+                (0..results.len().saturating_sub(1)).into_segmented(),
+                0.0..top,
+            )?;
         chart
             .configure_mesh()
             .disable_x_mesh()
             .light_line_style(TRANSPARENT)
-            .y_labels(6)
+            .y_labels(if top == 1.0 { 2 } else { 6 })
             .x_label_formatter(&|x| match x {
                 SegmentValue::CenterOf(index) => results
                     .get(*index)
@@ -254,7 +253,10 @@ pub fn plot(
             Text::new(
                 label,
                 (SegmentValue::CenterOf(index), y),
-                ("sans-serif", 13).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Bottom)),
+                ("sans-serif", 13)
+                    .into_font()
+                    .color(&BLACK)
+                    .pos(Pos::new(HPos::Center, VPos::Bottom)),
             )
         }))?;
     }

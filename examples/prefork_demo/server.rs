@@ -82,6 +82,8 @@ pub fn serve(config: ServeConfig) -> Result<(), String> {
     // The master dies with the driver that started it; its workers die with the master.
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|error| error.to_string())?;
     let start = Instant::now();
+    // Idempotent; the driver has done it already, a standalone `serve` has not.
+    config.database.prepare()?;
     let listener =
         TcpListener::bind(("127.0.0.1", config.port)).map_err(|error| error.to_string())?;
     let port = listener

@@ -17,7 +17,7 @@
 //!   port mapping): the server's view then fits no socket of ours, or not one alone.
 //! - A socket that was duplicated (two descriptors fit), and servers where the query fails.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
 use diesel::sql_types::{Integer, Nullable, Text};
@@ -51,11 +51,11 @@ pub(crate) fn locate(conn: &mut PgConnection) -> Option<Vec<RawFd>> {
     Some(vec![fd])
 }
 
-/// `host()` prints a bare address (no `/32`); ports come as `int4`.
+/// `host()` prints a bare address (no `/32`); ports come as `int4`. Bracketed, so that an IPv6
+/// address reads as `[addr]:port` like every other server-printed address.
 fn socket_addr(host: &str, port: i32) -> Option<SocketAddr> {
-    let ip: IpAddr = host.parse().ok()?;
     let port = u16::try_from(port).ok()?;
-    Some(tcp::normalize(SocketAddr::new(ip, port)))
+    tcp::parse_addr(&format!("[{host}]:{port}"))
 }
 
 #[cfg(test)]

@@ -26,8 +26,8 @@ use diesel::sql_types::Integer;
 use diesel::{QueryableByName, RunQueryDsl};
 use forksafe_pool::Pool;
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
 use support::{spawn_child, ChildEnd, FakeManager, FakeServer};
 
 /// How long a child may take before it counts as hung. Generous: a healthy child takes
@@ -103,7 +103,10 @@ pub struct Outcome {
 
 impl Outcome {
     fn new(scenario: &'static str) -> Outcome {
-        Outcome { scenario, ..Outcome::default() }
+        Outcome {
+            scenario,
+            ..Outcome::default()
+        }
     }
 
     fn problem(&mut self, what: String) {
@@ -118,13 +121,18 @@ impl Outcome {
         match (end, expected) {
             (ChildEnd::Hung, _) => {
                 self.hung += 1;
-                self.problem(format!("child {pid} hung (killed after {CHILD_DEADLINE:?})"));
+                self.problem(format!(
+                    "child {pid} hung (killed after {CHILD_DEADLINE:?})"
+                ));
             }
             (ChildEnd::Exited(code), Ok(want)) if code == want => {}
             (ChildEnd::Signaled(signal), Err(want)) if signal == want => {}
             (end, _) => {
                 self.failed += 1;
-                self.problem(format!("child {pid}: {end:?}, expected {expected:?} ({})", describe(&end)));
+                self.problem(format!(
+                    "child {pid}: {end:?}, expected {expected:?} ({})",
+                    describe(&end)
+                ));
             }
         }
     }
@@ -141,6 +149,9 @@ fn describe(end: &ChildEnd) -> &'static str {
         ChildEnd::Exited(3) => "query failed",
         ChildEnd::Exited(4) => "another process's answer or connection",
         ChildEnd::Exited(5) => "its own child failed or hung",
+        ChildEnd::Exited(50..=57) => "its own child exited with the code minus 50",
+        ChildEnd::Exited(58) => "its own child was killed by a signal",
+        ChildEnd::Exited(59) => "its own child hung",
         ChildEnd::Exited(6) => "fork failed",
         ChildEnd::Exited(101) => "panicked",
         _ => "",
@@ -207,11 +218,35 @@ fn reap(pid: Pid, deadline: Duration) -> ChildEnd {
             Ok(_) => {
                 if std::env::var_os("FORKSAFE_TORTURE_GDB").is_some() {
                     let path = format!("/tmp/forksafe-hung-{pid}.txt");
+                    let mut tasks = String::new();
+                    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+                        for task in dir.flatten() {
+                            let read = |name: &str| {
+                                std::fs::read_to_string(task.path().join(name)).unwrap_or_default()
+                            };
+                            tasks += &format!(
+                                "task {:?}: {} wchan={}\n{}\n",
+                                task.file_name(),
+                                read("stat"),
+                                read("wchan"),
+                                read("stack")
+                            );
+                        }
+                    }
                     let gdb = Command::new("gdb")
-                        .args(["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt"])
+                        .args([
+                            "-p",
+                            &pid.to_string(),
+                            "-batch",
+                            "-ex",
+                            "thread apply all bt",
+                        ])
                         .output();
                     if let Ok(out) = gdb {
-                        let _ = std::fs::write(&path, out.stdout);
+                        let _ = std::fs::write(
+                            &path,
+                            [tasks.into_bytes(), out.stdout, out.stderr].concat(),
+                        );
                         eprintln!("hung child {pid}: backtraces in {path}");
                     }
                 }
@@ -267,7 +302,13 @@ impl Hammer {
                 })
             })
             .collect();
-        Hammer { stop, checkouts, errors, first_errors, threads }
+        Hammer {
+            stop,
+            checkouts,
+            errors,
+            first_errors,
+            threads,
+        }
     }
 
     fn finish(self, outcome: &mut Outcome) {
@@ -321,17 +362,24 @@ struct Echo {
 type PgPool = Pool<ConnectionManager<PgConnection>>;
 
 pub fn postgres_url() -> String {
-    std::env::var("FORKSAFE_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    std::env::var("FORKSAFE_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 /// Runs `SELECT $1` and checks that the answer is ours.
-fn pg_echo(conn: &mut forksafe_pool::PooledConnection<ConnectionManager<PgConnection>>, value: i32) -> Result<(), String> {
+fn pg_echo(
+    conn: &mut forksafe_pool::PooledConnection<ConnectionManager<PgConnection>>,
+    value: i32,
+) -> Result<(), String> {
     let row: Echo = diesel::sql_query("SELECT $1::int4 AS v")
         .bind::<Integer, _>(value)
         .get_result(conn)
         .map_err(|error| format!("query: {error}"))?;
     if row.v != value {
-        return Err(format!("asked for {value}, got {} (another process's answer)", row.v));
+        return Err(format!(
+            "asked for {value}, got {} (another process's answer)",
+            row.v
+        ));
     }
     Ok(())
 }
@@ -364,12 +412,26 @@ fn postgres_storm(scale: &Scale) -> Outcome {
         })
     };
     storm(&mut outcome, scale.postgres_storm, |i| {
-        let value = (std::process::id() as i32).wrapping_mul(7).wrapping_add(i as i32);
-        let Ok(mut conn) = pool.get() else { return 2 };
+        let value = (std::process::id() as i32)
+            .wrapping_mul(7)
+            .wrapping_add(i as i32);
+        let mut conn = match pool.get() {
+            Ok(conn) => conn,
+            Err(error) => {
+                eprintln!("process {}: get: {error}", std::process::id());
+                return 2;
+            }
+        };
         match pg_echo(&mut conn, value) {
             Ok(()) => 0,
-            Err(error) if error.starts_with("query") => 3,
-            Err(_) => 4,
+            Err(error) => {
+                eprintln!("process {}: {error}", std::process::id());
+                if error.starts_with("query") {
+                    3
+                } else {
+                    4
+                }
+            }
         }
     });
     hammer.finish(&mut outcome);
@@ -393,7 +455,9 @@ impl r2d2::ManageConnection for NoIoManager {
     type Error = std::io::Error;
 
     fn connect(&self) -> std::io::Result<NoIoConnection> {
-        Ok(NoIoConnection { opened_by: std::process::id() })
+        Ok(NoIoConnection {
+            opened_by: std::process::id(),
+        })
     }
 
     fn is_valid(&self, _: &mut NoIoConnection) -> std::io::Result<()> {
@@ -462,7 +526,13 @@ fn fake_pool(server: &FakeServer) -> FakePool {
 /// Checks out, sends a unique request and checks that the echo is ours, on a connection
 /// this process opened. Exit-code style: 0, 2, 3 or 4.
 fn use_fake(pool: &FakePool, tag: &str) -> i32 {
-    let Ok(mut conn) = pool.get() else { return 2 };
+    let mut conn = match pool.get() {
+        Ok(conn) => conn,
+        Err(error) => {
+            eprintln!("process {}: get: {error}", std::process::id());
+            return 2;
+        }
+    };
     if conn.opened_by != std::process::id() {
         return 4;
     }
@@ -479,7 +549,9 @@ fn fake_hammer(pool: &FakePool) -> Hammer {
     Hammer::start(move |n| {
         let mut conn = pool.get().map_err(|error| format!("get: {error}"))?;
         let request = format!("p{n}");
-        let reply = conn.query(&request).map_err(|error| format!("query: {error}"))?;
+        let reply = conn
+            .query(&request)
+            .map_err(|error| format!("query: {error}"))?;
         if reply != format!("{} {request}", conn.server_id) {
             return Err(format!("asked {request:?}, got {reply:?}"));
         }
@@ -492,9 +564,15 @@ fn check_wire(server: &FakeServer, outcome: &mut Outcome) {
     // Let the server threads record the last lines.
     std::thread::sleep(Duration::from_millis(200));
     for (id, lines) in server.lines() {
-        let Some(owner) = lines.first().map(|line| line.pid) else { continue };
-        for line in &lines {
-            if line.pid != owner {
+        let Some(owner) = lines.first().map(|line| line.pid) else {
+            continue;
+        };
+        for (n, line) in lines.iter().enumerate() {
+            // A writer that `_exit`s or is killed in the middle of a line leaves a truncated
+            // last line (no "<pid> " prefix, read as pid 0); anywhere else it would mean two
+            // processes' writes interleaved.
+            let truncated_last = line.pid == 0 && n + 1 == lines.len();
+            if line.pid != owner && !truncated_last {
                 outcome.parent_errors += 1;
                 outcome.problem(format!(
                     "connection {id} opened by {owner} carried {:?} from process {}",
@@ -524,7 +602,13 @@ fn child_ends(scale: &Scale) -> Outcome {
     let server = FakeServer::start();
     let pool = fake_pool(&server);
     let hammer = fake_hammer(&pool);
-    let ends = [End::DropAndReturn, End::Exit, End::UnderscoreExit, End::Panic, End::SigKill];
+    let ends = [
+        End::DropAndReturn,
+        End::Exit,
+        End::UnderscoreExit,
+        End::Panic,
+        End::SigKill,
+    ];
     // A second pool only the main thread holds, so that a child's drop really drops it (and
     // the pool it rebuilt).
     let mut own_pool = Some(fake_pool(&server));
@@ -585,8 +669,12 @@ fn nested_forks(scale: &Scale) -> Outcome {
         // Use the pool while the child runs, then again after.
         let code = use_fake(pool, &format!("level{depth}-during"));
         let end = reap(pid, CHILD_DEADLINE / 2);
-        if end != ChildEnd::Exited(0) {
-            return 5;
+        match end {
+            ChildEnd::Exited(0) => {}
+            // 5x: the level below exited with x; 59: it hung; 58: it was killed by a signal.
+            ChildEnd::Exited(below) => return 50 + below.min(9),
+            ChildEnd::Hung => return 59,
+            ChildEnd::Signaled(_) => return 58,
         }
         if code != 0 {
             return code;
@@ -628,7 +716,9 @@ fn fork_from_non_main_thread(scale: &Scale) -> Outcome {
             Ok(reply) if reply == format!("{} {request}", held.server_id) => {}
             other => {
                 outcome.parent_errors += 1;
-                outcome.problem(format!("main thread's held connection after the fork: {other:?}"));
+                outcome.problem(format!(
+                    "main thread's held connection after the fork: {other:?}"
+                ));
             }
         }
     }
@@ -645,7 +735,11 @@ fn spawn_raw(child: impl FnOnce() -> i32) -> Pid {
     // SAFETY: the raw syscall skips libc's fork bookkeeping on purpose (that is what the
     // scenario tests); the child only runs `child` and leaves with `_exit`.
     let pid = unsafe { libc::syscall(libc::SYS_fork) };
-    assert!(pid >= 0, "raw fork failed: {}", std::io::Error::last_os_error());
+    assert!(
+        pid >= 0,
+        "raw fork failed: {}",
+        std::io::Error::last_os_error()
+    );
     if pid == 0 {
         let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(101);
         // SAFETY: `_exit` ends the process at once, without running the parent's handlers.
@@ -801,7 +895,9 @@ fn command_spawn(scale: &Scale) -> Outcome {
     let stats_after = pool.fork_stats();
     if stats_after != stats_before {
         outcome.parent_errors += 1;
-        outcome.problem(format!("the parent's fork stats changed: {stats_before:?} -> {stats_after:?}"));
+        outcome.problem(format!(
+            "the parent's fork stats changed: {stats_before:?} -> {stats_after:?}"
+        ));
     }
     let connects_after = connects.load(Ordering::Relaxed);
     if connects_after != connects_before {
