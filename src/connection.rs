@@ -70,10 +70,12 @@ pub struct PooledConnection<M: ManageConnection> {
 }
 
 impl<M: ManageConnection> PooledConnection<M> {
-    pub(crate) fn new(inner: impl Into<Checkout<M>>) -> Self {
+    /// `epoch` is the calling process's, as the pool just checked it.
+    #[inline]
+    pub(crate) fn new(inner: impl Into<Checkout<M>>, epoch: Epoch) -> Self {
         PooledConnection {
             inner: Some(inner.into()),
-            epoch: current_epoch(),
+            epoch,
         }
     }
 
@@ -166,11 +168,12 @@ where
 impl<M: ManageConnection> Drop for PooledConnection<M> {
     #[inline]
     fn drop(&mut self) {
-        if self.epoch == current_epoch() {
-            // Dropped in place: moving the guard out first would copy it on every checkin.
-            self.inner = None;
-        } else if let Some(inner) = self.inner.take() {
-            forget_across_fork(inner);
+        // In the process that checked it out, the field's own drop returns the connection to
+        // its pool, in place (moving the guard out first would copy it on every checkin).
+        if self.epoch != current_epoch() {
+            if let Some(inner) = self.inner.take() {
+                forget_across_fork(inner);
+            }
         }
     }
 }

@@ -29,7 +29,7 @@
 
 use std::fmt;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 /// Identifies one process of a fork lineage; see the module docs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -49,9 +49,6 @@ static EPOCH_SOURCE: AtomicU64 = AtomicU64::new(0);
 /// Points at this process's epoch cell once [`init`] has run; null before.
 static EPOCH_CELL: AtomicPtr<AtomicU64> = AtomicPtr::new(ptr::null_mut());
 
-/// True when the kernel wipes [`EPOCH_CELL`] in fork children, so no pid check is needed.
-static CELL_WIPES_ON_FORK: AtomicBool = AtomicBool::new(false);
-
 /// The pid that owns the current epoch; only consulted when the cell does not wipe on fork.
 static EPOCH_OWNER_PID: AtomicU32 = AtomicU32::new(0);
 
@@ -62,20 +59,25 @@ static ATFORK_CHILD_CALLS: AtomicU64 = AtomicU64::new(0);
 /// Fallback cell, used when the wipe-on-fork page cannot be mapped.
 static FALLBACK_CELL: AtomicU64 = AtomicU64::new(0);
 
+/// Always 0: where [`FAST_CELL`] points until the wipe-on-fork page is set up, and forever
+/// where it cannot be (so every check then takes the slow path, which compares pids).
+static UNSET: AtomicU64 = AtomicU64::new(0);
+
+/// What the hot path reads: the wipe-on-fork page once it is published, else [`UNSET`]. Never
+/// null, so the hot path is two loads and a test.
+static FAST_CELL: AtomicPtr<AtomicU64> = AtomicPtr::new(ptr::addr_of!(UNSET).cast_mut());
+
 /// The epoch of the calling process.
 ///
-/// Hot path: a load of the cell and a compare. The first call in a new process takes the slow
-/// path once and hands out a fresh epoch.
+/// Hot path: two loads and a test. The first call in a new process takes the slow path once and
+/// hands out a fresh epoch; without a wipe-on-fork page every call takes it.
 #[inline]
 pub(crate) fn current_epoch() -> Epoch {
-    let cell = EPOCH_CELL.load(Ordering::Acquire);
-    if !cell.is_null() {
-        // SAFETY: a non-null `EPOCH_CELL` always points at a live `AtomicU64`: either
-        // `FALLBACK_CELL` or the epoch page, which is mapped once and never unmapped.
-        let epoch = unsafe { &*cell }.load(Ordering::Acquire);
-        if epoch != 0 && (CELL_WIPES_ON_FORK.load(Ordering::Relaxed) || owner_pid_matches()) {
-            return Epoch(epoch);
-        }
+    // SAFETY: `FAST_CELL` always points at a live `AtomicU64`: `UNSET`, or the epoch page, which
+    // is mapped once and never unmapped.
+    let epoch = unsafe { &*FAST_CELL.load(Ordering::Acquire) }.load(Ordering::Acquire);
+    if epoch != 0 {
+        return Epoch(epoch);
     }
     claim_epoch()
 }
@@ -103,9 +105,15 @@ pub struct ForkDetection {
 pub fn fork_detection() -> ForkDetection {
     let _ = current_epoch();
     ForkDetection {
-        wipe_on_fork: CELL_WIPES_ON_FORK.load(Ordering::Relaxed),
+        wipe_on_fork: cell_wipes_on_fork(cell()),
         atfork_child_calls: ATFORK_CHILD_CALLS.load(Ordering::Relaxed),
     }
+}
+
+/// Every cell but the fallback is a wipe-on-fork page. (Read off the cell itself, not a flag
+/// stored beside it, so no thread can see the cell without knowing what it is.)
+fn cell_wipes_on_fork(cell: &AtomicU64) -> bool {
+    !ptr::eq(cell, &FALLBACK_CELL)
 }
 
 #[cold]
@@ -118,10 +126,10 @@ fn owner_pid_matches() -> bool {
 #[inline(never)]
 fn claim_epoch() -> Epoch {
     let cell = cell();
+    let wipes = cell_wipes_on_fork(cell);
     loop {
         let seen = cell.load(Ordering::Acquire);
-        let stale =
-            seen != 0 && !CELL_WIPES_ON_FORK.load(Ordering::Relaxed) && !owner_pid_matches();
+        let stale = seen != 0 && !wipes && !owner_pid_matches();
         if seen != 0 && !stale {
             return Epoch(seen);
         }
@@ -159,7 +167,9 @@ fn cell() -> &'static AtomicU64 {
         Ordering::Acquire,
     ) {
         Ok(_) => {
-            CELL_WIPES_ON_FORK.store(wipes, Ordering::Release);
+            if wipes {
+                FAST_CELL.store(candidate, Ordering::Release);
+            }
             register_atfork_handler();
             // SAFETY: `candidate` is `FALLBACK_CELL` or a freshly mapped page that is never unmapped.
             unsafe { &*candidate }
@@ -296,8 +306,14 @@ impl<T> PerProcess<T> {
     /// The calling process's value, if it has one.
     #[inline]
     pub(crate) fn get(&self) -> Option<&T> {
+        self.get_with_epoch().map(|(value, _)| value)
+    }
+
+    /// Like [`get`](Self::get), with the calling process's epoch, saving callers a second check.
+    #[inline]
+    pub(crate) fn get_with_epoch(&self) -> Option<(&T, Epoch)> {
         let owned = self.load()?;
-        (owned.epoch == current_epoch()).then_some(&owned.value)
+        (owned.epoch == current_epoch()).then_some((&owned.value, owned.epoch))
     }
 
     /// The value as the calling process found it, even if a parent made it: only for reading

@@ -19,7 +19,7 @@ use scheduled_thread_pool::ScheduledThreadPool;
 
 use crate::child_pool::{AnyPool, ChildPool, Settings};
 use crate::config::{Builder, Config, OnFork};
-use crate::connection::PooledConnection;
+use crate::connection::{Checkout, PooledConnection};
 use crate::descriptors::DescriptorTable;
 use crate::fork::{current_epoch, r2d2_error, Epoch, PerProcess};
 use crate::manager::{CustomizerAdapter, ErrorHandlerAdapter, ForkSafeManager};
@@ -165,31 +165,68 @@ impl<M: ManageConnection> Pool<M> {
 
     #[inline]
     fn checkout(&self, timeout: Duration) -> Result<PooledConnection<M>, r2d2::Error> {
-        let generation = self.generation();
+        let (generation, epoch) = self.generation_with_epoch();
+        // The process that built the pool: r2d2's own checkout, with the guard built in place
+        // (one copy fewer than going through `AnyPool`).
+        if let AnyPool::R2d2(pool) = &generation.pool {
+            return match pool.get_timeout(timeout) {
+                Ok(conn) => Ok(PooledConnection::new(Checkout::R2d2(conn), epoch)),
+                Err(error) => self.after_failed_checkout(generation, epoch, timeout, error),
+            };
+        }
+        self.checkout_in_child(generation, epoch, timeout)
+    }
+
+    /// A forked child's pool, or its refusal with `OnFork::Fail`.
+    #[cold]
+    #[inline(never)]
+    fn checkout_in_child(
+        &self,
+        generation: &Generation<M>,
+        epoch: Epoch,
+        timeout: Duration,
+    ) -> Result<PooledConnection<M>, r2d2::Error> {
         if let Some(refusal) = &generation.refusal {
             return Err(r2d2_error(refusal.clone()));
         }
         match generation.pool.get_timeout(timeout) {
-            Ok(conn) => Ok(PooledConnection::new(conn)),
-            // `release_idle` retired the generation this call was waiting on: try the next one.
-            Err(_) if generation.is_retired() => self
-                .generation()
-                .pool
-                .get_timeout(timeout)
-                .map(PooledConnection::new),
-            Err(error) => Err(error),
+            Ok(conn) => Ok(PooledConnection::new(conn, epoch)),
+            Err(error) => self.after_failed_checkout(generation, epoch, timeout, error),
         }
+    }
+
+    /// `release_idle` may have retired the generation this call was waiting on: then the wait
+    /// is tried once more on the new one; otherwise the error stands.
+    #[cold]
+    #[inline(never)]
+    fn after_failed_checkout(
+        &self,
+        generation: &Generation<M>,
+        epoch: Epoch,
+        timeout: Duration,
+        error: r2d2::Error,
+    ) -> Result<PooledConnection<M>, r2d2::Error> {
+        if !generation.is_retired() {
+            return Err(error);
+        }
+        self.generation()
+            .pool
+            .get_timeout(timeout)
+            .map(|conn| PooledConnection::new(conn, epoch))
     }
 
     /// Checks out an idle connection if there is one, without waiting, like
     /// [`r2d2::Pool::try_get`]. `None` in a forked child of a pool built with
     /// [`OnFork::Fail`](crate::OnFork::Fail).
     pub fn try_get(&self) -> Option<PooledConnection<M>> {
-        let generation = self.generation();
+        let (generation, epoch) = self.generation_with_epoch();
         if generation.refusal.is_some() {
             return None;
         }
-        generation.pool.try_get().map(PooledConnection::new)
+        generation
+            .pool
+            .try_get()
+            .map(|conn| PooledConnection::new(conn, epoch))
     }
 
     /// Waits until this process's pool holds its `min_idle` connections (all `max_size` when
@@ -339,9 +376,15 @@ impl<M: ManageConnection> Pool<M> {
     /// This process's generation, rebuilding it first if the pool came across a fork.
     #[inline]
     fn generation(&self) -> &Generation<M> {
-        match self.shared.generation.get() {
-            Some(generation) => generation,
-            None => self.rebuild_after_fork(),
+        self.generation_with_epoch().0
+    }
+
+    /// [`generation`](Self::generation) and the calling process's epoch, for the guard.
+    #[inline]
+    fn generation_with_epoch(&self) -> (&Generation<M>, Epoch) {
+        match self.shared.generation.get_with_epoch() {
+            Some(found) => found,
+            None => (self.rebuild_after_fork(), current_epoch()),
         }
     }
 

@@ -538,10 +538,16 @@ fn unix_socket_connections_are_counted_as_leaked() -> Check {
 /// that built the pool, and in a forked child that rebuilds it.
 fn bad_input_fails_within_connection_timeout() -> Check {
     let good = url();
-    let (base, _) = good
+    let (base, database) = good
         .rsplit_once('/')
         .ok_or("FORKSAFE_MYSQL_URL has no database")?;
     let with_password = base.replacen("mysql://root@", "mysql://root:wrong-password@", 1);
+    // Completes TCP handshakes (the kernel does) but never answers: connects block.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").map_err(|error| error.to_string())?;
+    let silent_port = silent
+        .local_addr()
+        .map_err(|error| error.to_string())?
+        .port();
     let cases = [
         (
             "not a URL",
@@ -550,7 +556,7 @@ fn bad_input_fails_within_connection_timeout() -> Check {
         ),
         (
             "wrong password",
-            format!("{with_password}/test"),
+            format!("{with_password}/{database}"),
             "Access denied",
         ),
         (
@@ -562,6 +568,11 @@ fn bad_input_fails_within_connection_timeout() -> Check {
             "unreachable port",
             String::from("mysql://root@127.0.0.1:1/test"),
             "Can't connect",
+        ),
+        (
+            "a server that never answers",
+            format!("mysql://root@127.0.0.1:{silent_port}/test"),
+            "timed out waiting for connection",
         ),
     ];
     // Long enough for a first connection attempt to fail even on a loaded machine (r2d2 names the

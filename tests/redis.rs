@@ -778,6 +778,12 @@ fn bad_input_fails_within_connection_timeout() -> Check {
     let good = url();
     let with_password = good.replacen("redis://", "redis://:wrong-password@", 1);
     let base = good.trim_end_matches('/');
+    // Completes TCP handshakes (the kernel does) but never answers: connects block.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").map_err(|error| error.to_string())?;
+    let silent_port = silent
+        .local_addr()
+        .map_err(|error| error.to_string())?
+        .port();
     let cases = [
         (
             "wrong password",
@@ -793,6 +799,11 @@ fn bad_input_fails_within_connection_timeout() -> Check {
             "unreachable port",
             String::from("redis://127.0.0.1:1/"),
             "Connection refused",
+        ),
+        (
+            "a server that never answers",
+            format!("redis://127.0.0.1:{silent_port}/"),
+            "timed out waiting for connection",
         ),
     ];
     // Long enough for a first connection attempt to fail even on a loaded machine (r2d2 names the

@@ -530,6 +530,17 @@ fn use_fake(pool: &FakePool, tag: &str) -> i32 {
         Ok(conn) => conn,
         Err(error) => {
             eprintln!("process {}: get: {error}", std::process::id());
+            if std::env::var_os("FORKSAFE_TORTURE_GDB").is_some() {
+                let me = std::process::id().to_string();
+                if let Ok(out) = Command::new("gdb")
+                    .args(["-p", &me, "-batch", "-ex", "thread apply all bt"])
+                    .output()
+                {
+                    let path = format!("/tmp/forksafe-getfail-{me}.txt");
+                    let _ = std::fs::write(&path, [out.stdout, out.stderr].concat());
+                    eprintln!("process {me}: backtraces in {path}");
+                }
+            }
             return 2;
         }
     };
