@@ -5,11 +5,11 @@
 //! run one after another in this process, and every child is reaped with a deadline (a child
 //! still running then is killed and fails its case).
 
+#[macro_use]
 mod support;
 
 use std::collections::{BTreeSet, HashSet};
 use std::os::fd::RawFd;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,24 +17,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use forksafe_pool::{ForkStats, Pool};
-use support::{fake_pool, reap, run_child, spawn_child, ChildEnd, FakeManager, FakeServer};
+use support::runner::{child_result, expect_exit, run_cases, Case, Check};
+use support::{
+    fake_pool, only_we_wrote_on, points_at_dev_null, reap, run_child, spawn_child,
+    warm_connections, ChildEnd, FakeManager, FakeServer,
+};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 const POOL_SIZE: u32 = 4;
 
-type Check = Result<(), String>;
-/// A named test case.
-type Case = (&'static str, fn() -> Check);
 /// A way for a child to end: name, the child's body, how the parent must see it end.
 type Ending = (&'static str, fn(Pool<FakeManager>) -> i32, ChildEnd);
-
-macro_rules! ensure {
-    ($cond:expr, $($msg:tt)+) => {
-        if !$cond {
-            return Err(format!($($msg)+));
-        }
-    };
-}
 
 /// The parent's view of its warm pool: which server connections it holds and on which fds.
 struct Warm {
@@ -44,21 +37,16 @@ struct Warm {
     fds: Vec<RawFd>,
 }
 
-fn warm_pool() -> Warm {
+fn warm_pool() -> Result<Warm, String> {
     let server = FakeServer::start();
     let pool = fake_pool(server.manager(), POOL_SIZE);
-    let conns: Vec<_> = (0..POOL_SIZE)
-        .map(|_| pool.get().expect("warm get"))
-        .collect();
-    let server_ids = conns.iter().map(|conn| conn.server_id).collect();
-    let fds = conns.iter().map(|conn| conn.fd()).collect();
-    drop(conns);
-    Warm {
+    let (server_ids, fds) = warm_connections(&pool, POOL_SIZE)?;
+    Ok(Warm {
         server,
         pool,
         server_ids,
         fds,
-    }
+    })
 }
 
 /// In a child: checks out connections, checks each is the child's own, echoes a value.
@@ -96,22 +84,10 @@ fn check_parent_intact(warm: &Warm) -> Check {
     );
     for mut conn in conns {
         let value = format!("parent-{me}-{}", conn.server_id);
-        let reply = conn
-            .query(&value)
-            .map_err(|error| format!("parent query: {error}"))?;
-        ensure!(
-            reply == format!("{} {value}", conn.server_id),
-            "parent asked {value}, got {reply}"
-        );
+        conn.echo(&value)?;
     }
-    let lines = warm.server.lines();
-    for id in &warm.server_ids {
-        let foreign: Vec<_> = lines[id].iter().filter(|line| line.pid != me).collect();
-        ensure!(
-            foreign.is_empty(),
-            "another process wrote on the parent's connection {id}: {foreign:?}"
-        );
-    }
+    only_we_wrote_on(&warm.server, &warm.server_ids)
+        .map_err(|error| format!("parent's connections: {error}"))?;
     ensure!(
         warm.pool.fork_stats() == ForkStats::default(),
         "parent's fork stats changed: {:?}",
@@ -120,36 +96,8 @@ fn check_parent_intact(warm: &Warm) -> Check {
     Ok(())
 }
 
-fn expect_exit(end: ChildEnd, code: i32) -> Check {
-    ensure!(
-        end == ChildEnd::Exited(code),
-        "child ended {end:?}, expected exit {code}"
-    );
-    Ok(())
-}
-
-fn dev_null() -> (u64, u64) {
-    let meta = std::fs::metadata("/dev/null").unwrap();
-    (meta.dev(), meta.ino())
-}
-
-fn points_at_dev_null(fd: RawFd) -> bool {
-    nix::sys::stat::fstat(fd).is_ok_and(|stat| (stat.st_dev, stat.st_ino) == dev_null())
-}
-
-/// Child code returns 0 on success; a failed check is printed and exits 1.
-fn child_result(check: Check) -> i32 {
-    match check {
-        Ok(()) => 0,
-        Err(message) => {
-            eprintln!("child {}: {message}", std::process::id());
-            1
-        }
-    }
-}
-
 fn inherited_idle_connections_are_discarded_never_used() -> Check {
-    let warm = warm_pool();
+    let warm = warm_pool()?;
     let fds = warm.fds.clone();
     let end = run_child(DEADLINE, || {
         child_result((|| {
@@ -184,12 +132,12 @@ fn inherited_idle_connections_are_discarded_never_used() -> Check {
             Ok(())
         })())
     });
-    expect_exit(end, 0)?;
+    expect_exit("child", end, 0)?;
     check_parent_intact(&warm)
 }
 
 fn parent_survives_every_way_a_child_ends() -> Check {
-    let warm = warm_pool();
+    let warm = warm_pool()?;
     let ways: [Ending; 5] = [
         (
             "return, dropping the pool",
@@ -245,7 +193,7 @@ fn parent_survives_every_way_a_child_ends() -> Check {
 }
 
 fn a_connection_leased_across_fork() -> Check {
-    let warm = warm_pool();
+    let warm = warm_pool()?;
     let leased = std::cell::RefCell::new(Some(warm.pool.get().unwrap()));
     let leased_fd = leased.borrow().as_ref().unwrap().fd();
     let end = run_child(DEADLINE, || {
@@ -287,7 +235,7 @@ fn a_connection_leased_across_fork() -> Check {
             Ok(())
         })())
     });
-    expect_exit(end, 0)?;
+    expect_exit("child", end, 0)?;
     let mut leased = leased.borrow_mut().take().unwrap();
     let reply = leased
         .query("still mine")
@@ -301,7 +249,7 @@ fn a_connection_leased_across_fork() -> Check {
 }
 
 fn fork_while_threads_hammer_the_pool() -> Check {
-    let warm = warm_pool();
+    let warm = warm_pool()?;
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let hammers: Vec<_> = (0..3)
@@ -353,7 +301,7 @@ fn fork_while_threads_hammer_the_pool() -> Check {
 }
 
 fn nested_fork() -> Check {
-    let warm = warm_pool();
+    let warm = warm_pool()?;
     let end = run_child(DEADLINE, || {
         child_result((|| {
             use_pool_in_child(&warm.pool, 3)?;
@@ -383,12 +331,12 @@ fn nested_fork() -> Check {
             Ok(())
         })())
     });
-    expect_exit(end, 0)?;
+    expect_exit("child", end, 0)?;
     check_parent_intact(&warm)
 }
 
 fn fork_from_a_non_main_thread() -> Check {
-    let warm = warm_pool();
+    let warm = warm_pool()?;
     let mut held = warm.pool.get().unwrap();
     let pool = warm.pool.clone();
     let end = std::thread::spawn(move || {
@@ -396,7 +344,7 @@ fn fork_from_a_non_main_thread() -> Check {
     })
     .join()
     .map_err(|_| "forking thread panicked".to_string())?;
-    expect_exit(end, 0)?;
+    expect_exit("child", end, 0)?;
     ensure!(
         held.query("main")
             .is_ok_and(|reply| reply.ends_with("main")),
@@ -407,7 +355,7 @@ fn fork_from_a_non_main_thread() -> Check {
 }
 
 fn raw_fork_syscall_bypassing_atfork() -> Check {
-    let warm = warm_pool();
+    let warm = warm_pool()?;
     let atfork_before = forksafe_pool::fork_detection().atfork_child_calls;
     // SAFETY: the raw child only uses the pool (this test keeps no other thread busy, so no
     // libc lock is held at the fork) and leaves with `_exit`.
@@ -434,12 +382,16 @@ fn raw_fork_syscall_bypassing_atfork() -> Check {
         "SYS_fork failed: {}",
         std::io::Error::last_os_error()
     );
-    expect_exit(reap(nix::unistd::Pid::from_raw(pid as i32), DEADLINE), 0)?;
+    expect_exit(
+        "child",
+        reap(nix::unistd::Pid::from_raw(pid as i32), DEADLINE),
+        0,
+    )?;
     check_parent_intact(&warm)
 }
 
 fn command_spawn_does_not_rebuild_the_parent() -> Check {
-    let warm = warm_pool();
+    let warm = warm_pool()?;
     for with_pre_exec in [false, true] {
         let mut command = Command::new("true");
         if with_pre_exec {
@@ -456,7 +408,7 @@ fn command_spawn_does_not_rebuild_the_parent() -> Check {
 }
 
 fn a_child_never_rebuilds_twice_under_racing_threads() -> Check {
-    let warm = warm_pool();
+    let warm = warm_pool()?;
     let end = run_child(DEADLINE, || {
         let pool = warm.pool.clone();
         let threads: Vec<_> = (0..4)
@@ -486,12 +438,12 @@ fn a_child_never_rebuilds_twice_under_racing_threads() -> Check {
             Ok(())
         })())
     });
-    expect_exit(end, 0)?;
+    expect_exit("child", end, 0)?;
     check_parent_intact(&warm)
 }
 
 fn many_children_at_once() -> Check {
-    let warm = warm_pool();
+    let warm = warm_pool()?;
     let children: Vec<_> = (0..8)
         .map(|_| {
             let pool = warm.pool.clone();
@@ -499,7 +451,7 @@ fn many_children_at_once() -> Check {
         })
         .collect();
     for child in children {
-        expect_exit(reap(child, DEADLINE), 0)?;
+        expect_exit("child", reap(child, DEADLINE), 0)?;
     }
     check_parent_intact(&warm)
 }
@@ -542,7 +494,7 @@ fn a_child_that_cannot_connect_gets_a_clear_error_in_time() -> Check {
             Ok(())
         })())
     });
-    expect_exit(end, 0)?;
+    expect_exit("child", end, 0)?;
     let mut conn = pool.get().map_err(|error| format!("parent get: {error}"))?;
     ensure!(
         conn.query("parent").is_ok(),
@@ -589,31 +541,5 @@ fn main() {
             a_child_that_cannot_connect_gets_a_clear_error_in_time,
         ),
     ];
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|arg| !arg.starts_with('-'))
-        .collect();
-    let (mut passed, mut failed) = (0, 0);
-    for (name, case) in cases {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        match case() {
-            Ok(()) => {
-                println!("test {name} ... ok");
-                passed += 1;
-            }
-            Err(message) => {
-                println!("test {name} ... FAILED: {message}");
-                failed += 1;
-            }
-        }
-    }
-    println!(
-        "\ntest result: {}. {passed} passed; {failed} failed",
-        if failed == 0 { "ok" } else { "FAILED" }
-    );
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    run_cases(cases);
 }

@@ -5,9 +5,8 @@
 //! A `harness = false` binary (see `fork_core.rs`): cases run one after another, every child
 //! is reaped with a deadline, and a hung child fails its case.
 
-mod support;
 #[macro_use]
-mod cases;
+mod support;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -16,8 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cases::{child_result, expect_exit, Case, Check};
 use forksafe_pool::ForkLocal;
+use support::runner::{child_result, expect_exit, run_cases, Case, Check};
 use support::{reap, run_child, spawn_child, ChildEnd};
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -89,7 +88,7 @@ fn built_once_per_process() -> Check {
             Ok(())
         })())
     });
-    expect_exit(end, 0)?;
+    expect_exit("child", end, 0)?;
     ensure!(local.get().by == me, "parent's value changed");
     ensure!(
         local.get() as *const Built as usize == parent_value,
@@ -116,7 +115,7 @@ fn a_static_forklocal_in_a_child() -> Check {
             Ok(())
         })())
     });
-    expect_exit(end, 0)?;
+    expect_exit("child", end, 0)?;
     ensure!(*BUILT_BY.get() == me, "parent's static value changed");
     Ok(())
 }
@@ -192,9 +191,9 @@ fn the_inherited_value_is_never_dropped_in_a_child() -> Check {
         drop(slot.take());
         0
     });
-    expect_exit(reap(builds, DEADLINE), 0)?;
+    expect_exit("child", reap(builds, DEADLINE), 0)?;
     let builder_pid = builds.as_raw() as u32;
-    expect_exit(reap(never_asks, DEADLINE), 0)?;
+    expect_exit("child", reap(never_asks, DEADLINE), 0)?;
     let seen = drain(&read);
     let expected = format!("built={builder_pid} dropped={builder_pid}\n");
     ensure!(
@@ -241,7 +240,7 @@ fn a_reference_taken_before_fork_still_points_at_the_parents_value() -> Check {
             Ok(())
         })())
     });
-    expect_exit(end, 0)?;
+    expect_exit("child", end, 0)?;
     ensure!(std::ptr::eq(before, local.get()), "parent's value replaced");
     Ok(())
 }
@@ -290,7 +289,7 @@ fn nested_forks_build_a_value_per_generation() -> Check {
             Ok(())
         })())
     });
-    expect_exit(end, 0)?;
+    expect_exit("child", end, 0)?;
     ensure!(
         calls.load(Ordering::SeqCst) == 1,
         "parent's initialiser ran again"
@@ -331,7 +330,7 @@ fn a_fork_during_another_threads_initialiser_does_not_block_the_child() -> Check
             Ok(())
         })())
     });
-    expect_exit(end, 0)?;
+    expect_exit("child", end, 0)?;
     let built = builder
         .join()
         .map_err(|_| "builder thread panicked".to_string())?;
@@ -363,7 +362,7 @@ fn a_failing_initialiser_in_the_child_never_yields_the_parents_value() -> Check 
             Ok(())
         })())
     });
-    expect_exit(end, 0)?;
+    expect_exit("child", end, 0)?;
     ensure!(local.get_or_try() == Ok(&parent), "parent's value changed");
     Ok(())
 }
@@ -396,5 +395,5 @@ fn main() {
             a_failing_initialiser_in_the_child_never_yields_the_parents_value,
         ),
     ];
-    cases::run_cases(&cases);
+    run_cases(cases);
 }

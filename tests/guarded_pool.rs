@@ -5,18 +5,17 @@
 //!
 //! A `harness = false` binary (see `fork_core.rs`).
 
-mod support;
 #[macro_use]
-mod cases;
+mod support;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use cases::{child_result, expect_exit, Case, Check};
 use forksafe_pool::GuardedPool;
-use support::{run_child, ChildEnd, FakeManager, FakeServer};
+use support::runner::{child_result, expect_exit, run_cases, Case, Check};
+use support::{only_we_wrote_on, refused_at_once, run_child, ChildEnd, FakeManager, FakeServer};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 const POOL_SIZE: u32 = 3;
@@ -55,29 +54,9 @@ fn parent_unharmed(
             "parent got a connection opened by {}",
             conn.opened_by
         );
-        let value = format!("parent-{round}");
-        let reply = conn
-            .query(&value)
-            .map_err(|error| format!("parent query: {error}"))?;
-        ensure!(
-            reply == format!("{} {value}", conn.server_id),
-            "parent asked {value}, got {reply}"
-        );
+        conn.echo(&format!("parent-{round}"))?;
     }
-    let lines = server.lines();
-    for id in ids {
-        let foreign: Vec<_> = lines
-            .get(id)
-            .into_iter()
-            .flatten()
-            .filter(|line| line.pid != me)
-            .collect();
-        ensure!(
-            foreign.is_empty(),
-            "another process wrote on the parent's connection {id}: {foreign:?}"
-        );
-    }
-    Ok(())
+    only_we_wrote_on(server, ids).map_err(|error| format!("parent's connections: {error}"))
 }
 
 fn without_a_rebuild_closure_a_child_gets_a_clear_error_at_once() -> Check {
@@ -88,31 +67,14 @@ fn without_a_rebuild_closure_a_child_gets_a_clear_error_at_once() -> Check {
     let parent = std::process::id();
     let end = run_child(DEADLINE, || {
         child_result((|| {
-            let started = Instant::now();
-            let error = match pool.get() {
-                Ok(conn) => {
-                    return Err(format!(
-                        "child got a connection opened by {}",
-                        conn.opened_by
-                    ))
-                }
-                Err(error) => error.to_string(),
-            };
-            ensure!(
-                started.elapsed() < Duration::from_secs(1),
-                "the error took {:?}",
-                started.elapsed()
-            );
-            for needle in [
-                "crossed fork()",
-                &format!("wrapped in process {parent}"),
-                "GuardedPool::rebuild_with",
-            ] {
-                ensure!(
-                    error.contains(needle),
-                    "error {error:?} does not mention {needle:?}"
-                );
-            }
+            refused_at_once(
+                || pool.get(),
+                &[
+                    "crossed fork()",
+                    &format!("wrapped in process {parent}"),
+                    "GuardedPool::rebuild_with",
+                ],
+            )?;
             ensure!(
                 pool.get_timeout(Duration::from_secs(3)).is_err(),
                 "get_timeout succeeded"
@@ -127,7 +89,7 @@ fn without_a_rebuild_closure_a_child_gets_a_clear_error_at_once() -> Check {
             Ok(())
         })())
     });
-    expect_exit(end, 0)?;
+    expect_exit("child", end, 0)?;
     parent_unharmed(&server, &pool, &ids)
 }
 
@@ -147,16 +109,7 @@ fn with_a_rebuild_closure_a_child_gets_its_own_pool() -> Check {
             let me = std::process::id();
             for round in 0..10 {
                 let mut conn = pool.get().map_err(|error| format!("child get: {error}"))?;
-                ensure!(
-                    conn.opened_by == me,
-                    "child got a connection opened by {}",
-                    conn.opened_by
-                );
-                ensure!(
-                    !ids.contains(&conn.server_id),
-                    "child got the parent's connection {}",
-                    conn.server_id
-                );
+                conn.check_own("child", &ids, "the parent's")?;
                 let value = format!("child-{round}");
                 let reply = conn
                     .query(&value)
@@ -209,7 +162,7 @@ fn with_a_rebuild_closure_a_child_gets_its_own_pool() -> Check {
             Ok(())
         })())
     });
-    expect_exit(end, 0)?;
+    expect_exit("child", end, 0)?;
     ensure!(rebuilds.load(Ordering::SeqCst) == 0, "the parent rebuilt");
     parent_unharmed(&server, &pool, &ids)
 }
@@ -250,7 +203,7 @@ fn a_failing_rebuild_returns_its_error_and_is_retried() -> Check {
             Ok(())
         })())
     });
-    expect_exit(end, 0)?;
+    expect_exit("child", end, 0)?;
     parent_unharmed(&server, &pool, &ids)
 }
 
@@ -269,5 +222,5 @@ fn main() {
             a_failing_rebuild_returns_its_error_and_is_retried,
         ),
     ];
-    cases::run_cases(&cases);
+    run_cases(cases);
 }

@@ -4,34 +4,21 @@
 //!
 //! A `harness = false` binary (see `fork_core.rs`).
 
-mod support;
 #[macro_use]
-mod cases;
+mod support;
 
 use std::collections::BTreeSet;
-use std::os::fd::RawFd;
-use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use cases::{child_result, expect_exit, Case, Check};
 use forksafe_pool::{OnFork, Pool};
+use support::runner::{child_result, expect_exit, run_cases, Case, Check};
 use support::{
-    fake_pool, reap, run_child, spawn_child, ChildEnd, FakeConnection, FakeManager, FakeServer,
+    fake_pool, only_we_wrote_on, points_at_dev_null, reap, refused_at_once, run_child, spawn_child,
+    warm_connections, ChildEnd, FakeConnection, FakeServer,
 };
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-/// Checks out `n` connections at once and returns them: their server numbers and fds.
-fn warm(pool: &Pool<FakeManager>, n: u32) -> Result<(BTreeSet<u64>, Vec<RawFd>), String> {
-    let conns: Vec<_> = (0..n)
-        .map(|_| pool.get().map_err(|error| format!("warm get: {error}")))
-        .collect::<Result<_, _>>()?;
-    Ok((
-        conns.iter().map(|conn| conn.server_id).collect(),
-        conns.iter().map(|conn| conn.fd()).collect(),
-    ))
-}
 
 /// Waits until the server has seen every connection in `ids` closed by every process.
 fn wait_closed(server: &FakeServer, ids: &BTreeSet<u64>) -> Check {
@@ -49,40 +36,10 @@ fn wait_closed(server: &FakeServer, ids: &BTreeSet<u64>) -> Check {
     }
 }
 
-/// Nobody but this process wrote on the connections in `ids`.
-fn only_we_wrote_on(server: &FakeServer, ids: &BTreeSet<u64>) -> Check {
-    let me = std::process::id();
-    let lines = server.lines();
-    for id in ids {
-        let foreign: Vec<_> = lines
-            .get(id)
-            .into_iter()
-            .flatten()
-            .filter(|line| line.pid != me)
-            .collect();
-        ensure!(
-            foreign.is_empty(),
-            "another process wrote on connection {id}: {foreign:?}"
-        );
-    }
-    Ok(())
-}
-
-fn query(conn: &mut FakeConnection, value: &str) -> Check {
-    let reply = conn
-        .query(value)
-        .map_err(|error| format!("query: {error}"))?;
-    ensure!(
-        reply == format!("{} {value}", conn.server_id),
-        "asked {value}, got {reply}"
-    );
-    Ok(())
-}
-
 fn release_idle_before_fork_leaves_children_nothing_to_discard() -> Check {
     let server = FakeServer::start();
     let pool = fake_pool(server.manager(), 4);
-    let (ids, _) = warm(&pool, 4)?;
+    let (ids, _) = warm_connections(&pool, 4)?;
     let closed = pool.release_idle();
     ensure!(
         closed == 4,
@@ -106,19 +63,9 @@ fn release_idle_before_fork_leaves_children_nothing_to_discard() -> Check {
 
     let end = run_child(DEADLINE, || {
         child_result((|| {
-            let me = std::process::id();
             let mut conn = pool.get().map_err(|error| format!("child get: {error}"))?;
-            ensure!(
-                conn.opened_by == me,
-                "child got a connection opened by {}",
-                conn.opened_by
-            );
-            ensure!(
-                !ids.contains(&conn.server_id),
-                "child got the master's connection {}",
-                conn.server_id
-            );
-            query(&mut conn, "child")?;
+            conn.check_own("child", &ids, "the master's")?;
+            conn.echo("child")?;
             let stats = pool.fork_stats();
             ensure!(
                 stats.forks_crossed == 1,
@@ -138,23 +85,14 @@ fn release_idle_before_fork_leaves_children_nothing_to_discard() -> Check {
             Ok(())
         })())
     });
-    expect_exit(end, 0)?;
+    expect_exit("child", end, 0)?;
 
     // The master reconnects on demand, with new connections.
     let mut conn = pool
         .get()
         .map_err(|error| format!("master get after release: {error}"))?;
-    ensure!(
-        conn.opened_by == me,
-        "master got a connection opened by {}",
-        conn.opened_by
-    );
-    ensure!(
-        !ids.contains(&conn.server_id),
-        "master got a released connection {}",
-        conn.server_id
-    );
-    query(&mut conn, "master")?;
+    conn.check_own("master", &ids, "a released")?;
+    conn.echo("master")?;
     ensure!(
         pool.fork_stats().forks_crossed == 0,
         "the master counted a fork: {:?}",
@@ -166,7 +104,7 @@ fn release_idle_before_fork_leaves_children_nothing_to_discard() -> Check {
 fn release_idle_closes_a_leased_connection_when_it_is_returned() -> Check {
     let server = FakeServer::start();
     let pool = fake_pool(server.manager(), 2);
-    let (ids, _) = warm(&pool, 2)?;
+    let (ids, _) = warm_connections(&pool, 2)?;
     let mut leased = pool.get().map_err(|error| format!("get: {error}"))?;
     let leased_id = leased.server_id;
     let closed = pool.release_idle();
@@ -179,7 +117,7 @@ fn release_idle_closes_a_leased_connection_when_it_is_returned() -> Check {
         &ids.iter().copied().filter(|id| *id != leased_id).collect(),
     )?;
     // Still usable while leased...
-    query(&mut leased, "still mine")?;
+    leased.echo("still mine")?;
     ensure!(
         !server.closed().contains(&leased_id),
         "the leased connection was closed under its user"
@@ -202,10 +140,10 @@ fn release_idle_closes_a_leased_connection_when_it_is_returned() -> Check {
 fn release_idle_in_a_worker_before_it_forks() -> Check {
     let server = FakeServer::start();
     let pool = fake_pool(server.manager(), 2);
-    warm(&pool, 2)?;
+    warm_connections(&pool, 2)?;
     let worker = spawn_child(|| {
         child_result((|| {
-            let (worker_ids, _) = warm(&pool, 2)?;
+            let (worker_ids, _) = warm_connections(&pool, 2)?;
             let closed = pool.release_idle();
             ensure!(closed == 2, "the worker's release_idle closed {closed}");
             let discarded_before = pool.fork_stats().connections_discarded;
@@ -219,7 +157,7 @@ fn release_idle_in_a_worker_before_it_forks() -> Check {
                         "grandchild got {}'s connection",
                         conn.opened_by
                     );
-                    query(&mut conn, "grandchild")?;
+                    conn.echo("grandchild")?;
                     let discarded = pool.fork_stats().connections_discarded - discarded_before;
                     ensure!(discarded == 0, "the grandchild discarded {discarded}");
                     Ok(())
@@ -236,11 +174,11 @@ fn release_idle_in_a_worker_before_it_forks() -> Check {
                 !worker_ids.contains(&conn.server_id),
                 "the worker got a released connection"
             );
-            query(&mut conn, "worker")?;
+            conn.echo("worker")?;
             Ok(())
         })())
     });
-    expect_exit(reap(worker, DEADLINE), 0)?;
+    expect_exit("worker", reap(worker, DEADLINE), 0)?;
     // The worker's first two connections ended with its own goodbye, before anything else
     // happened on them (the server only runs here, so the check is made here).
     let worker = worker.as_raw() as u32;
@@ -274,7 +212,7 @@ fn warm_up_after_fork_opens_the_connections_before_the_first_request() -> Check 
     let manager = server.manager();
     let connects = std::sync::Arc::clone(&manager.connects);
     let pool = fake_pool(manager, 3);
-    let (ids, _) = warm(&pool, 3)?;
+    let (ids, _) = warm_connections(&pool, 3)?;
     let end = run_child(DEADLINE, || {
         child_result((|| {
             // The counter is the child's copy: it counts the child's connection attempts.
@@ -298,16 +236,8 @@ fn warm_up_after_fork_opens_the_connections_before_the_first_request() -> Check 
                 connects.load(Ordering::SeqCst) == before + 3,
                 "the first request had to connect"
             );
-            ensure!(
-                conn.opened_by == std::process::id(),
-                "child got {}'s connection",
-                conn.opened_by
-            );
-            ensure!(
-                !ids.contains(&conn.server_id),
-                "child got the parent's connection"
-            );
-            query(&mut conn, "warm child")?;
+            conn.check_own("child", &ids, "the parent's")?;
+            conn.echo("warm child")?;
             ensure!(
                 pool.fork_stats().connections_discarded == 3,
                 "stats {:?}",
@@ -316,7 +246,7 @@ fn warm_up_after_fork_opens_the_connections_before_the_first_request() -> Check 
             Ok(())
         })())
     });
-    expect_exit(end, 0)?;
+    expect_exit("child", end, 0)?;
     only_we_wrote_on(&server, &ids)
 }
 
@@ -364,15 +294,6 @@ fn warm_up_in_the_building_process_and_when_it_cannot_connect() -> Check {
     Ok(())
 }
 
-fn dev_null() -> (u64, u64) {
-    let meta = std::fs::metadata("/dev/null").unwrap();
-    (meta.dev(), meta.ino())
-}
-
-fn points_at_dev_null(fd: RawFd) -> bool {
-    nix::sys::stat::fstat(fd).is_ok_and(|stat| (stat.st_dev, stat.st_ino) == dev_null())
-}
-
 fn on_fork_fail_refuses_in_a_child_at_once() -> Check {
     let server = FakeServer::start();
     let manager = server.manager();
@@ -385,35 +306,18 @@ fn on_fork_fail_refuses_in_a_child_at_once() -> Check {
         .on_fork(OnFork::Fail)
         .build(manager)
         .map_err(|error| format!("build: {error}"))?;
-    let (ids, fds) = warm(&pool, 2)?;
+    let (ids, fds) = warm_connections(&pool, 2)?;
     let end = run_child(DEADLINE, || {
         child_result((|| {
             let before = connects.load(Ordering::SeqCst);
-            let started = Instant::now();
-            let error = match pool.get() {
-                Ok(conn) => {
-                    return Err(format!(
-                        "child got a connection opened by {}",
-                        conn.opened_by
-                    ))
-                }
-                Err(error) => error.to_string(),
-            };
-            ensure!(
-                started.elapsed() < Duration::from_secs(1),
-                "the error took {:?}",
-                started.elapsed()
-            );
-            for needle in [
-                "crossed fork()",
-                "OnFork::Fail",
-                &format!("process {}", std::process::id()),
-            ] {
-                ensure!(
-                    error.contains(needle),
-                    "error {error:?} does not mention {needle:?}"
-                );
-            }
+            refused_at_once(
+                || pool.get(),
+                &[
+                    "crossed fork()",
+                    "OnFork::Fail",
+                    &format!("process {}", std::process::id()),
+                ],
+            )?;
             ensure!(
                 pool.get_timeout(Duration::from_secs(3)).is_err(),
                 "get_timeout succeeded"
@@ -457,13 +361,13 @@ fn on_fork_fail_refuses_in_a_child_at_once() -> Check {
             Ok(())
         })())
     });
-    expect_exit(end, 0)?;
+    expect_exit("child", end, 0)?;
     only_we_wrote_on(&server, &ids)?;
     let mut conn = pool
         .get()
         .map_err(|error| format!("parent get after fork: {error}"))?;
     ensure!(ids.contains(&conn.server_id), "parent lost its connections");
-    query(&mut conn, "parent")?;
+    conn.echo("parent")?;
     drop(conn);
 
     // A master that released its connections before forking: its child has nothing inherited
@@ -476,7 +380,7 @@ fn on_fork_fail_refuses_in_a_child_at_once() -> Check {
             Err(error) => Err(format!("unexpected error: {error}")),
         })
     });
-    expect_exit(end, 0)?;
+    expect_exit("child", end, 0)?;
     ensure!(
         pool.get().is_ok(),
         "the parent cannot reconnect after release_idle"
@@ -511,5 +415,5 @@ fn main() {
             on_fork_fail_refuses_in_a_child_at_once,
         ),
     ];
-    cases::run_cases(&cases);
+    run_cases(cases);
 }

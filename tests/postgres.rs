@@ -8,6 +8,7 @@
 //! `FORKSAFE_PG_SOCKET_URL` (default `postgres:///test?host=/var/run/postgresql&user=postgres`).
 //! Without a server the binary prints why and skips, unless `CI` is set: then it fails.
 
+#[macro_use]
 mod support;
 
 use std::collections::BTreeSet;
@@ -23,10 +24,10 @@ use forksafe_pool::{ForkStats, Pool};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use support::runner::{child_result, ci, expect_exit, require_server, run_cases, Check};
 use support::{reap, run_child, spawn_child, ChildEnd};
 
 type PgPool = Pool<ConnectionManager<PgConnection>>;
-type Check = Result<(), String>;
 /// A way for a child to end: its name, its body, how the parent must see it end.
 type Ending = (&'static str, fn(&PgPool, &BTreeSet<i32>) -> i32, ChildEnd);
 
@@ -34,14 +35,6 @@ const POOL_SIZE: u32 = 4;
 const WORKERS: usize = 4;
 const REQUESTS: usize = 300;
 const DEADLINE: Duration = Duration::from_secs(60);
-
-macro_rules! ensure {
-    ($cond:expr, $($msg:tt)+) => {
-        if !$cond {
-            return Err(format!($($msg)+));
-        }
-    };
-}
 
 /// How the pool reaches the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -279,25 +272,6 @@ fn check_child_stats(warm: &Warm, leased: u64) -> Check {
     ensure!(
         stats.connections_leaked == leaked,
         "connections_leaked (expected {leaked}): {stats:?}"
-    );
-    Ok(())
-}
-
-/// Child code returns 0 on success; a failed check is printed and exits 1.
-fn child_result(check: Check) -> i32 {
-    match check {
-        Ok(()) => 0,
-        Err(message) => {
-            eprintln!("child {}: {message}", std::process::id());
-            1
-        }
-    }
-}
-
-fn expect_exit(who: &str, end: ChildEnd, code: i32) -> Check {
-    ensure!(
-        end == ChildEnd::Exited(code),
-        "{who} ended {end:?}, expected exit {code}"
     );
     Ok(())
 }
@@ -926,23 +900,16 @@ fn main() {
     if let Ok(spec) = std::env::var(PROXY_ENV) {
         run_proxy(&spec);
     }
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|arg| !arg.starts_with('-'))
-        .collect();
-    if let Err(reason) = server_reachable(Transport::Plain) {
-        if std::env::var_os("CI").is_some() {
-            println!("test result: FAILED. 0 passed; 1 failed ({reason})");
-            std::process::exit(1);
-        }
-        println!("skipping the PostgreSQL tests: {reason} (set CI=true to make this a failure)");
-        return;
-    }
+    require_server(
+        "PostgreSQL",
+        server_reachable(Transport::Plain),
+        "set FORKSAFE_PG_URL",
+    );
     let mut cases: Vec<(String, Box<dyn Fn() -> Check>)> = Vec::new();
     for transport in Transport::ALL {
         let name = format!("{transport:?}").to_lowercase();
         if let Err(reason) = server_reachable(transport) {
-            if std::env::var_os("CI").is_none() {
+            if !ci() {
                 println!(
                     "skipping the {name} cases: {reason} (set CI=true to make this a failure)"
                 );
@@ -978,28 +945,5 @@ fn main() {
         "server_restarted_while_workers_run".into(),
         Box::new(server_restarted_while_workers_run),
     ));
-    let (mut passed, mut failed) = (0, 0);
-    for (name, case) in cases {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        let started = Instant::now();
-        match case() {
-            Ok(()) => {
-                println!("test {name} ... ok ({:.1?})", started.elapsed());
-                passed += 1;
-            }
-            Err(message) => {
-                println!("test {name} ... FAILED: {message}");
-                failed += 1;
-            }
-        }
-    }
-    println!(
-        "\ntest result: {}. {passed} passed; {failed} failed",
-        if failed == 0 { "ok" } else { "FAILED" }
-    );
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    run_cases(cases);
 }

@@ -7,75 +7,30 @@
 //! and every child is reaped with a deadline (a child still running then is killed and fails
 //! its case). Without a reachable server the binary prints why and skips, unless `CI` is set:
 //! then it fails.
+//!
+//! The scenarios it shares with MariaDB/MySQL are in `support/backend.rs`; the ones here are
+//! Redis's own.
 
+#[macro_use]
 mod support;
 
 use std::collections::BTreeSet;
-use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use forksafe_pool::{ForkStats, Pool, PooledConnection};
-use nix::sys::signal::{kill, raise, Signal};
+use forksafe_pool::{Pool, PooledConnection};
 use nix::unistd::Pid;
 use redis::Commands;
-use support::{reap, spawn_child, ChildEnd};
+use support::backend::{
+    self, check_released, child_case, datagram_pair, expect_child_exit, expect_workers_exit,
+    receive, run_requests, send, session_ids, Backend, KillOnDrop, DEADLINE, POOL_SIZE, SLACK,
+};
+use support::runner::{skip_unless_ci, Check};
+use support::spawn_child;
 
 type Manager = redis::Client;
-type Check = Result<(), String>;
-type Case = (&'static str, fn() -> Check);
-
-const DEADLINE: Duration = Duration::from_secs(30);
-const POOL_SIZE: u32 = 4;
-const WORKERS: usize = 4;
-const REQUESTS: usize = 300;
-/// How much later than `connection_timeout` a failing `get` or `build` may return.
-const SLACK: Duration = Duration::from_secs(3);
-
-macro_rules! ensure {
-    ($cond:expr, $($msg:tt)+) => {
-        if !$cond {
-            return Err(format!($($msg)+));
-        }
-    };
-}
-
-fn url() -> String {
-    std::env::var("FORKSAFE_REDIS_URL").unwrap_or_else(|_| String::from("redis://127.0.0.1:6379/"))
-}
 
 fn client(url: &str) -> Result<redis::Client, String> {
     redis::Client::open(url).map_err(|error| format!("redis URL {url:?}: {error}"))
-}
-
-/// A pool like a pre-forking server's master builds: `POOL_SIZE` connections, all opened now.
-fn warm_pool() -> Result<Pool<Manager>, String> {
-    warm_pool_at(&url())
-}
-
-fn warm_pool_at(url: &str) -> Result<Pool<Manager>, String> {
-    Pool::builder()
-        .max_size(POOL_SIZE)
-        .min_idle(Some(POOL_SIZE))
-        .connection_timeout(Duration::from_secs(10))
-        .build(client(url)?)
-        .map_err(|error| format!("build: {error}"))
-}
-
-/// Asks the server to echo `value` and say which session answered (one pipelined round trip);
-/// checks the echo.
-fn echo(conn: &mut PooledConnection<Manager>, value: &str) -> Result<i64, String> {
-    let (answer, session): (String, i64) = redis::pipe()
-        .cmd("ECHO")
-        .arg(value)
-        .cmd("CLIENT")
-        .arg("ID")
-        .query(conn)
-        .map_err(|error| format!("ECHO {value:?}: {error}"))?;
-    ensure!(
-        answer == value,
-        "asked for {value:?}, got {answer:?} (another process's answer?)"
-    );
-    Ok(session)
 }
 
 /// `SET` and `GET` through `redis::Commands` on the guard, as with r2d2's.
@@ -100,421 +55,76 @@ fn set_and_get(conn: &mut PooledConnection<Manager>, key: &str, value: &str) -> 
     Ok(())
 }
 
-/// Checks out every connection of the pool at once and returns their server session ids.
-fn session_ids(pool: &Pool<Manager>) -> Result<BTreeSet<i64>, String> {
-    let mut conns = (0..pool.max_size())
-        .map(|_| pool.get_timeout(Duration::from_secs(10)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| format!("get: {error}"))?;
-    let me = std::process::id();
-    conns
-        .iter_mut()
-        .enumerate()
-        .map(|(n, conn)| echo(conn, &format!("ids-{me}-{n}")))
-        .collect()
-}
+impl Backend for Manager {
+    type Observer = redis::Connection;
 
-/// The sessions the server has open right now (`CLIENT LIST`), seen from a connection of our own.
-fn live_sessions(observer: &mut redis::Connection) -> Result<BTreeSet<i64>, String> {
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query(observer)
-        .map_err(|error| format!("CLIENT LIST: {error}"))?;
-    Ok(list
-        .lines()
-        .filter_map(|line| {
-            line.split_whitespace()
-                .find_map(|field| field.strip_prefix("id=")?.parse().ok())
-        })
-        .collect())
-}
+    fn url() -> String {
+        std::env::var("FORKSAFE_REDIS_URL")
+            .unwrap_or_else(|_| String::from("redis://127.0.0.1:6379/"))
+    }
 
-/// In the master after its children: the same server sessions, all working.
-fn check_master_intact(pool: &Pool<Manager>, before: &BTreeSet<i64>) -> Check {
-    let after = session_ids(pool)?;
-    ensure!(
-        &after == before,
-        "the master's sessions changed: {before:?} -> {after:?}"
-    );
-    ensure!(
-        pool.fork_stats() == ForkStats::default(),
-        "the master's fork stats changed: {:?}",
-        pool.fork_stats()
-    );
-    Ok(())
-}
+    fn manager(url: &str) -> Result<Manager, String> {
+        client(url)
+    }
 
-/// In a child: `requests` checked echoes, none answered by one of `foreign` sessions; returns the
-/// sessions that answered.
-fn run_requests(
-    pool: &Pool<Manager>,
-    requests: usize,
-    foreign: &BTreeSet<i64>,
-) -> Result<BTreeSet<i64>, String> {
-    let me = std::process::id();
-    let mut own = BTreeSet::new();
-    for request in 0..requests {
-        let mut conn = pool
-            .get()
-            .map_err(|error| format!("request {request}: get: {error}"))?;
-        let value = format!("worker-{me}-request-{request}");
-        let session = echo(&mut conn, &value).map_err(|e| format!("request {request}: {e}"))?;
-        if request % 10 == 0 {
-            set_and_get(&mut conn, &format!("forksafe-pool:test:{me}"), &value)
-                .map_err(|e| format!("request {request}: {e}"))?;
-        }
+    /// `ECHO` and `CLIENT ID` in one pipelined round trip.
+    fn echo(conn: &mut PooledConnection<Manager>, value: &str) -> Result<i64, String> {
+        let (answer, session): (String, i64) = redis::pipe()
+            .cmd("ECHO")
+            .arg(value)
+            .cmd("CLIENT")
+            .arg("ID")
+            .query(conn)
+            .map_err(|error| format!("ECHO {value:?}: {error}"))?;
         ensure!(
-            !foreign.contains(&session),
-            "request {request} was answered by the master's session {session}"
+            answer == value,
+            "asked for {value:?}, got {answer:?} (another process's answer?)"
         );
-        own.insert(session);
+        Ok(session)
     }
-    Ok(own)
-}
 
-/// In a child that found `inherited` connections: every one discarded, its socket released.
-fn check_released(pool: &Pool<Manager>, inherited: u64, leased: u64) -> Check {
-    let stats = pool.fork_stats();
-    ensure!(
-        stats.forks_crossed == 1
-            && stats.connections_discarded == inherited
-            && stats.sockets_released == inherited
-            && stats.connections_leaked == 0
-            && stats.leased_across_fork == leased,
-        "expected {inherited} inherited connections discarded with their sockets released ({leased} leased), got {stats:?}"
-    );
-    Ok(())
-}
-
-/// Runs `case` in a forked child; its error, if any, comes back over `report`.
-fn child_case(report: &UnixDatagram, case: impl FnOnce() -> Check) -> i32 {
-    match case() {
-        Ok(()) => 0,
-        Err(message) => {
-            let _ = report.send(format!("[child {}] {message}", std::process::id()).as_bytes());
-            1
+    /// An echo; every tenth request also `SET`s and `GET`s a key of the worker's.
+    fn request(
+        conn: &mut PooledConnection<Manager>,
+        request: usize,
+        value: &str,
+    ) -> Result<i64, String> {
+        let session = Manager::echo(conn, value)?;
+        if request.is_multiple_of(10) {
+            let key = format!("forksafe-pool:test:{}", std::process::id());
+            set_and_get(conn, &key, value)?;
         }
+        Ok(session)
     }
-}
 
-/// Every message the children sent, without waiting.
-fn reports(report: &UnixDatagram) -> Vec<String> {
-    let _ = report.set_nonblocking(true);
-    let mut buf = vec![0; 64 * 1024];
-    let mut messages = Vec::new();
-    while let Ok(len) = report.recv(&mut buf) {
-        messages.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+    fn observer() -> Result<redis::Connection, String> {
+        client(&Manager::url())?
+            .get_connection()
+            .map_err(|error| format!("observer: {error}"))
     }
-    messages
-}
 
-fn expect_exits(
-    children: Vec<(String, Pid, ChildEnd)>,
-    expected: impl Fn(&str) -> ChildEnd,
-    report: &UnixDatagram,
-) -> Check {
-    let wrong: Vec<String> = children
-        .into_iter()
-        .filter(|(name, _, end)| *end != expected(name))
-        .map(|(name, pid, end)| format!("{name} ({pid}) ended {end:?}"))
-        .collect();
-    let messages = reports(report);
-    ensure!(
-        wrong.is_empty() && messages.is_empty(),
-        "children: {wrong:?}; their errors: {messages:?}"
-    );
-    Ok(())
-}
-
-/// The scenario: a warm master pool, 4 forked workers with 300 checked requests each.
-fn four_workers_get_their_own_answers() -> Check {
-    let pool = warm_pool()?;
-    let master = session_ids(&pool)?;
-    ensure!(
-        master.len() == POOL_SIZE as usize,
-        "the master has {} sessions, expected {POOL_SIZE}",
-        master.len()
-    );
-    let (report, child_report) = UnixDatagram::pair().map_err(|error| error.to_string())?;
-    let pids: Vec<Pid> = (0..WORKERS)
-        .map(|_| {
-            spawn_child(|| {
-                child_case(&child_report, || {
-                    let own = run_requests(&pool, REQUESTS, &master)?;
-                    ensure!(
-                        !own.is_empty() && own.len() <= POOL_SIZE as usize,
-                        "answered by sessions {own:?}"
-                    );
-                    check_released(&pool, u64::from(POOL_SIZE), 0)
-                })
+    /// `CLIENT LIST`.
+    fn live_sessions(observer: &mut redis::Connection) -> Result<BTreeSet<i64>, String> {
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query(observer)
+            .map_err(|error| format!("CLIENT LIST: {error}"))?;
+        Ok(list
+            .lines()
+            .filter_map(|line| {
+                line.split_whitespace()
+                    .find_map(|field| field.strip_prefix("id=")?.parse().ok())
             })
-        })
-        .collect();
-    let ends = pids
-        .into_iter()
-        .enumerate()
-        .map(|(n, pid)| (format!("worker {n}"), pid, reap(pid, DEADLINE)))
-        .collect();
-    expect_exits(ends, |_| ChildEnd::Exited(0), &report)?;
-    check_master_intact(&pool, &master)
-}
-
-/// A connection checked out when the master forks: the child drops it (discarded, never
-/// returned), works on its own connections; the master keeps using it.
-fn a_connection_leased_across_fork() -> Check {
-    let pool = warm_pool()?;
-    let master = session_ids(&pool)?;
-    let mut leased = Some(pool.get().map_err(|error| format!("get: {error}"))?);
-    let leased_session = echo(leased.as_mut().unwrap(), "before fork")?;
-    let (report, child_report) = UnixDatagram::pair().map_err(|error| error.to_string())?;
-    let pid = spawn_child(|| {
-        child_case(&child_report, || {
-            drop(leased.take());
-            run_requests(&pool, 50, &master)?;
-            check_released(&pool, u64::from(POOL_SIZE), 1)
-        })
-    });
-    expect_exits(
-        vec![(String::from("child"), pid, reap(pid, DEADLINE))],
-        |_| ChildEnd::Exited(0),
-        &report,
-    )?;
-    let mut leased = leased.ok_or("the master lost its leased connection")?;
-    ensure!(
-        echo(&mut leased, "after fork")? == leased_session,
-        "the leased connection changed session"
-    );
-    drop(leased);
-    check_master_intact(&pool, &master)
-}
-
-/// Children that end every way a worker ends; the master's sessions outlive them all.
-fn children_end_by_return_exit_and_sigkill() -> Check {
-    // The master's only handle, so a child that takes and drops it drops the whole pool.
-    let mut owned = Some(warm_pool()?);
-    let master = session_ids(owned.as_ref().unwrap())?;
-    let (report, child_report) = UnixDatagram::pair().map_err(|error| error.to_string())?;
-    let mut ends = Vec::new();
-    for way in [
-        "return, dropping its pool",
-        "return, dropping its pool unused",
-        "exit",
-        "SIGKILL",
-    ] {
-        let pid = spawn_child(|| {
-            child_case(&child_report, || {
-                let pool = owned.take().ok_or("no pool")?;
-                if way != "return, dropping its pool unused" {
-                    run_requests(&pool, 20, &master)?;
-                }
-                match way {
-                    "exit" => std::process::exit(0),
-                    "SIGKILL" => {
-                        let _ = raise(Signal::SIGKILL);
-                        Err(String::from("still alive after SIGKILL"))
-                    }
-                    _ => {
-                        drop(pool);
-                        Ok(())
-                    }
-                }
-            })
-        });
-        ends.push((way.to_string(), pid, reap(pid, DEADLINE)));
-        // After each child, not only after all of them.
-        let pool = owned.as_ref().ok_or("the master lost its pool")?;
-        check_master_intact(pool, &master)
-            .map_err(|error| format!("after a child's {way}: {error}"))?;
+            .collect())
     }
-    let expected = |way: &str| {
-        if way == "SIGKILL" {
-            ChildEnd::Signaled(Signal::SIGKILL)
-        } else {
-            ChildEnd::Exited(0)
-        }
-    };
-    expect_exits(ends, expected, &report)
-}
-
-/// Sends one line over a datagram socket.
-fn send(socket: &UnixDatagram, message: String) -> Check {
-    socket
-        .send(message.as_bytes())
-        .map(drop)
-        .map_err(|error| format!("send: {error}"))
-}
-
-fn receive(socket: &UnixDatagram, timeout: Duration) -> Result<String, String> {
-    socket
-        .set_read_timeout(Some(timeout))
-        .map_err(|error| error.to_string())?;
-    let mut buf = vec![0; 64 * 1024];
-    let len = socket
-        .recv(&mut buf)
-        .map_err(|error| format!("no message within {timeout:?}: {error}"))?;
-    Ok(String::from_utf8_lossy(&buf[..len]).into_owned())
-}
-
-fn parse_ids(words: &[&str]) -> BTreeSet<i64> {
-    words.iter().filter_map(|word| word.parse().ok()).collect()
-}
-
-/// Kills, then reaps, every process it holds unless told they are done with.
-struct KillOnDrop(Vec<Pid>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        for &pid in &self.0 {
-            let _ = kill(pid, Signal::SIGKILL);
-            let _ = reap(pid, Duration::from_secs(5));
-        }
-    }
-}
-
-/// The master (a forked child of this test) warms its pool and forks 2 workers that use their
-/// own pools and stay alive; the master is SIGKILLed. Its sessions must be gone within 2 s —
-/// the workers released their copies of its sockets — while the workers' sessions keep working.
-fn master_sigkill_leaves_no_sessions_behind() -> Check {
-    let (to_test, from_master) = UnixDatagram::pair().map_err(|error| error.to_string())?;
-    let (go_sender, go_receiver) = UnixDatagram::pair().map_err(|error| error.to_string())?;
-    let master_pid = spawn_child(|| {
-        let run = || -> Check {
-            let pool = warm_pool()?;
-            let ids = session_ids(&pool)?;
-            send(&to_test, format!("master {}", join(&ids)))?;
-            for _ in 0..2 {
-                let (pool, ids, to_test, go) = (&pool, &ids, &to_test, &go_receiver);
-                spawn_child(move || {
-                    let run = || -> Check {
-                        let own = session_ids(pool)?;
-                        ensure!(
-                            own.is_disjoint(ids),
-                            "a worker got the master's sessions: {own:?}"
-                        );
-                        send(
-                            to_test,
-                            format!("worker {} {}", std::process::id(), join(&own)),
-                        )?;
-                        receive(go, DEADLINE)?;
-                        let answered = run_requests(pool, 50, ids)?;
-                        ensure!(
-                            answered.is_subset(&own),
-                            "worker sessions changed: {own:?} -> {answered:?}"
-                        );
-                        // Checked last, so the master's sessions are checked on the server first.
-                        check_released(pool, u64::from(POOL_SIZE), 0)?;
-                        send(to_test, format!("done {}", std::process::id()))
-                    };
-                    match run() {
-                        Ok(()) => 0,
-                        Err(message) => {
-                            let _ = send(
-                                to_test,
-                                format!("error worker {}: {message}", std::process::id()),
-                            );
-                            1
-                        }
-                    }
-                });
-            }
-            // Stay alive with the pool until killed (bounded, so a broken test leaves nothing).
-            std::thread::sleep(DEADLINE * 2);
-            Err(String::from("the master was never killed"))
-        };
-        match run() {
-            Ok(()) => 0,
-            Err(message) => {
-                let _ = send(&to_test, format!("error master: {message}"));
-                1
-            }
-        }
-    });
-    let mut cleanup = KillOnDrop(vec![master_pid]);
-    let mut master_ids = BTreeSet::new();
-    let mut workers = Vec::new();
-    while master_ids.is_empty() || workers.len() < 2 {
-        let message = receive(&from_master, DEADLINE)?;
-        let words: Vec<&str> = message.split_whitespace().collect();
-        match words.as_slice() {
-            ["master", ids @ ..] => master_ids = parse_ids(ids),
-            ["worker", pid, ids @ ..] => {
-                let pid = Pid::from_raw(
-                    pid.parse()
-                        .map_err(|_| format!("bad message {message:?}"))?,
-                );
-                cleanup.0.push(pid);
-                workers.push((pid, parse_ids(ids)));
-            }
-            _ => return Err(message),
-        }
-    }
-    ensure!(
-        master_ids.len() == POOL_SIZE as usize,
-        "the master reported sessions {master_ids:?}"
-    );
-    let mut observer = client(&url())?
-        .get_connection()
-        .map_err(|error| format!("observer: {error}"))?;
-    let live = live_sessions(&mut observer)?;
-    ensure!(
-        master_ids.is_subset(&live),
-        "the master's sessions {master_ids:?} are not all live: {live:?}"
-    );
-
-    kill(master_pid, Signal::SIGKILL).map_err(|error| format!("kill master: {error}"))?;
-    let killed_at = Instant::now();
-    let end = reap(master_pid, DEADLINE);
-    ensure!(
-        end == ChildEnd::Signaled(Signal::SIGKILL),
-        "the master ended {end:?}"
-    );
-    cleanup.0.retain(|&pid| pid != master_pid);
-    let mut left = master_ids.clone();
-    while !left.is_empty() && killed_at.elapsed() < Duration::from_secs(2) {
-        std::thread::sleep(Duration::from_millis(20));
-        left = live_sessions(&mut observer)?
-            .intersection(&master_ids)
-            .copied()
-            .collect();
-    }
-    ensure!(
-        left.is_empty(),
-        "2 s after the master's SIGKILL its sessions {left:?} are still open"
-    );
-    let live = live_sessions(&mut observer)?;
-    for (pid, own) in &workers {
-        ensure!(
-            own.is_subset(&live),
-            "worker {pid}'s sessions {own:?} are gone: {live:?}"
-        );
-    }
-
-    for _ in &workers {
-        send(&go_sender, String::from("go"))?;
-    }
-    let mut done = 0;
-    while done < workers.len() {
-        let message = receive(&from_master, DEADLINE)?;
-        ensure!(message.starts_with("done "), "{message}");
-        done += 1;
-    }
-    for (pid, _) in std::mem::take(&mut workers) {
-        cleanup.0.retain(|&p| p != pid);
-        let end = reap(pid, DEADLINE);
-        ensure!(end == ChildEnd::Exited(0), "worker {pid} ended {end:?}");
-    }
-    Ok(())
-}
-
-fn join(ids: &BTreeSet<i64>) -> String {
-    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ")
 }
 
 /// RESP3 connections (`?protocol=resp3`), where `CLIENT INFO` comes back as a verbatim string:
 /// their sockets are identified and released all the same.
 fn resp3_connections_are_released_too() -> Check {
-    let separator = if url().contains('?') { '&' } else { '?' };
-    let pool = warm_pool_at(&format!("{}{separator}protocol=resp3", url()))?;
+    let url = Manager::url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let pool = backend::warm_pool_at::<Manager>(&format!("{url}{separator}protocol=resp3"))?;
     let master = session_ids(&pool)?;
     let mut conn = pool.get().map_err(|error| format!("get: {error}"))?;
     let info: String = redis::cmd("CLIENT")
@@ -523,16 +133,15 @@ fn resp3_connections_are_released_too() -> Check {
         .map_err(|error| format!("CLIENT INFO: {error}"))?;
     ensure!(info.contains(" resp=3"), "not a RESP3 connection: {info}");
     drop(conn);
-    let (report, child_report) = UnixDatagram::pair().map_err(|error| error.to_string())?;
+    let (report, child_report) = datagram_pair()?;
     let pid = spawn_child(|| {
         child_case(&child_report, || {
             run_requests(&pool, 50, &master)?;
             check_released(&pool, u64::from(POOL_SIZE), 0)
         })
     });
-    let ends = vec![(String::from("child"), pid, reap(pid, DEADLINE))];
-    expect_exits(ends, |_| ChildEnd::Exited(0), &report)?;
-    check_master_intact(&pool, &master)
+    expect_child_exit("child", pid, &report)?;
+    backend::check_master_intact(&pool, &master)
 }
 
 /// A Redis server of the test's own on a free loopback port, so it can be stopped and restarted.
@@ -549,14 +158,10 @@ impl PrivateServer {
             .output()
         {
             Ok(_) => {}
-            Err(error) if !ci() => {
-                println!("skipping: cannot run redis-server for a private server: {error}");
-                return Ok(None);
-            }
             Err(error) => {
-                return Err(format!(
-                    "redis-server: {error} (CI is set, so it is required)"
-                ))
+                let reason = format!("cannot run redis-server for a private server: {error}");
+                skip_unless_ci(&reason, "install redis-server")?;
+                return Ok(None);
             }
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -573,6 +178,16 @@ impl PrivateServer {
 
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// A pool of 2 connections to this server, both opened now.
+    fn pool(&self, timeout: Duration) -> Result<Pool<Manager>, String> {
+        Pool::builder()
+            .max_size(2)
+            .min_idle(Some(2))
+            .connection_timeout(timeout)
+            .build(client(&self.url())?)
+            .map_err(|error| format!("build: {error}"))
     }
 
     fn restart(&mut self) -> Check {
@@ -648,16 +263,11 @@ fn server_down_at_fork_and_back_later() -> Check {
         return Ok(());
     };
     let timeout = Duration::from_millis(1500);
-    let pool = Pool::builder()
-        .max_size(2)
-        .min_idle(Some(2))
-        .connection_timeout(timeout)
-        .build(client(&server.url())?)
-        .map_err(|error| format!("build: {error}"))?;
+    let pool = server.pool(timeout)?;
     session_ids(&pool)?;
     server.stop();
-    let (report, child_report) = UnixDatagram::pair().map_err(|error| error.to_string())?;
-    let (to_child, from_parent) = UnixDatagram::pair().map_err(|error| error.to_string())?;
+    let (report, child_report) = datagram_pair()?;
+    let (to_child, from_parent) = datagram_pair()?;
     let pid = spawn_child(|| {
         child_case(&child_report, || {
             let started = Instant::now();
@@ -678,7 +288,7 @@ fn server_down_at_fork_and_back_later() -> Check {
             send(&child_report, String::from("down"))?;
             receive(&from_parent, DEADLINE)?;
             let mut conn = get_eventually(&pool, Duration::from_secs(10))?;
-            echo(
+            Manager::echo(
                 &mut conn,
                 &format!("child-{}-after-restart", std::process::id()),
             )?;
@@ -692,10 +302,9 @@ fn server_down_at_fork_and_back_later() -> Check {
     server.restart()?;
     send(&to_child, String::from("back"))?;
     cleanup.0.clear();
-    let ends = vec![(String::from("child"), pid, reap(pid, DEADLINE))];
-    expect_exits(ends, |_| ChildEnd::Exited(0), &report)?;
+    expect_child_exit("child", pid, &report)?;
     let mut conn = get_eventually(&pool, Duration::from_secs(10))?;
-    echo(&mut conn, "master-after-restart").map(drop)
+    Manager::echo(&mut conn, "master-after-restart").map(drop)
 }
 
 /// The server restarts while 2 workers run requests: requests may fail while it is down, but
@@ -705,15 +314,10 @@ fn server_restarted_while_workers_run() -> Check {
         return Ok(());
     };
     let timeout = Duration::from_millis(1500);
-    let pool = Pool::builder()
-        .max_size(2)
-        .min_idle(Some(2))
-        .connection_timeout(timeout)
-        .build(client(&server.url())?)
-        .map_err(|error| format!("build: {error}"))?;
+    let pool = server.pool(timeout)?;
     session_ids(&pool)?;
-    let (report, child_report) = UnixDatagram::pair().map_err(|error| error.to_string())?;
-    let (to_workers, from_parent) = UnixDatagram::pair().map_err(|error| error.to_string())?;
+    let (report, child_report) = datagram_pair()?;
+    let (to_workers, from_parent) = datagram_pair()?;
     let workers = 2;
     let pids: Vec<Pid> = (0..workers)
         .map(|_| {
@@ -730,7 +334,7 @@ fn server_restarted_while_workers_run() -> Check {
                     while from_parent.recv(&mut [0; 16]).is_err() {
                         let attempt = Instant::now();
                         if let Ok(mut conn) = pool.get() {
-                            let _ = echo(&mut conn, &format!("worker-{me}-{request}"));
+                            let _ = Manager::echo(&mut conn, &format!("worker-{me}-{request}"));
                         }
                         ensure!(
                             attempt.elapsed() < timeout + SLACK,
@@ -759,12 +363,7 @@ fn server_restarted_while_workers_run() -> Check {
         send(&to_workers, String::from("back"))?;
     }
     cleanup.0.clear();
-    let ends = pids
-        .into_iter()
-        .enumerate()
-        .map(|(n, pid)| (format!("worker {n}"), pid, reap(pid, DEADLINE)))
-        .collect();
-    expect_exits(ends, |_| ChildEnd::Exited(0), &report)
+    expect_workers_exit(pids, &report)
 }
 
 /// Bad configuration fails fast with r2d2's error and the cause, never hangs: in the process
@@ -775,188 +374,68 @@ fn bad_input_fails_within_connection_timeout() -> Check {
         redis::Client::open("not-a-url").is_err(),
         "redis::Client::open accepted \"not-a-url\""
     );
-    let good = url();
+    let good = Manager::url();
     let with_password = good.replacen("redis://", "redis://:wrong-password@", 1);
     let base = good.trim_end_matches('/');
-    // Completes TCP handshakes (the kernel does) but never answers: connects block.
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").map_err(|error| error.to_string())?;
-    let silent_port = silent
-        .local_addr()
-        .map_err(|error| error.to_string())?
-        .port();
-    let cases = [
-        (
-            "wrong password",
-            with_password,
-            "Password authentication failed",
-        ),
-        (
-            "database out of range",
-            format!("{base}/4000"),
-            "DB index is out of range",
-        ),
-        (
-            "unreachable port",
-            String::from("redis://127.0.0.1:1/"),
-            "Connection refused",
-        ),
-        (
-            "a server that never answers",
-            format!("redis://127.0.0.1:{silent_port}/"),
-            "timed out waiting for connection",
-        ),
-    ];
-    // Long enough for a first connection attempt to fail even on a loaded machine (r2d2 names the
-    // cause only when an attempt has failed by then); a hang would still show.
-    let timeout = Duration::from_millis(1500);
-    for (what, url, cause) in cases {
-        let builder = || Pool::builder().max_size(2).connection_timeout(timeout);
-        let started = Instant::now();
-        let error = match builder().build(client(&url)?) {
-            Ok(_) => return Err(format!("{what}: build succeeded")),
-            Err(error) => error.to_string(),
-        };
-        ensure!(
-            started.elapsed() < timeout + SLACK,
-            "{what}: build took {:?}",
-            started.elapsed()
-        );
-        ensure!(
-            error.contains(cause),
-            "{what}: build error {error:?} does not say {cause:?}"
-        );
-
-        let pool = builder().build_unchecked(client(&url)?);
-        let started = Instant::now();
-        let error = pool
-            .get()
-            .err()
-            .ok_or(format!("{what}: get succeeded"))?
-            .to_string();
-        ensure!(
-            started.elapsed() < timeout + SLACK,
-            "{what}: get took {:?}",
-            started.elapsed()
-        );
-        ensure!(
-            error.contains(cause),
-            "{what}: get error {error:?} does not say {cause:?}"
-        );
-
-        let (report, child_report) = UnixDatagram::pair().map_err(|error| error.to_string())?;
-        let pid = spawn_child(|| {
-            child_case(&child_report, || {
-                let started = Instant::now();
-                let error = pool.get().err().ok_or("get succeeded")?.to_string();
-                ensure!(
-                    started.elapsed() < timeout + SLACK,
-                    "get took {:?}",
-                    started.elapsed()
-                );
-                ensure!(
-                    error.contains(cause) && error.contains("rebuilt after fork()"),
-                    "get error {error:?} does not say {cause:?} and that the pool was rebuilt after fork()"
-                );
-                Ok(())
-            })
-        });
-        expect_exits(
-            vec![(what.to_string(), pid, reap(pid, DEADLINE))],
-            |_| ChildEnd::Exited(0),
-            &report,
-        )?;
-    }
-    Ok(())
-}
-
-/// With `CI` set a missing server fails the tests instead of skipping them.
-fn ci() -> bool {
-    std::env::var_os("CI").is_some_and(|ci| !ci.is_empty())
+    backend::bad_input_fails_within_connection_timeout::<Manager>(|silent_port| {
+        vec![
+            (
+                "wrong password",
+                with_password,
+                "Password authentication failed",
+            ),
+            (
+                "database out of range",
+                format!("{base}/4000"),
+                "DB index is out of range",
+            ),
+            (
+                "unreachable port",
+                String::from("redis://127.0.0.1:1/"),
+                "Connection refused",
+            ),
+            (
+                "a server that never answers",
+                format!("redis://127.0.0.1:{silent_port}/"),
+                "timed out waiting for connection",
+            ),
+        ]
+    })
 }
 
 fn main() {
-    let reachable = client(&url()).and_then(|client| {
+    let reachable = client(&Manager::url()).and_then(|client| {
         let mut conn = client
             .get_connection_with_timeout(Duration::from_secs(5))
             .map_err(|error| error.to_string())?;
         redis::cmd("PING")
             .query::<String>(&mut conn)
+            .map(drop)
             .map_err(|error| error.to_string())
     });
-    if let Err(error) = reachable {
-        let reason = format!("Redis at {} is unreachable: {error}", url());
-        if ci() {
-            println!("test result: FAILED. {reason} (CI is set, so the server is required)");
-            std::process::exit(1);
-        }
-        println!(
-            "skipping the Redis tests: {reason} (set FORKSAFE_REDIS_URL; with CI set this fails)"
-        );
-        return;
-    }
-    // Workers of a SIGKILLed master are reparented to this process, so it can reap them.
-    nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER");
-
-    let cases: [Case; 8] = [
-        (
-            "four_workers_get_their_own_answers",
-            four_workers_get_their_own_answers,
-        ),
-        (
-            "a_connection_leased_across_fork",
-            a_connection_leased_across_fork,
-        ),
-        (
-            "children_end_by_return_exit_and_sigkill",
-            children_end_by_return_exit_and_sigkill,
-        ),
-        (
-            "master_sigkill_leaves_no_sessions_behind",
-            master_sigkill_leaves_no_sessions_behind,
-        ),
-        (
-            "resp3_connections_are_released_too",
-            resp3_connections_are_released_too,
-        ),
-        (
-            "server_down_at_fork_and_back_later",
-            server_down_at_fork_and_back_later,
-        ),
-        (
-            "server_restarted_while_workers_run",
-            server_restarted_while_workers_run,
-        ),
-        (
-            "bad_input_fails_within_connection_timeout",
-            bad_input_fails_within_connection_timeout,
-        ),
-    ];
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|arg| !arg.starts_with('-'))
-        .collect();
-    let (mut passed, mut failed) = (0, 0);
-    for (name, case) in cases {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        let started = Instant::now();
-        match case() {
-            Ok(()) => {
-                println!("test {name} ... ok ({:.1?})", started.elapsed());
-                passed += 1;
-            }
-            Err(message) => {
-                println!("test {name} ... FAILED: {message}");
-                failed += 1;
-            }
-        }
-    }
-    println!(
-        "\ntest result: {}. {passed} passed; {failed} failed",
-        if failed == 0 { "ok" } else { "FAILED" }
+    let reachable =
+        reachable.map_err(|error| format!("Redis at {} is unreachable: {error}", Manager::url()));
+    backend::run::<Manager>(
+        "Redis",
+        reachable,
+        "set FORKSAFE_REDIS_URL",
+        [
+            (
+                "resp3_connections_are_released_too",
+                resp3_connections_are_released_too as fn() -> Check,
+            ),
+            (
+                "server_down_at_fork_and_back_later",
+                server_down_at_fork_and_back_later,
+            ),
+            (
+                "server_restarted_while_workers_run",
+                server_restarted_while_workers_run,
+            ),
+            (
+                "bad_input_fails_within_connection_timeout",
+                bad_input_fails_within_connection_timeout,
+            ),
+        ],
     );
-    if failed > 0 {
-        std::process::exit(1);
-    }
 }

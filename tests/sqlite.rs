@@ -8,13 +8,14 @@
 //! table (private to one connection) holding its name: the master's connections are the same
 //! afterwards when their marks are, and a worker's connection is its own when it has none.
 
+#[macro_use]
 mod support;
 
 use std::collections::BTreeSet;
 use std::os::fd::RawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use diesel::r2d2::ConnectionManager;
 use diesel::sql_types::{Integer, Text};
@@ -22,11 +23,11 @@ use diesel::{QueryableByName, RunQueryDsl, SqliteConnection};
 use forksafe_pool::{CustomizeConnection, ForkStats, Pool};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use support::{reap, run_child, spawn_child, ChildEnd};
+use support::runner::{child_result, expect_exit, run_cases, Check};
+use support::{points_at_dev_null, reap, run_child, spawn_child, ChildEnd};
 
 type SqlitePool = Pool<ConnectionManager<SqliteConnection>>;
 type SqliteConn = forksafe_pool::PooledConnection<ConnectionManager<SqliteConnection>>;
-type Check = Result<(), String>;
 /// A way for a child to end: its name, its body, how the parent must see it end.
 type Ending = (&'static str, fn(&SqlitePool) -> i32, ChildEnd);
 
@@ -36,14 +37,6 @@ const REQUESTS: usize = 300;
 /// One request in this many also writes a row and reads it back.
 const WRITE_EVERY: usize = 10;
 const DEADLINE: Duration = Duration::from_secs(60);
-
-macro_rules! ensure {
-    ($cond:expr, $($msg:tt)+) => {
-        if !$cond {
-            return Err(format!($($msg)+));
-        }
-    };
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Journal {
@@ -270,24 +263,6 @@ fn check_child_stats(pool: &SqlitePool, size: u64, leased: u64) -> Check {
     Ok(())
 }
 
-fn child_result(check: Check) -> i32 {
-    match check {
-        Ok(()) => 0,
-        Err(message) => {
-            eprintln!("child {}: {message}", std::process::id());
-            1
-        }
-    }
-}
-
-fn expect_exit(who: &str, end: ChildEnd, code: i32) -> Check {
-    ensure!(
-        end == ChildEnd::Exited(code),
-        "{who} ended {end:?}, expected exit {code}"
-    );
-    Ok(())
-}
-
 /// The scenario on a file database: a warm master forks 4 workers, each runs 300
 /// requests (30 of them writes) that must all get their own answers; the master keeps its
 /// connections, and every worker's rows are in the file.
@@ -496,21 +471,9 @@ fn descriptors_of(path: &Path) -> Vec<RawFd> {
     fds
 }
 
-fn points_at_dev_null(fd: RawFd) -> bool {
-    let Ok(null) = std::fs::metadata("/dev/null") else {
-        return false;
-    };
-    nix::sys::stat::fstat(fd)
-        .is_ok_and(|stat| (stat.st_dev, stat.st_ino) == (null.dev(), null.ino()))
-}
-
 type Case = (String, Box<dyn Fn() -> Check>);
 
 fn main() {
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|arg| !arg.starts_with('-'))
-        .collect();
     let mut cases: Vec<Case> = Vec::new();
     for journal in [Journal::Rollback, Journal::Wal] {
         let name = format!("{journal:?}").to_lowercase();
@@ -535,28 +498,5 @@ fn main() {
         "memory_databases_are_not_leaks".into(),
         Box::new(memory_databases_are_not_leaks),
     ));
-    let (mut passed, mut failed) = (0, 0);
-    for (name, case) in cases {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        let started = Instant::now();
-        match case() {
-            Ok(()) => {
-                println!("test {name} ... ok ({:.1?})", started.elapsed());
-                passed += 1;
-            }
-            Err(message) => {
-                println!("test {name} ... FAILED: {message}");
-                failed += 1;
-            }
-        }
-    }
-    println!(
-        "\ntest result: {}. {passed} passed; {failed} failed",
-        if failed == 0 { "ok" } else { "FAILED" }
-    );
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    run_cases(cases);
 }

@@ -1,10 +1,26 @@
 //! Shared by the integration tests: a fake database server and manager that record which
-//! process wrote what on which connection, and a fork helper that never hangs the suite.
+//! process wrote what on which connection, a fork helper that never hangs the suite, the case
+//! runner of the `harness = false` binaries (`runner`) and the scenarios every server backend
+//! runs (`backend`). `#[macro_use] mod support;` brings in `ensure!`.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+/// Fails the enclosing check with a formatted message unless `$cond` holds.
+#[allow(unused_macros)]
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+}
+
+pub mod backend;
+pub mod runner;
+
+use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -140,6 +156,34 @@ impl FakeConnection {
         Ok(reply.trim_end().to_string())
     }
 
+    /// Sends `value` and checks the server's echo is exactly "<its connection number> <value>".
+    pub fn echo(&mut self, value: &str) -> Result<(), String> {
+        let reply = self
+            .query(value)
+            .map_err(|error| format!("query {value:?}: {error}"))?;
+        ensure!(
+            reply == format!("{} {value}", self.server_id),
+            "asked {value}, got {reply}"
+        );
+        Ok(())
+    }
+
+    /// Checks `who` (say "child") got a connection of its own: opened by this process, and none
+    /// of `others` (`whose`, say "the parent's").
+    pub fn check_own(&self, who: &str, others: &BTreeSet<u64>, whose: &str) -> Result<(), String> {
+        ensure!(
+            self.opened_by == std::process::id(),
+            "{who} got a connection opened by {}",
+            self.opened_by
+        );
+        ensure!(
+            !others.contains(&self.server_id),
+            "{who} got {whose} connection {}",
+            self.server_id
+        );
+        Ok(())
+    }
+
     pub fn fd(&self) -> RawFd {
         self.stream.as_raw_fd()
     }
@@ -193,6 +237,82 @@ pub fn fake_pool(manager: FakeManager, size: u32) -> forksafe_pool::Pool<FakeMan
         .descriptor_locator(|conn: &mut FakeConnection| Some(vec![conn.fd()]))
         .build(manager)
         .expect("fake pool")
+}
+
+/// Checks out `n` connections of a fake pool at once and returns them: their server numbers
+/// and fds.
+pub fn warm_connections(
+    pool: &forksafe_pool::Pool<FakeManager>,
+    n: u32,
+) -> Result<(BTreeSet<u64>, Vec<RawFd>), String> {
+    let conns: Vec<_> = (0..n)
+        .map(|_| pool.get().map_err(|error| format!("warm get: {error}")))
+        .collect::<Result<_, _>>()?;
+    Ok((
+        conns.iter().map(|conn| conn.server_id).collect(),
+        conns.iter().map(|conn| conn.fd()).collect(),
+    ))
+}
+
+/// Nobody but this process wrote on the connections in `ids` of `server` (each of which the
+/// server has seen).
+pub fn only_we_wrote_on(server: &FakeServer, ids: &BTreeSet<u64>) -> Result<(), String> {
+    let me = std::process::id();
+    let lines = server.lines();
+    for id in ids {
+        let lines = lines
+            .get(id)
+            .ok_or(format!("the server never saw connection {id}"))?;
+        let foreign: Vec<_> = lines.iter().filter(|line| line.pid != me).collect();
+        ensure!(
+            foreign.is_empty(),
+            "another process wrote on connection {id}: {foreign:?}"
+        );
+    }
+    Ok(())
+}
+
+/// In a child whose pool must refuse it a connection: `get` fails at once (within 1 s) with an
+/// error naming every one of `needles`.
+pub fn refused_at_once<C, E>(
+    get: impl FnOnce() -> Result<C, E>,
+    needles: &[&str],
+) -> Result<(), String>
+where
+    C: std::ops::Deref<Target = FakeConnection>,
+    E: std::fmt::Display,
+{
+    let started = Instant::now();
+    let error = match get() {
+        Ok(conn) => {
+            return Err(format!(
+                "child got a connection opened by {}",
+                conn.opened_by
+            ))
+        }
+        Err(error) => error.to_string(),
+    };
+    ensure!(
+        started.elapsed() < Duration::from_secs(1),
+        "the error took {:?}",
+        started.elapsed()
+    );
+    for needle in needles {
+        ensure!(
+            error.contains(needle),
+            "error {error:?} does not mention {needle:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Whether `fd` is open on `/dev/null` (where a released inherited socket points).
+pub fn points_at_dev_null(fd: RawFd) -> bool {
+    let Ok(null) = std::fs::metadata("/dev/null") else {
+        return false;
+    };
+    nix::sys::stat::fstat(fd)
+        .is_ok_and(|stat| (stat.st_dev, stat.st_ino) == (null.dev(), null.ino()))
 }
 
 /// How a forked child ended.

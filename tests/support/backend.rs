@@ -1,0 +1,577 @@
+//! The fork scenarios every server backend runs (MariaDB/MySQL and Redis): a warm master pool,
+//! 4 forked workers with 300 checked requests each, a connection leased across the fork,
+//! children ending every way, the master SIGKILLed under its workers, bad input failing in
+//! time. What differs per backend is a [`Backend`], implemented for its connection manager.
+//!
+//! Children report their errors over a datagram socket; every child is reaped with a deadline.
+
+use std::collections::BTreeSet;
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use forksafe_pool::{ForkStats, ManageConnection, Pool, PooledConnection};
+use nix::sys::signal::{kill, raise, Signal};
+use nix::unistd::Pid;
+
+use super::runner::{require_server, run_cases, Case, Check};
+use super::{reap, spawn_child, ChildEnd};
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+pub const POOL_SIZE: u32 = 4;
+pub const WORKERS: usize = 4;
+pub const REQUESTS: usize = 300;
+/// How much later than `connection_timeout` a failing `get` or `build` may return.
+pub const SLACK: Duration = Duration::from_secs(3);
+
+/// What differs per server: a connection manager that can say which server session answered.
+pub trait Backend: ManageConnection + Sized {
+    /// A connection of the test's own, outside any pool, to watch the server's sessions with.
+    type Observer;
+
+    /// The server's URL.
+    fn url() -> String;
+
+    /// A manager for `url`.
+    fn manager(url: &str) -> Result<Self, String>;
+
+    /// Asks the server to echo `value` and say which session answered; checks the echo.
+    fn echo(conn: &mut PooledConnection<Self>, value: &str) -> Result<i64, String>;
+
+    /// One worker request (`value` is its own); returns the session that answered. Defaults to
+    /// an [`echo`](Backend::echo).
+    fn request(
+        conn: &mut PooledConnection<Self>,
+        _request: usize,
+        value: &str,
+    ) -> Result<i64, String> {
+        Self::echo(conn, value)
+    }
+
+    fn observer() -> Result<Self::Observer, String>;
+
+    /// The sessions the server has open right now, seen from the observer.
+    fn live_sessions(observer: &mut Self::Observer) -> Result<BTreeSet<i64>, String>;
+}
+
+/// The `main` of a backend's test binary: requires its server (`reachable`, see
+/// [`require_server`]), makes this process a child subreaper, then runs the shared scenarios
+/// and after them the backend's `own` cases.
+pub fn run<B: Backend>(
+    tests: &str,
+    reachable: Result<(), String>,
+    hint: &str,
+    own: impl IntoIterator<Item = Case>,
+) {
+    require_server(tests, reachable, hint);
+    // Workers of a SIGKILLed master are reparented to this process, so it can reap them.
+    nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER");
+    let shared: [Case; 4] = [
+        (
+            "four_workers_get_their_own_answers",
+            four_workers_get_their_own_answers::<B>,
+        ),
+        (
+            "a_connection_leased_across_fork",
+            a_connection_leased_across_fork::<B>,
+        ),
+        (
+            "children_end_by_return_exit_and_sigkill",
+            children_end_by_return_exit_and_sigkill::<B>,
+        ),
+        (
+            "master_sigkill_leaves_no_sessions_behind",
+            master_sigkill_leaves_no_sessions_behind::<B>,
+        ),
+    ];
+    run_cases(shared.into_iter().chain(own));
+}
+
+/// A pool like a pre-forking server's master builds: `POOL_SIZE` connections, all opened now.
+pub fn warm_pool<B: Backend>() -> Result<Pool<B>, String> {
+    warm_pool_at(&B::url())
+}
+
+pub fn warm_pool_at<B: Backend>(url: &str) -> Result<Pool<B>, String> {
+    Pool::builder()
+        .max_size(POOL_SIZE)
+        .min_idle(Some(POOL_SIZE))
+        .connection_timeout(Duration::from_secs(10))
+        .build(B::manager(url)?)
+        .map_err(|error| format!("build: {error}"))
+}
+
+/// Checks out every connection of the pool at once and returns their server session ids.
+pub fn session_ids<B: Backend>(pool: &Pool<B>) -> Result<BTreeSet<i64>, String> {
+    let mut conns = (0..pool.max_size())
+        .map(|_| pool.get_timeout(Duration::from_secs(10)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| format!("get: {error}"))?;
+    let me = std::process::id();
+    conns
+        .iter_mut()
+        .enumerate()
+        .map(|(n, conn)| B::echo(conn, &format!("ids-{me}-{n}")))
+        .collect()
+}
+
+/// In the master after its children: the same server sessions, all working.
+pub fn check_master_intact<B: Backend>(pool: &Pool<B>, before: &BTreeSet<i64>) -> Check {
+    let after = session_ids(pool)?;
+    ensure!(
+        &after == before,
+        "the master's sessions changed: {before:?} -> {after:?}"
+    );
+    ensure!(
+        pool.fork_stats() == ForkStats::default(),
+        "the master's fork stats changed: {:?}",
+        pool.fork_stats()
+    );
+    Ok(())
+}
+
+/// In a child: `requests` checked requests, none answered by one of `foreign` sessions; returns
+/// the sessions that answered.
+pub fn run_requests<B: Backend>(
+    pool: &Pool<B>,
+    requests: usize,
+    foreign: &BTreeSet<i64>,
+) -> Result<BTreeSet<i64>, String> {
+    let me = std::process::id();
+    let mut own = BTreeSet::new();
+    for request in 0..requests {
+        let mut conn = pool
+            .get()
+            .map_err(|error| format!("request {request}: get: {error}"))?;
+        let value = format!("worker-{me}-request-{request}");
+        let session = B::request(&mut conn, request, &value)
+            .map_err(|e| format!("request {request}: {e}"))?;
+        ensure!(
+            !foreign.contains(&session),
+            "request {request} was answered by the master's session {session}"
+        );
+        own.insert(session);
+    }
+    Ok(own)
+}
+
+/// In a child that found `inherited` connections: every one discarded, its socket released.
+pub fn check_released<B: Backend>(pool: &Pool<B>, inherited: u64, leased: u64) -> Check {
+    let stats = pool.fork_stats();
+    ensure!(
+        stats.forks_crossed == 1
+            && stats.connections_discarded == inherited
+            && stats.sockets_released == inherited
+            && stats.connections_leaked == 0
+            && stats.leased_across_fork == leased,
+        "expected {inherited} inherited connections discarded with their sockets released ({leased} leased), got {stats:?}"
+    );
+    Ok(())
+}
+
+/// Runs `case` in a forked child; its error, if any, comes back over `report`.
+pub fn child_case(report: &UnixDatagram, case: impl FnOnce() -> Check) -> i32 {
+    match case() {
+        Ok(()) => 0,
+        Err(message) => {
+            let _ = report.send(format!("[child {}] {message}", std::process::id()).as_bytes());
+            1
+        }
+    }
+}
+
+/// Every message the children sent, without waiting.
+fn reports(report: &UnixDatagram) -> Vec<String> {
+    let _ = report.set_nonblocking(true);
+    let mut buf = vec![0; 64 * 1024];
+    let mut messages = Vec::new();
+    while let Ok(len) = report.recv(&mut buf) {
+        messages.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+    }
+    messages
+}
+
+/// Every child ended as `expected` says for its name, and none reported an error.
+pub fn expect_exits(
+    children: Vec<(String, Pid, ChildEnd)>,
+    expected: impl Fn(&str) -> ChildEnd,
+    report: &UnixDatagram,
+) -> Check {
+    let wrong: Vec<String> = children
+        .into_iter()
+        .filter(|(name, _, end)| *end != expected(name))
+        .map(|(name, pid, end)| format!("{name} ({pid}) ended {end:?}"))
+        .collect();
+    let messages = reports(report);
+    ensure!(
+        wrong.is_empty() && messages.is_empty(),
+        "children: {wrong:?}; their errors: {messages:?}"
+    );
+    Ok(())
+}
+
+/// Reaps every child of `pids` (named "worker N") and checks they exited 0 without errors.
+pub fn expect_workers_exit(pids: Vec<Pid>, report: &UnixDatagram) -> Check {
+    let ends = pids
+        .into_iter()
+        .enumerate()
+        .map(|(n, pid)| (format!("worker {n}"), pid, reap(pid, DEADLINE)))
+        .collect();
+    expect_exits(ends, |_| ChildEnd::Exited(0), report)
+}
+
+/// Reaps the child `pid` (named `name`) and checks it exited 0 without errors.
+pub fn expect_child_exit(name: &str, pid: Pid, report: &UnixDatagram) -> Check {
+    let ends = vec![(name.to_string(), pid, reap(pid, DEADLINE))];
+    expect_exits(ends, |_| ChildEnd::Exited(0), report)
+}
+
+/// A socket pair: the parent's end and the children's.
+pub fn datagram_pair() -> Result<(UnixDatagram, UnixDatagram), String> {
+    UnixDatagram::pair().map_err(|error| error.to_string())
+}
+
+/// The scenario: a warm master pool, 4 forked workers with 300 checked requests each.
+pub fn four_workers_get_their_own_answers<B: Backend>() -> Check {
+    let pool = warm_pool::<B>()?;
+    let master = session_ids(&pool)?;
+    ensure!(
+        master.len() == POOL_SIZE as usize,
+        "the master has {} sessions, expected {POOL_SIZE}",
+        master.len()
+    );
+    let (report, child_report) = datagram_pair()?;
+    let pids: Vec<Pid> = (0..WORKERS)
+        .map(|_| {
+            spawn_child(|| {
+                child_case(&child_report, || {
+                    let own = run_requests(&pool, REQUESTS, &master)?;
+                    ensure!(
+                        !own.is_empty() && own.len() <= POOL_SIZE as usize,
+                        "answered by sessions {own:?}"
+                    );
+                    check_released(&pool, u64::from(POOL_SIZE), 0)
+                })
+            })
+        })
+        .collect();
+    expect_workers_exit(pids, &report)?;
+    check_master_intact(&pool, &master)
+}
+
+/// A connection checked out when the master forks: the child drops it (discarded, never
+/// returned), works on its own connections; the master keeps using it.
+pub fn a_connection_leased_across_fork<B: Backend>() -> Check {
+    let pool = warm_pool::<B>()?;
+    let master = session_ids(&pool)?;
+    let mut leased = Some(pool.get().map_err(|error| format!("get: {error}"))?);
+    let leased_session = B::echo(leased.as_mut().unwrap(), "before fork")?;
+    let (report, child_report) = datagram_pair()?;
+    let pid = spawn_child(|| {
+        child_case(&child_report, || {
+            drop(leased.take());
+            run_requests(&pool, 50, &master)?;
+            check_released(&pool, u64::from(POOL_SIZE), 1)
+        })
+    });
+    expect_child_exit("child", pid, &report)?;
+    let mut leased = leased.ok_or("the master lost its leased connection")?;
+    ensure!(
+        B::echo(&mut leased, "after fork")? == leased_session,
+        "the leased connection changed session"
+    );
+    drop(leased);
+    check_master_intact(&pool, &master)
+}
+
+/// Children that end every way a worker ends; the master's sessions outlive them all.
+pub fn children_end_by_return_exit_and_sigkill<B: Backend>() -> Check {
+    // The master's only handle, so a child that takes and drops it drops the whole pool.
+    let mut owned = Some(warm_pool::<B>()?);
+    let master = session_ids(owned.as_ref().unwrap())?;
+    let (report, child_report) = datagram_pair()?;
+    let mut ends = Vec::new();
+    for way in [
+        "return, dropping its pool",
+        "return, dropping its pool unused",
+        "exit",
+        "SIGKILL",
+    ] {
+        let pid = spawn_child(|| {
+            child_case(&child_report, || {
+                let pool = owned.take().ok_or("no pool")?;
+                if way != "return, dropping its pool unused" {
+                    run_requests(&pool, 20, &master)?;
+                }
+                match way {
+                    "exit" => std::process::exit(0),
+                    "SIGKILL" => {
+                        let _ = raise(Signal::SIGKILL);
+                        Err(String::from("still alive after SIGKILL"))
+                    }
+                    _ => {
+                        drop(pool);
+                        Ok(())
+                    }
+                }
+            })
+        });
+        ends.push((way.to_string(), pid, reap(pid, DEADLINE)));
+        // After each child, not only after all of them.
+        let pool = owned.as_ref().ok_or("the master lost its pool")?;
+        check_master_intact(pool, &master)
+            .map_err(|error| format!("after a child's {way}: {error}"))?;
+    }
+    let expected = |way: &str| {
+        if way == "SIGKILL" {
+            ChildEnd::Signaled(Signal::SIGKILL)
+        } else {
+            ChildEnd::Exited(0)
+        }
+    };
+    expect_exits(ends, expected, &report)
+}
+
+/// Sends one line over a datagram socket.
+pub fn send(socket: &UnixDatagram, message: String) -> Check {
+    socket
+        .send(message.as_bytes())
+        .map(drop)
+        .map_err(|error| format!("send: {error}"))
+}
+
+pub fn receive(socket: &UnixDatagram, timeout: Duration) -> Result<String, String> {
+    socket
+        .set_read_timeout(Some(timeout))
+        .map_err(|error| error.to_string())?;
+    let mut buf = vec![0; 64 * 1024];
+    let len = socket
+        .recv(&mut buf)
+        .map_err(|error| format!("no message within {timeout:?}: {error}"))?;
+    Ok(String::from_utf8_lossy(&buf[..len]).into_owned())
+}
+
+fn parse_ids(words: &[&str]) -> BTreeSet<i64> {
+    words.iter().filter_map(|word| word.parse().ok()).collect()
+}
+
+fn join(ids: &BTreeSet<i64>) -> String {
+    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ")
+}
+
+/// Kills, then reaps, every process it holds unless told they are done with.
+pub struct KillOnDrop(pub Vec<Pid>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = reap(pid, Duration::from_secs(5));
+        }
+    }
+}
+
+/// The master (a forked child of this test) warms its pool and forks 2 workers that use their
+/// own pools and stay alive; the master is SIGKILLed. Its sessions must be gone within 2 s —
+/// the workers released their copies of its sockets — while the workers' sessions keep working.
+/// (The test process must be a child subreaper, to reap the orphaned workers.)
+pub fn master_sigkill_leaves_no_sessions_behind<B: Backend>() -> Check {
+    let (to_test, from_master) = datagram_pair()?;
+    let (go_sender, go_receiver) = datagram_pair()?;
+    let master_pid = spawn_child(|| {
+        let run = || -> Check {
+            let pool = warm_pool::<B>()?;
+            let ids = session_ids(&pool)?;
+            send(&to_test, format!("master {}", join(&ids)))?;
+            for _ in 0..2 {
+                let (pool, ids, to_test, go) = (&pool, &ids, &to_test, &go_receiver);
+                spawn_child(move || {
+                    let run = || -> Check {
+                        let own = session_ids(pool)?;
+                        ensure!(
+                            own.is_disjoint(ids),
+                            "a worker got the master's sessions: {own:?}"
+                        );
+                        send(
+                            to_test,
+                            format!("worker {} {}", std::process::id(), join(&own)),
+                        )?;
+                        receive(go, DEADLINE)?;
+                        let answered = run_requests(pool, 50, ids)?;
+                        ensure!(
+                            answered.is_subset(&own),
+                            "worker sessions changed: {own:?} -> {answered:?}"
+                        );
+                        // Checked last, so the master's sessions are checked on the server first.
+                        check_released(pool, u64::from(POOL_SIZE), 0)?;
+                        send(to_test, format!("done {}", std::process::id()))
+                    };
+                    match run() {
+                        Ok(()) => 0,
+                        Err(message) => {
+                            let _ = send(
+                                to_test,
+                                format!("error worker {}: {message}", std::process::id()),
+                            );
+                            1
+                        }
+                    }
+                });
+            }
+            // Stay alive with the pool until killed (bounded, so a broken test leaves nothing).
+            std::thread::sleep(DEADLINE * 2);
+            Err(String::from("the master was never killed"))
+        };
+        match run() {
+            Ok(()) => 0,
+            Err(message) => {
+                let _ = send(&to_test, format!("error master: {message}"));
+                1
+            }
+        }
+    });
+    let mut cleanup = KillOnDrop(vec![master_pid]);
+    let mut master_ids = BTreeSet::new();
+    let mut workers = Vec::new();
+    while master_ids.is_empty() || workers.len() < 2 {
+        let message = receive(&from_master, DEADLINE)?;
+        let words: Vec<&str> = message.split_whitespace().collect();
+        match words.as_slice() {
+            ["master", ids @ ..] => master_ids = parse_ids(ids),
+            ["worker", pid, ids @ ..] => {
+                let pid = Pid::from_raw(
+                    pid.parse()
+                        .map_err(|_| format!("bad message {message:?}"))?,
+                );
+                cleanup.0.push(pid);
+                workers.push((pid, parse_ids(ids)));
+            }
+            _ => return Err(message),
+        }
+    }
+    ensure!(
+        master_ids.len() == POOL_SIZE as usize,
+        "the master reported sessions {master_ids:?}"
+    );
+    let mut observer = B::observer()?;
+    let live = B::live_sessions(&mut observer)?;
+    ensure!(
+        master_ids.is_subset(&live),
+        "the master's sessions {master_ids:?} are not all live: {live:?}"
+    );
+
+    kill(master_pid, Signal::SIGKILL).map_err(|error| format!("kill master: {error}"))?;
+    let killed_at = Instant::now();
+    let end = reap(master_pid, DEADLINE);
+    ensure!(
+        end == ChildEnd::Signaled(Signal::SIGKILL),
+        "the master ended {end:?}"
+    );
+    cleanup.0.retain(|&pid| pid != master_pid);
+    let mut left = master_ids.clone();
+    while !left.is_empty() && killed_at.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+        left = B::live_sessions(&mut observer)?
+            .intersection(&master_ids)
+            .copied()
+            .collect();
+    }
+    ensure!(
+        left.is_empty(),
+        "2 s after the master's SIGKILL its sessions {left:?} are still open"
+    );
+    let live = B::live_sessions(&mut observer)?;
+    for (pid, own) in &workers {
+        ensure!(
+            own.is_subset(&live),
+            "worker {pid}'s sessions {own:?} are gone: {live:?}"
+        );
+    }
+
+    for _ in &workers {
+        send(&go_sender, String::from("go"))?;
+    }
+    let mut done = 0;
+    while done < workers.len() {
+        let message = receive(&from_master, DEADLINE)?;
+        ensure!(message.starts_with("done "), "{message}");
+        done += 1;
+    }
+    for (pid, _) in std::mem::take(&mut workers) {
+        cleanup.0.retain(|&p| p != pid);
+        let end = reap(pid, DEADLINE);
+        ensure!(end == ChildEnd::Exited(0), "worker {pid} ended {end:?}");
+    }
+    Ok(())
+}
+
+/// Bad configuration fails fast with r2d2's error and the cause, never hangs: in the process
+/// that built the pool, and in a forked child that rebuilds it. Each case is what is wrong, the
+/// URL, and what the error must say; `cases` makes them given the port of a server that never
+/// answers.
+pub fn bad_input_fails_within_connection_timeout<B: Backend>(
+    cases: impl FnOnce(u16) -> Vec<(&'static str, String, &'static str)>,
+) -> Check {
+    // Completes TCP handshakes (the kernel does) but never answers: connects block.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").map_err(|error| error.to_string())?;
+    let silent_port = silent
+        .local_addr()
+        .map_err(|error| error.to_string())?
+        .port();
+    // Long enough for a first connection attempt to fail even on a loaded machine (r2d2 names the
+    // cause only when an attempt has failed by then); a hang would still show.
+    let timeout = Duration::from_millis(1500);
+    for (what, url, cause) in cases(silent_port) {
+        let builder = || Pool::builder().max_size(2).connection_timeout(timeout);
+        let started = Instant::now();
+        let error = match builder().build(B::manager(&url)?) {
+            Ok(_) => return Err(format!("{what}: build succeeded")),
+            Err(error) => error.to_string(),
+        };
+        ensure!(
+            started.elapsed() < timeout + SLACK,
+            "{what}: build took {:?}",
+            started.elapsed()
+        );
+        ensure!(
+            error.contains(cause),
+            "{what}: build error {error:?} does not say {cause:?}"
+        );
+
+        let pool = builder().build_unchecked(B::manager(&url)?);
+        let started = Instant::now();
+        let error = pool
+            .get()
+            .err()
+            .ok_or(format!("{what}: get succeeded"))?
+            .to_string();
+        ensure!(
+            started.elapsed() < timeout + SLACK,
+            "{what}: get took {:?}",
+            started.elapsed()
+        );
+        ensure!(
+            error.contains(cause),
+            "{what}: get error {error:?} does not say {cause:?}"
+        );
+
+        let (report, child_report) = datagram_pair()?;
+        let pid = spawn_child(|| {
+            child_case(&child_report, || {
+                let started = Instant::now();
+                let error = pool.get().err().ok_or("get succeeded")?.to_string();
+                ensure!(
+                    started.elapsed() < timeout + SLACK,
+                    "get took {:?}",
+                    started.elapsed()
+                );
+                ensure!(
+                    error.contains(cause) && error.contains("rebuilt after fork()"),
+                    "get error {error:?} does not say {cause:?} and that the pool was rebuilt after fork()"
+                );
+                Ok(())
+            })
+        });
+        expect_child_exit(what, pid, &report)?;
+    }
+    Ok(())
+}
