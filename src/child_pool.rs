@@ -1,5 +1,5 @@
 //! The pool a forked child runs on: r2d2's checkout rules on std's `Mutex` and `Condvar`,
-//! with no parking_lot and no long-lived worker threads.
+//! with no parking_lot and no threads of its own.
 //!
 //! Why not a fresh r2d2 pool? r2d2 keeps its state behind parking_lot 0.12 and runs on a
 //! scheduled-thread-pool (parking_lot 0.13). Both parking_lots keep a process-global table of
@@ -13,9 +13,15 @@
 //! object and keep no registry of threads, so a pool made in the child depends on nothing the
 //! fork left behind.
 //!
-//! Connections are opened on a short-lived std thread per attempt, so `get` still waits no
-//! longer than its timeout even while a connect hangs; an attempt that finishes after its
-//! caller gave up leaves its connection idle in the pool, as r2d2's workers do.
+//! Why no helper threads either? Every thread std spawns first locks a process-global std
+//! mutex (the stack-overflow handler's thread-info map, `set_current_info`), which threads also
+//! take when they start or exit. A fork while some parent thread starts or exits leaves it
+//! locked in the child, and every thread the child then spawns blocks before running a line of
+//! its closure (measured: children whose connect threads never started, in the torture
+//! scenario that forks during a rebuild). So connections are opened on the thread that needs
+//! one, inside `get`: after waiting `timeout` for a connection to come free, `get` fails, but a
+//! connection attempt already running is not interrupted — how long one may take is the
+//! driver's connect timeout (libpq's `connect_timeout`, for example).
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
@@ -61,7 +67,7 @@ struct State<M: ManageConnection> {
     idle: Vec<Idle<M>>,
     /// Open connections, idle or checked out.
     open: u32,
-    /// Connection attempts running on helper threads.
+    /// Connection attempts running (each on the thread of a `get` that needed one).
     connecting: u32,
     last_error: Option<String>,
     /// Consecutive failed attempts, for r2d2's back-off (200 ms doubling, at most half the
@@ -99,15 +105,15 @@ impl<M: ManageConnection> fmt::Debug for ChildPool<M> {
 }
 
 impl<M: ManageConnection> ChildPool<M> {
-    /// Makes the pool and starts opening its `min_idle` connections, like r2d2's
-    /// `build_unchecked`.
+    /// Makes the pool without connecting, like r2d2's `build_unchecked`; connections are
+    /// opened on demand (`min_idle` is not kept up in the background: that needs a thread).
     pub(crate) fn new(
         manager: ForkSafeManager<M>,
         settings: Settings,
         error_handler: Box<dyn HandleError<Error<M>>>,
         customizer: Box<dyn CustomizeConnection<Conn<M>, Error<M>>>,
     ) -> Self {
-        let pool = ChildPool {
+        ChildPool {
             shared: Arc::new(Shared {
                 manager,
                 settings,
@@ -123,12 +129,7 @@ impl<M: ManageConnection> ChildPool<M> {
                 }),
                 changed: Condvar::new(),
             }),
-        };
-        let mut state = pool.shared.lock();
-        let starts = pool.shared.top_up(&mut state);
-        drop(state);
-        pool.shared.start(starts);
-        pool
+        }
     }
 
     /// Checks out a connection, waiting at most `timeout`, like `r2d2::Pool::get_timeout`.
@@ -142,16 +143,17 @@ impl<M: ManageConnection> ChildPool<M> {
                 Err(again) => state = again,
             }
             let now = Instant::now();
-            let mut starts = 0;
             if state.open + state.connecting < shared.settings.max_size
-                && state.retry_at.map_or(true, |at| at <= now)
+                && state.retry_at.is_none_or(|at| at <= now)
             {
                 state.connecting += 1;
-                starts = 1;
-            }
-            if starts > 0 {
                 drop(state);
-                shared.start(starts);
+                if let Some(conn) = shared.connect_one() {
+                    return Ok(Lease {
+                        pool: Arc::clone(shared),
+                        conn: Some(conn),
+                    });
+                }
                 state = shared.lock();
                 continue;
             }
@@ -174,6 +176,38 @@ impl<M: ManageConnection> ChildPool<M> {
                 .wait_timeout(state, wake.saturating_duration_since(now))
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
+        }
+    }
+
+    /// Opens connections on this thread until `min_idle` (all `max_size` when `None`) are
+    /// open or `deadline` passes; for `Pool::warm_up`, since nothing opens them in the
+    /// background.
+    pub(crate) fn open_until(&self, deadline: Instant) {
+        let shared = &self.shared;
+        let wanted = shared
+            .settings
+            .min_idle
+            .unwrap_or(shared.settings.max_size)
+            .min(shared.settings.max_size);
+        loop {
+            let mut state = shared.lock();
+            let now = Instant::now();
+            if state.open >= wanted || now >= deadline {
+                return;
+            }
+            if let Some(at) = state.retry_at.filter(|at| *at > now) {
+                drop(state);
+                std::thread::sleep(at.min(deadline) - now);
+                continue;
+            }
+            if state.open + state.connecting >= shared.settings.max_size {
+                return;
+            }
+            state.connecting += 1;
+            drop(state);
+            if let Some(conn) = shared.connect_one() {
+                shared.put_back(conn);
+            }
         }
     }
 
@@ -206,7 +240,6 @@ impl<M: ManageConnection> Shared<M> {
             let Some(idle) = state.idle.pop() else {
                 return Err(state);
             };
-            let starts = self.top_up(&mut state);
             let now = Instant::now();
             let stale = self
                 .settings
@@ -219,13 +252,11 @@ impl<M: ManageConnection> Shared<M> {
             if stale {
                 state.open -= 1;
                 drop(state);
-                self.start(starts);
                 self.close(idle.conn);
                 state = self.lock();
                 continue;
             }
             drop(state);
-            self.start(starts);
             let mut conn = idle.conn;
             if self.settings.test_on_check_out {
                 if let Err(error) = self.manager.is_valid(&mut conn.conn) {
@@ -247,37 +278,9 @@ impl<M: ManageConnection> Shared<M> {
         }
     }
 
-    /// Reserves attempts to bring idle plus connecting up to `min_idle`, as r2d2 does after
-    /// every checkout; returns how many to start once unlocked.
-    fn top_up(&self, state: &mut State<M>) -> u32 {
-        let min_idle = self.settings.min_idle.unwrap_or(self.settings.max_size);
-        let mut starts = 0;
-        while (state.idle.len() as u32) + state.connecting < min_idle
-            && state.open + state.connecting < self.settings.max_size
-            && state.retry_at.map_or(true, |at| at <= Instant::now())
-        {
-            state.connecting += 1;
-            starts += 1;
-        }
-        starts
-    }
-
-    /// Runs `count` reserved connection attempts, each on its own std thread.
-    fn start(self: &Arc<Self>, count: u32) {
-        for _ in 0..count {
-            let shared = Arc::clone(self);
-            let spawned = std::thread::Builder::new()
-                .name("forksafe-connect".into())
-                .spawn(move || shared.connect_one());
-            if spawned.is_err() {
-                // No thread to be had (EAGAIN): connect here; the wait is then the connect's.
-                self.connect_one();
-            }
-        }
-    }
-
-    /// One connection attempt, reserved by the caller (`connecting` counts it).
-    fn connect_one(&self) {
+    /// One connection attempt on the calling thread, reserved by the caller (`connecting`
+    /// counts it). The new connection counts as open and is handed to the caller.
+    fn connect_one(&self) -> Option<Pooled<M>> {
         let result = self
             .manager
             .connect()
@@ -286,21 +289,15 @@ impl<M: ManageConnection> Shared<M> {
         state.connecting -= 1;
         match result {
             Ok(conn) => {
-                let now = Instant::now();
                 state.open += 1;
                 state.last_error = None;
                 state.failures = 0;
                 state.retry_at = None;
-                state.idle.push(Idle {
-                    conn: Pooled {
-                        conn,
-                        extensions: r2d2::Extensions::new(),
-                        birth: now,
-                    },
-                    since: now,
-                });
-                drop(state);
-                self.changed.notify_all();
+                Some(Pooled {
+                    conn,
+                    extensions: r2d2::Extensions::new(),
+                    birth: Instant::now(),
+                })
             }
             Err(error) => {
                 state.last_error = Some(error.to_string());
@@ -310,8 +307,10 @@ impl<M: ManageConnection> Shared<M> {
                     .min(self.settings.connection_timeout / 2);
                 state.retry_at = Some(Instant::now() + backoff);
                 drop(state);
+                // A waiter may take the freed slot (after the back-off).
                 self.changed.notify_all();
                 self.error_handler.handle_error(error);
+                None
             }
         }
     }

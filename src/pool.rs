@@ -261,6 +261,10 @@ impl<M: ManageConnection> Pool<M> {
         let config = &self.shared.config;
         let wanted = config.min_idle.unwrap_or(config.max_size);
         let deadline = Instant::now() + config.connection_timeout;
+        if let AnyPool::Child(pool) = &generation.pool {
+            // A forked child's pool opens connections only on the thread that asks.
+            pool.open_until(deadline);
+        }
         while generation.pool.state().connections < wanted {
             if Instant::now() >= deadline {
                 let opened = generation.pool.state().connections;

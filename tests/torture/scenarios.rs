@@ -614,10 +614,25 @@ enum End {
     /// Drops its guard and a pool only it holds (the rebuilt pool is dropped for real), then
     /// exits normally.
     DropAndReturn,
+    /// `exit(0)` with everything still alive: the C library's exit (atexit handlers, stdio).
+    ///
+    /// Not `std::process::exit`: its runtime cleanup (`rt::cleanup` → the main thread's
+    /// stack-overflow handler → `thread_info::delete_current_info`) takes the process-global
+    /// std mutex that every thread start and exit takes, so a fork while any parent thread
+    /// starts or exits — the FakeServer starts one per connection — makes the child hang
+    /// there (caught with gdb: 1 child in 5000). That is std's, not the pool's; the README
+    /// reports it.
     Exit,
     UnderscoreExit,
     Panic,
     SigKill,
+}
+
+/// The C library's `exit(0)`; see [`End::Exit`].
+fn exit_like_c() -> ! {
+    // SAFETY: `exit` runs the atexit handlers and flushes stdio, then ends the process; nothing
+    // of this process is used afterwards.
+    unsafe { libc::exit(0) }
 }
 
 fn child_ends(scale: &Scale) -> Outcome {
@@ -648,9 +663,9 @@ fn child_ends(scale: &Scale) -> Outcome {
                 End::DropAndReturn => {
                     drop(guard);
                     drop(own);
-                    std::process::exit(0)
+                    exit_like_c()
                 }
-                End::Exit => std::process::exit(0),
+                End::Exit => exit_like_c(),
                 End::UnderscoreExit => 0,
                 End::Panic => {
                     // Expected: keep its message out of the report.
