@@ -188,8 +188,10 @@ impl<M: ManageConnection> Builder<M> {
         self
     }
 
-    /// How long `get` waits for a connection before it returns an error. A forked child's
-    /// first `get`, which rebuilds the pool, waits no longer than this either.
+    /// How long `get` waits for a connection to come free before it returns an error. In a
+    /// forked child, a `get` that has to open a connection opens it on its own thread (the
+    /// child's pool starts no threads, see the crate docs), so that one attempt is bounded by
+    /// the driver's connect timeout (libpq's `connect_timeout`, for example) rather than by this.
     ///
     /// Defaults to 30 seconds.
     ///
@@ -236,9 +238,9 @@ impl<M: ManageConnection> Builder<M> {
         self
     }
 
-    /// The thread pool that opens connections and reaps old ones. Its threads exist only in the
-    /// process that made it, so a pool rebuilt in a forked child runs on a fresh thread pool of
-    /// three threads instead.
+    /// The thread pool that opens connections and reaps old ones, in the process that built the
+    /// pool. Its threads do not exist in a forked child; the pool rebuilt there runs no threads
+    /// at all and opens connections on the threads that call `get`.
     ///
     /// Defaults to a new pool of three threads per pool, as in r2d2.
     pub fn thread_pool(mut self, thread_pool: Arc<ScheduledThreadPool>) -> Self {

@@ -167,6 +167,9 @@ fn release_idle_in_a_worker_before_it_forks() -> Check {
                 grandchild == ChildEnd::Exited(0),
                 "grandchild ended {grandchild:?}"
             );
+            // A forked process's pool opens connections on demand; warm_up opens `min_idle`.
+            pool.warm_up()
+                .map_err(|error| format!("worker warm_up after release: {error}"))?;
             let mut conn = pool
                 .get()
                 .map_err(|error| format!("worker get after release: {error}"))?;
@@ -188,7 +191,7 @@ fn release_idle_in_a_worker_before_it_forks() -> Check {
         .filter(|(_, lines)| lines.first().is_some_and(|line| line.pid == worker))
         .collect();
     opened.sort_by_key(|(id, _)| **id);
-    // Two before the release, then the new pool's `min_idle` of two.
+    // Two before the release, then the new pool's `min_idle` of two, opened by `warm_up`.
     ensure!(
         opened.len() == 4,
         "the worker opened {} connections, expected 4",
