@@ -1,5 +1,5 @@
 //! The pool a forked child runs on: r2d2's checkout rules on std's `Mutex` and `Condvar`,
-//! with no parking_lot and no threads of its own.
+//! with no parking_lot, no std threads and no long-lived threads at all.
 //!
 //! Why not a fresh r2d2 pool? r2d2 keeps its state behind parking_lot 0.12 and runs on a
 //! scheduled-thread-pool (parking_lot 0.13). Both parking_lots keep a process-global table of
@@ -13,15 +13,17 @@
 //! object and keep no registry of threads, so a pool made in the child depends on nothing the
 //! fork left behind.
 //!
-//! Why no helper threads either? Every thread std spawns first locks a process-global std
-//! mutex (the stack-overflow handler's thread-info map, `set_current_info`), which threads also
-//! take when they start or exit. A fork while some parent thread starts or exits leaves it
-//! locked in the child, and every thread the child then spawns blocks before running a line of
-//! its closure (measured: children whose connect threads never started, in the torture
-//! scenario that forks during a rebuild). So connections are opened on the thread that needs
-//! one, inside `get`: after waiting `timeout` for a connection to come free, `get` fails, but a
-//! connection attempt already running is not interrupted — how long one may take is the
-//! driver's connect timeout (libpq's `connect_timeout`, for example).
+//! Why not std threads either? Every thread std spawns first locks a process-global std mutex
+//! (the stack-overflow handler's thread-info map, `set_current_info`), which threads also take
+//! when they exit. A fork while some parent thread starts or exits leaves it locked in the
+//! child, and every std thread the child then spawns blocks before running a line of its
+//! closure (measured: children whose connect threads never started, in the torture scenario
+//! that forks during a rebuild). So a `get` that needs a connection starts one attempt on a
+//! short-lived thread made with `pthread_create` directly (`fork::spawn_detached`), and waits
+//! for it no longer than its timeout: a connect that hangs (a server that never answers) does
+//! not hold `get` past `connection_timeout`. A connection that arrives after its caller gave up
+//! goes idle in the pool, as with r2d2's workers. Only if no thread can be made at all does
+//! `get` connect on its own thread.
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
@@ -69,6 +71,9 @@ struct State<M: ManageConnection> {
     open: u32,
     /// Connection attempts running (each on the thread of a `get` that needed one).
     connecting: u32,
+    /// Connection attempts that have ended, either way; a waiting `get` starts another attempt
+    /// only once one has ended since its last.
+    attempts_ended: u64,
     last_error: Option<String>,
     /// Consecutive failed attempts, for r2d2's back-off (200 ms doubling, at most half the
     /// connection timeout).
@@ -123,6 +128,7 @@ impl<M: ManageConnection> ChildPool<M> {
                     idle: Vec::new(),
                     open: 0,
                     connecting: 0,
+                    attempts_ended: 0,
                     last_error: None,
                     failures: 0,
                     retry_at: None,
@@ -136,6 +142,7 @@ impl<M: ManageConnection> ChildPool<M> {
     pub(crate) fn get_timeout(&self, timeout: Duration) -> Result<Lease<M>, r2d2::Error> {
         let deadline = Instant::now() + timeout;
         let shared = &self.shared;
+        let mut my_attempt: Option<u64> = None;
         let mut state = shared.lock();
         loop {
             match shared.take_idle(state) {
@@ -143,16 +150,28 @@ impl<M: ManageConnection> ChildPool<M> {
                 Err(again) => state = again,
             }
             let now = Instant::now();
-            if state.open + state.connecting < shared.settings.max_size
+            // One attempt per waiting call at a time: another only once some attempt ended.
+            let may_start = my_attempt.is_none_or(|ended| state.attempts_ended != ended);
+            if may_start
+                && state.open + state.connecting < shared.settings.max_size
                 && state.retry_at.is_none_or(|at| at <= now)
             {
                 state.connecting += 1;
+                my_attempt = Some(state.attempts_ended);
                 drop(state);
-                if let Some(conn) = shared.connect_one() {
-                    return Ok(Lease {
-                        pool: Arc::clone(shared),
-                        conn: Some(conn),
-                    });
+                // Connect on a thread of its own, so this call still waits no longer than
+                // `timeout` when a connect hangs (a server that never answers).
+                let background = Arc::clone(shared);
+                let spawned =
+                    crate::fork::spawn_detached(Box::new(move || background.connect_into_idle()));
+                if !spawned {
+                    // No thread to be had: connect here; the wait is then the connect's.
+                    if let Some(conn) = shared.connect_one() {
+                        return Ok(Lease {
+                            pool: Arc::clone(shared),
+                            conn: Some(conn),
+                        });
+                    }
                 }
                 state = shared.lock();
                 continue;
@@ -278,7 +297,7 @@ impl<M: ManageConnection> Shared<M> {
         }
     }
 
-    /// One connection attempt on the calling thread, reserved by the caller (`connecting`
+    /// One connection attempt on the current thread, reserved by the caller (`connecting`
     /// counts it). The new connection counts as open and is handed to the caller.
     fn connect_one(&self) -> Option<Pooled<M>> {
         let result = self
@@ -287,6 +306,7 @@ impl<M: ManageConnection> Shared<M> {
             .and_then(|mut conn| self.customizer.on_acquire(&mut conn).map(|()| conn));
         let mut state = self.lock();
         state.connecting -= 1;
+        state.attempts_ended += 1;
         match result {
             Ok(conn) => {
                 state.open += 1;
@@ -312,6 +332,19 @@ impl<M: ManageConnection> Shared<M> {
                 self.error_handler.handle_error(error);
                 None
             }
+        }
+    }
+
+    /// One attempt on a thread of its own: the connection goes idle for whichever `get` wakes.
+    fn connect_into_idle(&self) {
+        if let Some(conn) = self.connect_one() {
+            let mut state = self.lock();
+            state.idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+            drop(state);
+            self.changed.notify_all();
         }
     }
 

@@ -188,10 +188,9 @@ impl<M: ManageConnection> Builder<M> {
         self
     }
 
-    /// How long `get` waits for a connection to come free before it returns an error. In a
-    /// forked child, a `get` that has to open a connection opens it on its own thread (the
-    /// child's pool starts no threads, see the crate docs), so that one attempt is bounded by
-    /// the driver's connect timeout (libpq's `connect_timeout`, for example) rather than by this.
+    /// How long `get` waits for a connection before it returns an error. A forked child's
+    /// first `get`, which rebuilds the pool and opens a connection, waits no longer than this
+    /// either.
     ///
     /// Defaults to 30 seconds.
     ///

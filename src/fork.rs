@@ -490,6 +490,44 @@ pub(crate) fn r2d2_state(connections: u32, idle_connections: u32) -> r2d2::State
     state
 }
 
+/// Runs `job` on a new detached thread made with `pthread_create` directly; false (and `job`
+/// dropped) if no thread could be made.
+///
+/// Not `std::thread::spawn`: every thread std starts first takes a process-global std mutex
+/// (the stack-overflow handler's thread-info map) that threads also take when they exit, so a
+/// fork while a parent thread starts or exits leaves it locked, and every std thread the child
+/// then starts blocks before running a line. glibc's own thread-creation state is reset for the
+/// child by `fork()`. A thread made here is a "foreign" thread to std, which std supports.
+pub(crate) fn spawn_detached(job: Box<dyn FnOnce() + Send>) -> bool {
+    extern "C" fn run(arg: *mut libc::c_void) -> *mut libc::c_void {
+        // SAFETY: `arg` is the `Box<Box<dyn FnOnce() + Send>>` leaked by `spawn_detached` for
+        // this thread alone, and this is the only place that takes it back.
+        let job = unsafe { Box::from_raw(arg.cast::<Box<dyn FnOnce() + Send>>()) };
+        // A panic must not unwind out of an `extern "C"` function (that aborts the process).
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+        ptr::null_mut()
+    }
+    let arg = Box::into_raw(Box::new(job)).cast::<libc::c_void>();
+    // SAFETY: `attr` is initialised by `pthread_attr_init` before any other use and destroyed
+    // once after `pthread_create`; `thread` is written by `pthread_create`; `run` has the
+    // signature pthread expects and takes ownership of `arg` only if the thread was created.
+    unsafe {
+        let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
+        if libc::pthread_attr_init(attr.as_mut_ptr()) != 0 {
+            drop(Box::from_raw(arg.cast::<Box<dyn FnOnce() + Send>>()));
+            return false;
+        }
+        libc::pthread_attr_setdetachstate(attr.as_mut_ptr(), libc::PTHREAD_CREATE_DETACHED);
+        let mut thread = std::mem::MaybeUninit::<libc::pthread_t>::uninit();
+        let rc = libc::pthread_create(thread.as_mut_ptr(), attr.as_ptr(), run, arg);
+        libc::pthread_attr_destroy(attr.as_mut_ptr());
+        if rc != 0 {
+            drop(Box::from_raw(arg.cast::<Box<dyn FnOnce() + Send>>()));
+        }
+        rc == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -143,8 +143,8 @@ impl<M: ManageConnection> Pool<M> {
 
     /// Checks out a connection, waiting up to `connection_timeout`, like [`r2d2::Pool::get`].
     ///
-    /// In a forked child the first call rebuilds the pool (see the crate docs) and opens a new
-    /// connection on the calling thread, bounded by the driver's connect timeout.
+    /// In a forked child the first call rebuilds the pool (see the crate docs) and so waits for
+    /// a new connection, still no longer than `connection_timeout`.
     ///
     /// # Errors
     ///
