@@ -302,6 +302,9 @@ fn workers_get_answers_of_their_own(transport: Transport) -> Check {
 /// with or without fork (seen here in 12 of 200 runs of plain r2d2 + diesel exiting right after
 /// its first checkout) — so a process must not `exit` while r2d2 is still connecting.
 fn settle(pool: &PgPool) -> Check {
+    // In a forked child nothing opens connections in the background: `warm_up` opens them.
+    pool.warm_up()
+        .map_err(|error| format!("warm_up: {error}"))?;
     let until = Instant::now() + Duration::from_secs(10);
     while pool.state().connections < POOL_SIZE {
         ensure!(
