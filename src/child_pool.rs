@@ -32,20 +32,10 @@ use std::time::{Duration, Instant};
 
 use r2d2::{CustomizeConnection, HandleError, ManageConnection};
 
+use crate::config::Settings;
 use crate::connection::Checkout;
 use crate::fork::{r2d2_error, r2d2_state};
 use crate::manager::{ConnectError, ForkSafeManager, Tracked};
-
-/// The settings of an r2d2 pool that the child pool honours.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Settings {
-    pub(crate) max_size: u32,
-    pub(crate) min_idle: Option<u32>,
-    pub(crate) test_on_check_out: bool,
-    pub(crate) max_lifetime: Option<Duration>,
-    pub(crate) idle_timeout: Option<Duration>,
-    pub(crate) connection_timeout: Duration,
-}
 
 type Conn<M> = Tracked<<M as ManageConnection>::Connection>;
 type Error<M> = ConnectError<<M as ManageConnection>::Error>;

@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use r2d2::{
     CustomizeConnection, HandleError, HandleEvent, LoggingErrorHandler, ManageConnection,
-    NopConnectionCustomizer, NopEventHandler,
+    NopConnectionCustomizer,
 };
 use scheduled_thread_pool::ScheduledThreadPool;
 
-use crate::fork::{current_epoch, Epoch};
 use crate::manager::Locator;
 use crate::pool::Pool;
 
@@ -38,23 +37,29 @@ pub struct Builder<M: ManageConnection> {
     _manager: PhantomData<M>,
 }
 
-/// Everything needed to build — and, in a forked child, rebuild — the inner r2d2 pool.
-pub(crate) struct Config<M: ManageConnection> {
+/// The checkout rules both inner pools follow: r2d2's in the building process, the child pool
+/// in a forked one.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Settings {
     pub(crate) max_size: u32,
     pub(crate) min_idle: Option<u32>,
     pub(crate) test_on_check_out: bool,
     pub(crate) max_lifetime: Option<Duration>,
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) connection_timeout: Duration,
+}
+
+/// Everything needed to build — and, in a forked child, rebuild — the inner pool.
+pub(crate) struct Config<M: ManageConnection> {
+    pub(crate) settings: Settings,
     pub(crate) error_handler: Arc<dyn HandleError<M::Error>>,
-    pub(crate) event_handler: Arc<dyn HandleEvent>,
-    /// Whether `event_handler` was set; if not, r2d2 gets its own `NopEventHandler`, which it
-    /// calls without the adapter's indirection on every checkout and checkin.
-    pub(crate) custom_event_handler: bool,
+    /// The user's handler; without one r2d2 keeps its own `NopEventHandler`, which it calls
+    /// without an adapter's indirection on every checkout and checkin.
+    pub(crate) event_handler: Option<Arc<dyn HandleEvent>>,
     pub(crate) connection_customizer: Arc<dyn CustomizeConnection<M::Connection, M::Error>>,
-    /// The user's thread pool and the process it belongs to: its threads do not exist in a
-    /// forked child, so a rebuilt pool gets a fresh one.
-    pub(crate) thread_pool: Option<(Arc<ScheduledThreadPool>, Epoch)>,
+    /// The thread pool of the r2d2 pools, which only the building process runs (a forked
+    /// child's pool has no threads).
+    pub(crate) thread_pool: Option<Arc<ScheduledThreadPool>>,
     pub(crate) descriptor_locator: Option<Locator<M::Connection>>,
     pub(crate) on_fork: OnFork,
 }
@@ -85,15 +90,16 @@ impl<M: ManageConnection> Default for Builder<M> {
     fn default() -> Self {
         Builder {
             config: Config {
-                max_size: 10,
-                min_idle: None,
-                test_on_check_out: true,
-                max_lifetime: Some(Duration::from_secs(30 * 60)),
-                idle_timeout: Some(Duration::from_secs(10 * 60)),
-                connection_timeout: Duration::from_secs(30),
+                settings: Settings {
+                    max_size: 10,
+                    min_idle: None,
+                    test_on_check_out: true,
+                    max_lifetime: Some(Duration::from_secs(30 * 60)),
+                    idle_timeout: Some(Duration::from_secs(10 * 60)),
+                    connection_timeout: Duration::from_secs(30),
+                },
                 error_handler: Arc::new(LoggingErrorHandler),
-                event_handler: Arc::new(NopEventHandler),
-                custom_event_handler: false,
+                event_handler: None,
                 connection_customizer: Arc::new(NopConnectionCustomizer),
                 thread_pool: None,
                 descriptor_locator: None,
@@ -107,12 +113,15 @@ impl<M: ManageConnection> Default for Builder<M> {
 impl<M: ManageConnection> fmt::Debug for Builder<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
-            .field("max_size", &self.config.max_size)
-            .field("min_idle", &self.config.min_idle)
-            .field("test_on_check_out", &self.config.test_on_check_out)
-            .field("max_lifetime", &self.config.max_lifetime)
-            .field("idle_timeout", &self.config.idle_timeout)
-            .field("connection_timeout", &self.config.connection_timeout)
+            .field("max_size", &self.config.settings.max_size)
+            .field("min_idle", &self.config.settings.min_idle)
+            .field("test_on_check_out", &self.config.settings.test_on_check_out)
+            .field("max_lifetime", &self.config.settings.max_lifetime)
+            .field("idle_timeout", &self.config.settings.idle_timeout)
+            .field(
+                "connection_timeout",
+                &self.config.settings.connection_timeout,
+            )
             .field("on_fork", &self.config.on_fork)
             .finish_non_exhaustive()
     }
@@ -133,7 +142,7 @@ impl<M: ManageConnection> Builder<M> {
     /// Panics if `max_size` is 0, with r2d2's message "max_size must be positive".
     pub fn max_size(mut self, max_size: u32) -> Self {
         assert!(max_size > 0, "max_size must be positive");
-        self.config.max_size = max_size;
+        self.config.settings.max_size = max_size;
         self
     }
 
@@ -141,7 +150,7 @@ impl<M: ManageConnection> Builder<M> {
     ///
     /// Defaults to `None`.
     pub fn min_idle(mut self, min_idle: Option<u32>) -> Self {
-        self.config.min_idle = min_idle;
+        self.config.settings.min_idle = min_idle;
         self
     }
 
@@ -150,7 +159,7 @@ impl<M: ManageConnection> Builder<M> {
     /// Defaults to `true`. (A ping is not fork protection: it succeeds happily on a socket
     /// shared with another process. This crate never pings inherited connections.)
     pub fn test_on_check_out(mut self, test_on_check_out: bool) -> Self {
-        self.config.test_on_check_out = test_on_check_out;
+        self.config.settings.test_on_check_out = test_on_check_out;
         self
     }
 
@@ -167,7 +176,7 @@ impl<M: ManageConnection> Builder<M> {
             Some(Duration::from_secs(0)),
             "max_lifetime must be positive"
         );
-        self.config.max_lifetime = max_lifetime;
+        self.config.settings.max_lifetime = max_lifetime;
         self
     }
 
@@ -184,7 +193,7 @@ impl<M: ManageConnection> Builder<M> {
             Some(Duration::from_secs(0)),
             "idle_timeout must be positive"
         );
-        self.config.idle_timeout = idle_timeout;
+        self.config.settings.idle_timeout = idle_timeout;
         self
     }
 
@@ -203,7 +212,7 @@ impl<M: ManageConnection> Builder<M> {
             connection_timeout > Duration::from_secs(0),
             "connection_timeout must be positive"
         );
-        self.config.connection_timeout = connection_timeout;
+        self.config.settings.connection_timeout = connection_timeout;
         self
     }
 
@@ -220,8 +229,7 @@ impl<M: ManageConnection> Builder<M> {
     ///
     /// Defaults to r2d2's `NopEventHandler`.
     pub fn event_handler(mut self, event_handler: Box<dyn HandleEvent>) -> Self {
-        self.config.event_handler = Arc::from(event_handler);
-        self.config.custom_event_handler = true;
+        self.config.event_handler = Some(Arc::from(event_handler));
         self
     }
 
@@ -243,7 +251,7 @@ impl<M: ManageConnection> Builder<M> {
     ///
     /// Defaults to a new pool of three threads per pool, as in r2d2.
     pub fn thread_pool(mut self, thread_pool: Arc<ScheduledThreadPool>) -> Self {
-        self.config.thread_pool = Some((thread_pool, current_epoch()));
+        self.config.thread_pool = Some(thread_pool);
         self
     }
 
@@ -320,9 +328,9 @@ impl<M: ManageConnection> Builder<M> {
     }
 
     fn check(&self) {
-        if let Some(min_idle) = self.config.min_idle {
+        if let Some(min_idle) = self.config.settings.min_idle {
             assert!(
-                self.config.max_size >= min_idle,
+                self.config.settings.max_size >= min_idle,
                 "min_idle must be no larger than max_size"
             );
         }

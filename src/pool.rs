@@ -17,8 +17,8 @@ use r2d2::event::{AcquireEvent, CheckinEvent, CheckoutEvent, ReleaseEvent, Timeo
 use r2d2::{HandleEvent, ManageConnection};
 use scheduled_thread_pool::ScheduledThreadPool;
 
-use crate::child_pool::{AnyPool, ChildPool, Settings};
-use crate::config::{Builder, Config, OnFork};
+use crate::child_pool::{AnyPool, ChildPool};
+use crate::config::{Builder, Config, OnFork, Settings};
 use crate::connection::{Checkout, PooledConnection};
 use crate::descriptors::DescriptorTable;
 use crate::fork::{current_epoch, r2d2_error, Epoch, PerProcess};
@@ -81,7 +81,7 @@ impl<M: ManageConnection> Clone for Pool<M> {
 impl<M: ManageConnection> fmt::Debug for Pool<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut out = f.debug_struct("Pool");
-        out.field("max_size", &self.shared.config.max_size)
+        out.field("max_size", &self.shared.config.settings.max_size)
             .field("fork_stats", &self.fork_stats());
         if let Some(generation) = self.shared.generation.get() {
             out.field("state", &generation.pool.state());
@@ -116,7 +116,7 @@ impl<M: ManageConnection> Pool<M> {
         // r2d2's default, three threads, made here once so that every r2d2 generation of this
         // process shares it: one retired by `release_idle` then adds no threads.
         if config.thread_pool.is_none() {
-            config.thread_pool = Some((Arc::new(fresh_thread_pool()), current_epoch()));
+            config.thread_pool = Some(Arc::new(fresh_thread_pool()));
         }
         let counters = Arc::new(Counters::default());
         let manager = Arc::new(manager);
@@ -151,7 +151,7 @@ impl<M: ManageConnection> Pool<M> {
     /// r2d2's "timed out waiting for connection" error, with the last connection error; after a
     /// fork it says that the pool was rebuilt in this process and why it could not connect.
     pub fn get(&self) -> Result<PooledConnection<M>, r2d2::Error> {
-        self.checkout(self.shared.config.connection_timeout)
+        self.checkout(self.shared.config.settings.connection_timeout)
     }
 
     /// Like [`get`](Self::get), waiting at most `timeout`.
@@ -259,8 +259,8 @@ impl<M: ManageConnection> Pool<M> {
             return Err(r2d2_error(refusal.clone()));
         }
         let config = &self.shared.config;
-        let wanted = config.min_idle.unwrap_or(config.max_size);
-        let deadline = Instant::now() + config.connection_timeout;
+        let wanted = config.settings.min_idle.unwrap_or(config.settings.max_size);
+        let deadline = Instant::now() + config.settings.connection_timeout;
         if let AnyPool::Child(pool) = &generation.pool {
             // A forked child's pool opens connections only on the thread that asks.
             pool.open_until(deadline);
@@ -274,7 +274,7 @@ impl<M: ManageConnection> Pool<M> {
                     Err(error) => error,
                     Ok(_) => r2d2_error(format!(
                         "forksafe-pool: warm_up opened {opened} of {wanted} connections within {:?}",
-                        config.connection_timeout
+                        config.settings.connection_timeout
                     )),
                 });
             }
@@ -349,32 +349,32 @@ impl<M: ManageConnection> Pool<M> {
 
     /// The configured maximum number of connections.
     pub fn max_size(&self) -> u32 {
-        self.shared.config.max_size
+        self.shared.config.settings.max_size
     }
 
     /// The configured minimum number of idle connections (`None` means `max_size`).
     pub fn min_idle(&self) -> Option<u32> {
-        self.shared.config.min_idle
+        self.shared.config.settings.min_idle
     }
 
     /// Whether connections are checked with `is_valid` before they are handed out.
     pub fn test_on_check_out(&self) -> bool {
-        self.shared.config.test_on_check_out
+        self.shared.config.settings.test_on_check_out
     }
 
     /// The configured maximum lifetime of a connection.
     pub fn max_lifetime(&self) -> Option<Duration> {
-        self.shared.config.max_lifetime
+        self.shared.config.settings.max_lifetime
     }
 
     /// The configured idle timeout of a connection.
     pub fn idle_timeout(&self) -> Option<Duration> {
-        self.shared.config.idle_timeout
+        self.shared.config.settings.idle_timeout
     }
 
     /// The configured time `get` waits for a connection.
     pub fn connection_timeout(&self) -> Duration {
-        self.shared.config.connection_timeout
+        self.shared.config.settings.connection_timeout
     }
 
     /// This process's generation, rebuilding it first if the pool came across a fork.
@@ -457,7 +457,7 @@ impl<M: ManageConnection> Generation<M> {
         in_forked_child: bool,
         wait: bool,
     ) -> Result<Generation<M>, r2d2::Error> {
-        let descriptors = DescriptorTable::new(config.max_size, Arc::clone(counters));
+        let descriptors = DescriptorTable::new(config.settings.max_size, Arc::clone(counters));
         let retired = Arc::new(AtomicBool::new(refusal.is_some()));
         let manager = ForkSafeManager::new(
             manager,
@@ -468,18 +468,14 @@ impl<M: ManageConnection> Generation<M> {
         );
         if in_forked_child {
             let settings = Settings {
-                max_size: config.max_size,
                 // A refusing generation never connects: it exists so that `state` has
                 // something to count.
                 min_idle: if refusal.is_some() {
                     Some(0)
                 } else {
-                    config.min_idle
+                    config.settings.min_idle
                 },
-                test_on_check_out: config.test_on_check_out,
-                max_lifetime: config.max_lifetime,
-                idle_timeout: config.idle_timeout,
-                connection_timeout: config.connection_timeout,
+                ..config.settings
             };
             let pool = ChildPool::new(
                 manager,
@@ -495,29 +491,24 @@ impl<M: ManageConnection> Generation<M> {
             });
         }
         let mut builder = r2d2::Pool::builder()
-            .max_size(config.max_size)
-            .min_idle(config.min_idle)
-            .test_on_check_out(config.test_on_check_out)
-            .max_lifetime(config.max_lifetime)
-            .idle_timeout(config.idle_timeout)
-            .connection_timeout(config.connection_timeout)
+            .max_size(config.settings.max_size)
+            .min_idle(config.settings.min_idle)
+            .test_on_check_out(config.settings.test_on_check_out)
+            .max_lifetime(config.settings.max_lifetime)
+            .idle_timeout(config.settings.idle_timeout)
+            .connection_timeout(config.settings.connection_timeout)
             .error_handler(Box::new(ErrorHandlerAdapter(Arc::clone(
                 &config.error_handler,
             ))))
             .connection_customizer(Box::new(CustomizerAdapter(Arc::clone(
                 &config.connection_customizer,
             ))));
-        if config.custom_event_handler {
-            builder = builder.event_handler(Box::new(EventHandlerAdapter(Arc::clone(
-                &config.event_handler,
-            ))));
+        if let Some(event_handler) = &config.event_handler {
+            builder =
+                builder.event_handler(Box::new(EventHandlerAdapter(Arc::clone(event_handler))));
         }
-        match &config.thread_pool {
-            Some((thread_pool, owner)) if *owner == current_epoch() => {
-                builder = builder.thread_pool(Arc::clone(thread_pool))
-            }
-            Some(_) => builder = builder.thread_pool(Arc::new(fresh_thread_pool())),
-            None => {}
+        if let Some(thread_pool) = &config.thread_pool {
+            builder = builder.thread_pool(Arc::clone(thread_pool));
         }
         let pool = if wait {
             builder.build(manager)?
