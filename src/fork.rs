@@ -23,13 +23,23 @@
 //! [`PerProcess`] builds on the epoch: it holds a value per process and is what the pool and
 //! `ForkLocal` keep their per-process state in.
 //!
+//! [`DriverSection`] is the one thing the atfork *prepare* handler does: a libc `fork()` waits
+//! (boundedly) for connects and closes running on other threads, because database drivers'
+//! C libraries hold process-global locks while they connect and close, and a fork in that
+//! instant leaves the lock held forever in the child (measured here: libpq's GSSAPI probe,
+//! `gss_acquire_cred`, hung every later connect of 2 children within 300 forks).
+//!
 //! This module holds all of the crate's `unsafe` code: the `mmap`/`madvise` of the epoch page,
-//! the `pthread_atfork` registration, the `extern "C"` handler, and the pointer handling of
-//! `PerProcess`.
+//! the `pthread_atfork` registration, the `extern "C"` handlers, the pointer handling of
+//! `PerProcess`, and the `ManuallyDrop` of [`ForkWaitsForDrop`].
 
+use std::cell::Cell;
 use std::fmt;
+use std::mem::ManuallyDrop;
+use std::ops::{Deref, DerefMut};
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// Identifies one process of a fork lineage; see the module docs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -224,10 +234,13 @@ fn unmap_page(page: *mut AtomicU64) {
     unsafe { libc::munmap(page.cast(), PAGE) };
 }
 
-/// Runs in the child of every libc `fork()`. Async-signal-safe: two atomic operations on
-/// statics, no allocation, no lock, no logging.
+/// Runs in the child of every libc `fork()`. Async-signal-safe: atomic operations on statics,
+/// no allocation, no lock, no logging.
 extern "C" fn atfork_child() {
     ATFORK_CHILD_CALLS.fetch_add(1, Ordering::Relaxed);
+    // The threads that ran those sections and forks do not exist in the child.
+    DRIVER_SECTIONS.store(0, Ordering::SeqCst);
+    FORKS_PENDING.store(0, Ordering::SeqCst);
     let cell = EPOCH_CELL.load(Ordering::Relaxed);
     if !cell.is_null() {
         // SAFETY: a published cell is never unmapped (see `current_epoch`).
@@ -235,19 +248,164 @@ extern "C" fn atfork_child() {
     }
 }
 
-/// Registers [`atfork_child`]; called once per lineage by the thread that published the cell
-/// (registrations are inherited by children, so they are never repeated).
+/// Runs in the forking thread before every libc `fork()`: waits until no other thread of this
+/// process is inside a [`DriverSection`], for at most [`FORK_WAITS_FOR_DRIVERS_AT_MOST`]. An
+/// ordinary (not async-signal) context, so it may read the clock and sleep.
+extern "C" fn atfork_prepare() {
+    FORKS_PENDING.fetch_add(1, Ordering::SeqCst);
+    // A fork from inside a section (a customizer that forks) must not wait for itself.
+    let own = SECTIONS_ON_THIS_THREAD.try_with(Cell::get).unwrap_or(0);
+    if DRIVER_SECTIONS.load(Ordering::SeqCst) <= own {
+        return;
+    }
+    let deadline = Instant::now() + FORK_WAITS_FOR_DRIVERS_AT_MOST;
+    while DRIVER_SECTIONS.load(Ordering::SeqCst) > own && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+/// Runs in the parent after every libc `fork()`: sections may start again.
+extern "C" fn atfork_parent() {
+    FORKS_PENDING.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Registers the atfork handlers; called once per lineage by the thread that published the
+/// cell (registrations are inherited by children, so they are never repeated).
 fn register_atfork_handler() {
-    // SAFETY: `atfork_child` is an `extern "C" fn()` that stays valid for the life of the
-    // process and is async-signal-safe; no prepare or parent handler is installed.
-    let rc = unsafe { libc::pthread_atfork(None, None, Some(atfork_child)) };
+    // SAFETY: the three handlers are `extern "C" fn()`s that stay valid for the life of the
+    // process and never unwind; `atfork_child` is async-signal-safe, as a handler that runs in
+    // the child of a multi-threaded process must be.
+    let rc = unsafe {
+        libc::pthread_atfork(
+            Some(atfork_prepare),
+            Some(atfork_parent),
+            Some(atfork_child),
+        )
+    };
     // pthread_atfork only fails with ENOMEM; the wipe-on-fork page or the pid check still
-    // detect every fork, so the failure costs nothing but a counter.
+    // detect every fork, so the failure costs the counter and the wait for driver sections.
     if rc != 0 {
         tracing::warn!(
             rc,
             "pthread_atfork failed; forks are still detected by the epoch check"
         );
+    }
+}
+
+/// How long a libc `fork()` waits for connects and closes in progress on other threads. Long
+/// enough for a TLS (and GSSAPI) connect to a distant server; short enough that a master
+/// whose pool keeps retrying a dead server still forks. A connect that outlasts it is
+/// forked through, as without this wait: a child whose driver then hangs on a lock the fork
+/// froze gets `connection_timeout`'s clear error, not a hang.
+pub(crate) const FORK_WAITS_FOR_DRIVERS_AT_MOST: Duration = Duration::from_secs(1);
+
+/// Threads of this process inside a [`DriverSection`].
+static DRIVER_SECTIONS: AtomicU64 = AtomicU64::new(0);
+
+/// libc `fork()`s of this process between their prepare and parent handlers.
+static FORKS_PENDING: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// Sections the current thread is inside (0 or 1 unless a customizer nests them).
+    static SECTIONS_ON_THIS_THREAD: Cell<u64> = const { Cell::new(0) };
+}
+
+/// A stretch of driver code (a connect, a close) that a libc `fork()` waits for.
+///
+/// Drivers' C libraries take process-global locks inside connect and close: libpq's SSL
+/// setup mutex, OpenSSL's global tables, MIT Kerberos' mechanism list (libpq's default
+/// `gssencmode=prefer` asks GSSAPI for credentials on every TCP connect). A fork while another
+/// thread holds one copies the lock, held, into a child where its owner does not exist, and
+/// every connect the child then makes blocks on it forever. So the prepare handler waits until
+/// no section is running (at most [`FORK_WAITS_FOR_DRIVERS_AT_MOST`]), and a section that
+/// would start while a fork is pending waits for the fork (as long at most). Forks that bypass
+/// the atfork handlers (a raw fork syscall) do not wait; nothing can make them.
+pub(crate) struct DriverSection {
+    /// The process that entered; a child that inherits the section on the forking thread
+    /// had its count reset by `atfork_child`, so it must not decrement it again.
+    epoch: Epoch,
+}
+
+impl DriverSection {
+    pub(crate) fn enter() -> Self {
+        // Also registers the atfork handlers, if no pool has yet.
+        let epoch = current_epoch();
+        let mut deadline = None;
+        loop {
+            if FORKS_PENDING.load(Ordering::SeqCst) == 0 {
+                DRIVER_SECTIONS.fetch_add(1, Ordering::SeqCst);
+                // Seen by a prepare handler that raised FORKS_PENDING before this increment,
+                // or this load sees its raise: one side always waits for the other.
+                if FORKS_PENDING.load(Ordering::SeqCst) == 0 {
+                    break;
+                }
+                DRIVER_SECTIONS.fetch_sub(1, Ordering::SeqCst);
+            }
+            let deadline =
+                *deadline.get_or_insert_with(|| Instant::now() + FORK_WAITS_FOR_DRIVERS_AT_MOST);
+            if Instant::now() >= deadline {
+                DRIVER_SECTIONS.fetch_add(1, Ordering::SeqCst);
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        // `try_with`: a close may run in a thread-local's destructor, after this one is gone.
+        let _ = SECTIONS_ON_THIS_THREAD.try_with(|sections| sections.set(sections.get() + 1));
+        DriverSection { epoch }
+    }
+}
+
+impl Drop for DriverSection {
+    fn drop(&mut self) {
+        let _ = SECTIONS_ON_THIS_THREAD
+            .try_with(|sections| sections.set(sections.get().saturating_sub(1)));
+        if current_epoch() == self.epoch {
+            DRIVER_SECTIONS.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A driver's connection whose drop (the driver's close) runs inside a [`DriverSection`].
+/// Derefs to the connection at no cost.
+pub(crate) struct ForkWaitsForDrop<C>(ManuallyDrop<C>);
+
+impl<C> ForkWaitsForDrop<C> {
+    pub(crate) fn new(conn: C) -> Self {
+        ForkWaitsForDrop(ManuallyDrop::new(conn))
+    }
+
+    /// Hands the connection back, to be closed by its new owner (who should hold a
+    /// [`DriverSection`] while it does).
+    pub(crate) fn into_inner(self) -> C {
+        let mut this = ManuallyDrop::new(self);
+        // SAFETY: `this` is never used again and its `Drop` never runs (it is in a
+        // `ManuallyDrop`), so the connection is taken out exactly once.
+        unsafe { ManuallyDrop::take(&mut this.0) }
+    }
+}
+
+impl<C> Deref for ForkWaitsForDrop<C> {
+    type Target = C;
+
+    #[inline]
+    fn deref(&self) -> &C {
+        &self.0
+    }
+}
+
+impl<C> DerefMut for ForkWaitsForDrop<C> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut C {
+        &mut self.0
+    }
+}
+
+impl<C> Drop for ForkWaitsForDrop<C> {
+    fn drop(&mut self) {
+        let _section = DriverSection::enter();
+        // SAFETY: `Drop` runs once and `into_inner` (the only other taker) skips it, so the
+        // connection is dropped exactly once and never used after.
+        unsafe { ManuallyDrop::drop(&mut self.0) }
     }
 }
 

@@ -11,13 +11,15 @@ use std::sync::Arc;
 use r2d2::{CustomizeConnection, HandleError, ManageConnection};
 
 use crate::descriptors::{DescriptorTable, Registration};
+use crate::fork::{DriverSection, ForkWaitsForDrop};
 
 /// Finds the descriptors a connection owns; `None` when it cannot say for certain.
 pub(crate) type Locator<C> = Arc<dyn Fn(&mut C) -> Option<Vec<RawFd>> + Send + Sync>;
 
 /// A connection plus its entry in the descriptor table.
 pub(crate) struct Tracked<C> {
-    pub(crate) conn: C,
+    /// Closed (dropped) inside a `DriverSection`, so a fork never freezes the driver's locks.
+    pub(crate) conn: ForkWaitsForDrop<C>,
     /// Boxed (one allocation per connect, not per checkout) to keep r2d2's guard small: every
     /// checkout moves the guard several times, and past ~128 bytes those moves become `memcpy`
     /// calls that cost more than r2d2's own bookkeeping (see benches/checkout.rs).
@@ -25,12 +27,12 @@ pub(crate) struct Tracked<C> {
 }
 
 impl<C> Tracked<C> {
-    /// Hands the connection back (for `on_release`); dropping the registration removes it from
-    /// the descriptor table.
+    /// Hands the connection back (for `on_release`, which must close it inside a
+    /// `DriverSection`); dropping the registration removes it from the descriptor table.
     fn into_inner(self) -> C {
         let Tracked { conn, registration } = self;
         drop(registration);
-        conn
+        conn.into_inner()
     }
 }
 
@@ -131,8 +133,12 @@ impl<M: ManageConnection> ManageConnection for ForkSafeManager<M> {
         if self.is_retired() {
             return Err(self.refuse());
         }
+        // The section spans the locator too: it may query the server on the new session.
+        let section = DriverSection::enter();
         let mut conn = self.inner.connect().map_err(|error| self.wrap(error))?;
         let fds = self.locate(&mut conn);
+        let conn = ForkWaitsForDrop::new(conn);
+        drop(section);
         let registration = Box::new(self.table.register(fds));
         Ok(Tracked { conn, registration })
     }
@@ -201,6 +207,8 @@ where
     }
 
     fn on_release(&self, conn: Tracked<C>) {
+        // The user's customizer closes the connection (the default one by dropping it).
+        let _section = DriverSection::enter();
         self.0.on_release(conn.into_inner());
     }
 }

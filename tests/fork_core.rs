@@ -503,8 +503,195 @@ fn a_child_that_cannot_connect_gets_a_clear_error_in_time() -> Check {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// Driver locks: a C driver holds process-global locks while it connects and closes (libpq's
+// GSSAPI probe, OpenSSL's tables). A fork in that instant copies the lock, held, into a child
+// where nobody will release it. These cases stand such a lock in with a static mutex.
+
+/// The stand-in for a driver library's process-global lock.
+static DRIVER_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// True while some thread holds [`DRIVER_LOCK`] inside a connect or a close.
+static IN_DRIVER: AtomicBool = AtomicBool::new(false);
+
+/// A manager whose connect, and whose connections' close, hold [`DRIVER_LOCK`] for a while.
+#[derive(Debug)]
+struct LockingDriver {
+    connect_holds: Duration,
+    close_holds: Duration,
+}
+
+#[derive(Debug)]
+struct LockingConnection {
+    opened_by: u32,
+    close_holds: Duration,
+}
+
+fn hold_driver_lock(duration: Duration) {
+    let _lock = DRIVER_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    IN_DRIVER.store(true, Ordering::SeqCst);
+    std::thread::sleep(duration);
+    IN_DRIVER.store(false, Ordering::SeqCst);
+}
+
+impl r2d2::ManageConnection for LockingDriver {
+    type Connection = LockingConnection;
+    type Error = std::io::Error;
+
+    fn connect(&self) -> std::io::Result<LockingConnection> {
+        hold_driver_lock(self.connect_holds);
+        Ok(LockingConnection {
+            opened_by: std::process::id(),
+            close_holds: self.close_holds,
+        })
+    }
+
+    fn is_valid(&self, _: &mut LockingConnection) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn has_broken(&self, _: &mut LockingConnection) -> bool {
+        false
+    }
+}
+
+impl Drop for LockingConnection {
+    fn drop(&mut self) {
+        hold_driver_lock(self.close_holds);
+    }
+}
+
+fn locking_pool(
+    connect_holds: Duration,
+    close_holds: Duration,
+    connection_timeout: Duration,
+) -> Result<Pool<LockingDriver>, String> {
+    Pool::builder()
+        .max_size(2)
+        .min_idle(Some(0))
+        .connection_timeout(connection_timeout)
+        .descriptor_locator(|_: &mut LockingConnection| Some(Vec::new()))
+        .build(LockingDriver {
+            connect_holds,
+            close_holds,
+        })
+        .map_err(|error| format!("build: {error}"))
+}
+
+/// Waits (at most 5 s) until another thread is inside the driver.
+fn wait_until_in_driver() -> Check {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while !IN_DRIVER.load(Ordering::SeqCst) {
+        ensure!(
+            std::time::Instant::now() < until,
+            "no thread entered the driver"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+/// In a child: one connection of the child's own, within the pool's timeout.
+fn child_connects(pool: &Pool<LockingDriver>) -> Check {
+    let conn = pool.get().map_err(|error| format!("child get: {error}"))?;
+    ensure!(
+        conn.opened_by == std::process::id(),
+        "child got a connection opened by {}",
+        conn.opened_by
+    );
+    Ok(())
+}
+
+fn a_fork_waits_for_a_connect_in_progress() -> Check {
+    let pool = locking_pool(
+        Duration::from_millis(300),
+        Duration::ZERO,
+        Duration::from_secs(3),
+    )?;
+    let connecting = {
+        let pool = pool.clone();
+        std::thread::spawn(move || {
+            pool.get()
+                .map(|conn| conn.opened_by)
+                .map_err(|e| e.to_string())
+        })
+    };
+    wait_until_in_driver()?;
+    let child_pool = pool.clone();
+    let end = run_child(DEADLINE, move || child_result(child_connects(&child_pool)));
+    let parent = connecting
+        .join()
+        .map_err(|_| "the connecting thread panicked".to_string())?;
+    ensure!(
+        parent == Ok(std::process::id()),
+        "the parent's connect: {parent:?}"
+    );
+    expect_exit("child", end, 0)
+}
+
+fn a_fork_waits_for_a_close_in_progress() -> Check {
+    let closing = locking_pool(Duration::ZERO, Duration::from_millis(300), DEADLINE)?;
+    drop(closing.get().map_err(|error| format!("get: {error}"))?);
+    // The only handle: the thread that drops it closes the pool's idle connection.
+    let closer = std::thread::spawn(move || drop(closing));
+    let other = locking_pool(Duration::ZERO, Duration::ZERO, Duration::from_secs(3))?;
+    wait_until_in_driver()?;
+    let end = run_child(DEADLINE, move || child_result(child_connects(&other)));
+    closer
+        .join()
+        .map_err(|_| "the closing thread panicked".to_string())?;
+    expect_exit("child", end, 0)
+}
+
+fn a_fork_waits_for_a_slow_connect_a_second_at_most() -> Check {
+    let pool = locking_pool(
+        Duration::from_millis(2500),
+        Duration::ZERO,
+        Duration::from_millis(500),
+    )?;
+    let connecting = {
+        let pool = pool.clone();
+        std::thread::spawn(move || pool.get().map(drop).map_err(|e| e.to_string()))
+    };
+    wait_until_in_driver()?;
+    let started = std::time::Instant::now();
+    // The fork happens while the driver still holds its lock: the child's connect blocks on
+    // the copy the fork froze, and the child's `get` must still end, with the pool's error.
+    let child_pool = pool.clone();
+    let child = spawn_child(move || {
+        child_result((|| {
+            ensure!(
+                pool_get_fails_in_time(&child_pool),
+                "the child's get did not fail within its timeout"
+            );
+            Ok(())
+        })())
+    });
+    let fork_took = started.elapsed();
+    let end = reap(child, DEADLINE);
+    let _ = connecting.join();
+    ensure!(
+        fork_took >= Duration::from_millis(900) && fork_took < Duration::from_millis(2000),
+        "fork() took {fork_took:?}: it must wait for the connect, but a second at most"
+    );
+    expect_exit("child", end, 0)
+}
+
+/// `get` fails (the driver is stuck) in about the pool's 500 ms timeout, with the pool's error.
+fn pool_get_fails_in_time(pool: &Pool<LockingDriver>) -> bool {
+    let started = std::time::Instant::now();
+    match pool.get() {
+        Ok(_) => false,
+        Err(error) => {
+            let waited = started.elapsed();
+            waited < Duration::from_secs(2) && error.to_string().contains("rebuilt after fork()")
+        }
+    }
+}
+
 fn main() {
-    let cases: [Case; 11] = [
+    let cases: [Case; 14] = [
         (
             "inherited_idle_connections_are_discarded_never_used",
             inherited_idle_connections_are_discarded_never_used,
@@ -539,6 +726,18 @@ fn main() {
         (
             "a_child_that_cannot_connect_gets_a_clear_error_in_time",
             a_child_that_cannot_connect_gets_a_clear_error_in_time,
+        ),
+        (
+            "a_fork_waits_for_a_connect_in_progress",
+            a_fork_waits_for_a_connect_in_progress,
+        ),
+        (
+            "a_fork_waits_for_a_close_in_progress",
+            a_fork_waits_for_a_close_in_progress,
+        ),
+        (
+            "a_fork_waits_for_a_slow_connect_a_second_at_most",
+            a_fork_waits_for_a_slow_connect_a_second_at_most,
         ),
     ];
     run_cases(cases);

@@ -14,6 +14,8 @@ mod support;
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::pg::PgConnection;
@@ -692,6 +694,65 @@ fn forward(mut from: TcpStream, mut to: TcpStream) {
     let _ = to.shutdown(std::net::Shutdown::Write);
 }
 
+/// libpq holds process-global locks while it connects and closes: its GSSAPI probe
+/// (`gssencmode=prefer`, the default, calls `gss_acquire_cred` on every TCP connect), OpenSSL's
+/// setup and teardown. A fork in that instant used to leave the lock held in the child, whose
+/// every connect then hung (1 fork in ~150 here). Forks taken while two master threads keep
+/// connecting and closing: every child must connect and get its own answer.
+fn forks_while_the_master_connects() -> Check {
+    const FORKS: usize = 150;
+    let pool = pool(Transport::Tls, 1)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let connectors: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || -> Result<u64, String> {
+                let mut connects = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    // A pool of its own, built (one connect) and dropped (one close).
+                    drop(self::pool(Transport::Tls, 1)?);
+                    connects += 1;
+                }
+                Ok(connects)
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for fork in 0..FORKS {
+        let end = run_child(DEADLINE, || {
+            child_result((|| {
+                let mut conn = pool.get().map_err(|error| format!("get: {error}"))?;
+                let value = format!("child-{}", std::process::id());
+                let (answer, _) = echo(&mut conn, &value)?;
+                ensure!(answer == value, "asked {value:?}, got {answer:?}");
+                Ok(())
+            })())
+        });
+        if end != ChildEnd::Exited(0) {
+            failures.push(format!("fork {fork}: {end:?}"));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut connects = 0;
+    for connector in connectors {
+        connects += connector
+            .join()
+            .map_err(|_| "a connecting thread panicked".to_string())??;
+    }
+    ensure!(
+        failures.is_empty(),
+        "{} of {FORKS} children failed or hung: {failures:?}",
+        failures.len()
+    );
+    // Evidence the forks raced with connects: the master connected throughout.
+    ensure!(
+        connects >= FORKS as u64 / 2,
+        "only {connects} connects in the master during {FORKS} forks"
+    );
+    let mut conn = pool.get().map_err(|error| format!("master get: {error}"))?;
+    echo(&mut conn, "master").map(drop)
+}
+
 /// Gets a connection, retrying until `within`: the pool must recover once the server is back.
 fn get_within(pool: &PgPool, within: Duration) -> Result<PgConn, String> {
     let until = Instant::now() + within;
@@ -939,6 +1000,10 @@ fn main() {
     cases.push((
         "bad_input_is_a_clear_error_in_time".into(),
         Box::new(bad_input_is_a_clear_error_in_time),
+    ));
+    cases.push((
+        "forks_while_the_master_connects".into(),
+        Box::new(forks_while_the_master_connects),
     ));
     cases.push((
         "server_down_at_fork_and_back_later".into(),
