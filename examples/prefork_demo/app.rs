@@ -209,10 +209,121 @@ impl DbPool {
     }
 }
 
+/// Where the application's read-only state lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateMemory {
+    /// A `Vec` on the heap, as most applications hold what they load: private memory that a
+    /// fork shares copy-on-write, so `fork()` copies a page-table entry per 4 KiB page (about
+    /// 5 ms for 256 MiB here) and a worker's exit tears them down again.
+    Heap,
+    /// A shared anonymous mapping, made read-only once filled: a fork copies no page-table
+    /// entries for it (a worker maps the pages it reads on first touch), so forking and
+    /// reaping a worker cost the same whatever the state's size.
+    Shared,
+}
+
+impl StateMemory {
+    pub fn name(self) -> &'static str {
+        match self {
+            StateMemory::Heap => "heap",
+            StateMemory::Shared => "shared",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<StateMemory, String> {
+        [StateMemory::Heap, StateMemory::Shared]
+            .into_iter()
+            .find(|memory| memory.name() == name)
+            .ok_or_else(|| format!("unknown state memory {name:?} (heap or shared)"))
+    }
+}
+
+/// The lookup table, in the memory the run asked for.
+enum Table {
+    Heap(Vec<u64>),
+    Shared(SharedTable),
+}
+
+impl Table {
+    fn build(memory: StateMemory, len: u64) -> Result<Table, String> {
+        Ok(match memory {
+            StateMemory::Heap => Table::Heap((0..len).map(table_value).collect()),
+            StateMemory::Shared => Table::Shared(SharedTable::build(len as usize)?),
+        })
+    }
+
+    fn entries(&self) -> &[u64] {
+        match self {
+            Table::Heap(entries) => entries,
+            Table::Shared(table) => table.entries(),
+        }
+    }
+}
+
+/// `len` table entries in a `MAP_SHARED | MAP_ANONYMOUS` mapping, read-only once filled.
+struct SharedTable {
+    start: std::ptr::NonNull<u64>,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only after `build` and only freed by `Drop`, so sharing `&[u64]`
+// views of it between threads is sound, as for a `Vec<u64>` nobody mutates.
+unsafe impl Send for SharedTable {}
+// SAFETY: as above.
+unsafe impl Sync for SharedTable {}
+
+impl SharedTable {
+    fn build(len: usize) -> Result<SharedTable, String> {
+        let bytes = (len * 8).max(1);
+        // SAFETY: a fresh anonymous mapping with no address hint has no preconditions; the
+        // result is checked against MAP_FAILED before use.
+        let start = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if start == libc::MAP_FAILED {
+            return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+        }
+        let table = SharedTable {
+            start: std::ptr::NonNull::new(start.cast()).ok_or("mmap returned null")?,
+            len,
+        };
+        // SAFETY: the mapping is `bytes` long, page-aligned, writable, and referenced by
+        // nothing else yet; the slice lives only until `mprotect` below.
+        let entries = unsafe { std::slice::from_raw_parts_mut(table.start.as_ptr(), len) };
+        for (index, entry) in entries.iter_mut().enumerate() {
+            *entry = table_value(index as u64);
+        }
+        // SAFETY: the same mapping; no `&mut` to it outlives this point.
+        if unsafe { libc::mprotect(start, bytes, libc::PROT_READ) } != 0 {
+            return Err(format!("mprotect: {}", std::io::Error::last_os_error()));
+        }
+        Ok(table)
+    }
+
+    fn entries(&self) -> &[u64] {
+        // SAFETY: `len` initialised entries, read-only and mapped until `self` is dropped.
+        unsafe { std::slice::from_raw_parts(self.start.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for SharedTable {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `build`, of that size; no borrow of it outlives `self`.
+        unsafe { libc::munmap(self.start.as_ptr().cast(), (self.len * 8).max(1)) };
+    }
+}
+
 /// The application: what a gunicorn `preload_app` or a uWSGI master would load.
 pub struct App {
     pool: DbPool,
-    table: Vec<u64>,
+    table: Table,
 }
 
 impl App {
@@ -223,10 +334,11 @@ impl App {
         database: &Database,
         pool_size: u32,
         table_mib: usize,
+        state_memory: StateMemory,
     ) -> Result<App, String> {
         let pool = DbPool::build(mode, database, pool_size)?;
         pool.query(0)?;
-        let table = (0..table_len(table_mib)).map(table_value).collect();
+        let table = Table::build(state_memory, table_len(table_mib))?;
         Ok(App { pool, table })
     }
 
@@ -234,7 +346,8 @@ impl App {
     pub fn handle(&self, n: u64) -> Result<String, String> {
         let (echo, label) = self.pool.query(n)?;
         // Read the table at the index the database echoed, as an app would use a query result.
-        let value = self.table[(echo as u64 % self.table.len() as u64) as usize];
+        let table = self.table.entries();
+        let value = table[(echo as u64 % table.len() as u64) as usize];
         Ok(format!(
             "n={echo} label={label} v={value} pid={}\n",
             std::process::id()

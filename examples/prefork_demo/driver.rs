@@ -11,7 +11,7 @@ use indicatif::ProgressBar;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::app::{Answer, Database, Mode};
+use crate::app::{Answer, Database, Mode, StateMemory};
 
 /// How long the driver waits for every worker to serve its first request.
 pub const STARTUP_LIMIT: Duration = Duration::from_secs(15);
@@ -24,6 +24,7 @@ pub struct RunConfig {
     pub database: Database,
     pub workers: usize,
     pub table_mib: usize,
+    pub state_memory: StateMemory,
     pub pool_size: u32,
     pub requests: u64,
     pub clients: usize,
@@ -111,6 +112,8 @@ impl Server {
                 &config.workers.to_string(),
                 "--state-mib",
                 &config.table_mib.to_string(),
+                "--state-memory",
+                config.state_memory.name(),
             ])
             .args(["--pool-size", &config.pool_size.to_string()])
             .stdin(Stdio::piped())

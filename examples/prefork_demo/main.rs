@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::app::{Database, Mode};
+use crate::app::{Database, Mode, StateMemory};
 use crate::driver::{ModeResult, RunConfig};
 use crate::server::ServeConfig;
 
@@ -38,6 +38,10 @@ OPTIONS (both):
                         SQLite file in a temporary directory]
   --workers N           worker processes [4]
   --state-mib N         read-only application state per application, MiB [256]
+  --state-memory heap|shared
+                        where that state lives: a Vec on the heap (private, shared with the
+                        master copy-on-write), or a read-only shared mapping, for which a fork
+                        copies no page tables [heap]
   --pool-size N         connections per pool (max_size = min_idle) [2]
 OPTIONS (demo):
   --modes LIST          comma-separated: naive,forksafe,lazy [all three]
@@ -126,6 +130,7 @@ fn serve(mut args: Args) {
         ),
         workers: args.number("--workers", 4),
         table_mib: args.number("--state-mib", 256),
+        state_memory: state_memory(&mut args),
         pool_size: args.number("--pool-size", 2),
         port: args.number("--port", 0),
     };
@@ -134,6 +139,12 @@ fn serve(mut args: Args) {
         println!("error {error}");
         std::process::exit(1);
     }
+}
+
+fn state_memory(args: &mut Args) -> StateMemory {
+    args.take("--state-memory")
+        .map_or(Ok(StateMemory::Heap), |name| StateMemory::parse(&name))
+        .unwrap_or_else(|e| fail(&e))
 }
 
 fn machine() -> serde_json::Value {
@@ -177,6 +188,7 @@ fn demo(mut args: Args) {
         database,
         workers: args.number("--workers", 4),
         table_mib: args.number("--state-mib", 256),
+        state_memory: state_memory(&mut args),
         pool_size: args.number("--pool-size", 2),
         requests: args.number("--requests", 20_000),
         clients: args.number("--clients", 8),
@@ -206,9 +218,10 @@ fn demo(mut args: Args) {
     }
     let machine = machine();
     println!(
-        "prefork_demo: {} workers, {} MiB of application state, {} requests per mode over {} keep-alive connections, database: {}",
+        "prefork_demo: {} workers, {} MiB of application state ({}), {} requests per mode over {} keep-alive connections, database: {}",
         config.workers,
         config.table_mib,
+        config.state_memory.name(),
         config.requests,
         config.clients,
         config.database.describe()
@@ -268,9 +281,10 @@ fn demo(mut args: Args) {
             Database::Sqlite(_) => "SQLite",
         };
         let title = format!(
-            "prefork_demo on {backend}: {} workers, {} MiB state, {} requests ({} cores, Linux {})",
+            "prefork_demo on {backend}: {} workers, {} MiB state ({}), {} requests ({} cores, Linux {})",
             config.workers,
             config.table_mib,
+            config.state_memory.name(),
             config.requests,
             machine["cores"],
             machine["kernel"].as_str().unwrap_or("?")

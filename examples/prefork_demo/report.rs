@@ -135,6 +135,7 @@ pub fn json(results: &[ModeResult], config: &RunConfig, machine: &Value) -> Valu
         "database": config.database.describe(),
         "workers": config.workers,
         "state_mib": config.table_mib,
+        "state_memory": config.state_memory.name(),
         "pool_size": config.pool_size,
         "requests": config.requests,
         "clients": config.clients,

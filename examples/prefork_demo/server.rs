@@ -19,7 +19,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, getppid, ForkResult, Pid};
 
-use crate::app::{App, Database, Mode};
+use crate::app::{App, Database, Mode, StateMemory};
 use crate::http;
 
 /// What `prefork_demo serve` is told.
@@ -29,6 +29,7 @@ pub struct ServeConfig {
     pub database: Database,
     pub workers: usize,
     pub table_mib: usize,
+    pub state_memory: StateMemory,
     pub pool_size: u32,
     pub port: u16,
 }
@@ -96,6 +97,7 @@ pub fn serve(config: ServeConfig) -> Result<(), String> {
             &config.database,
             config.pool_size,
             config.table_mib,
+            config.state_memory,
         )?))
     } else {
         None
@@ -274,6 +276,7 @@ fn worker(
                 &config.database,
                 config.pool_size,
                 config.table_mib,
+                config.state_memory,
             )?;
             &built
         }
