@@ -815,7 +815,13 @@ fn raw_fork_syscall(scale: &Scale) -> Outcome {
     };
     for _ in 0..scale.raw_fork {
         let pid = spawn_raw(|| {
-            let Ok(conn) = pool.get() else { return 2 };
+            let conn = match pool.get() {
+                Ok(conn) => conn,
+                Err(error) => {
+                    eprintln!("process {}: get: {error}", std::process::id());
+                    return 2;
+                }
+            };
             if conn.opened_by != std::process::id() {
                 return 4;
             }
