@@ -603,20 +603,26 @@ fn child_connects(pool: &Pool<LockingDriver>) -> Check {
     Ok(())
 }
 
+/// A thread that checks out one connection (so the pool connects on one of its threads); joins
+/// to the pid that opened it.
+fn connect_in_background(
+    pool: &Pool<LockingDriver>,
+) -> std::thread::JoinHandle<Result<u32, String>> {
+    let pool = pool.clone();
+    std::thread::spawn(move || {
+        pool.get()
+            .map(|conn| conn.opened_by)
+            .map_err(|error| error.to_string())
+    })
+}
+
 fn a_fork_waits_for_a_connect_in_progress() -> Check {
     let pool = locking_pool(
         Duration::from_millis(300),
         Duration::ZERO,
         Duration::from_secs(3),
     )?;
-    let connecting = {
-        let pool = pool.clone();
-        std::thread::spawn(move || {
-            pool.get()
-                .map(|conn| conn.opened_by)
-                .map_err(|e| e.to_string())
-        })
-    };
+    let connecting = connect_in_background(&pool);
     wait_until_in_driver()?;
     let child_pool = pool.clone();
     let end = run_child(DEADLINE, move || child_result(child_connects(&child_pool)));
@@ -650,10 +656,7 @@ fn a_fork_waits_for_a_slow_connect_a_second_at_most() -> Check {
         Duration::ZERO,
         Duration::from_millis(500),
     )?;
-    let connecting = {
-        let pool = pool.clone();
-        std::thread::spawn(move || pool.get().map(drop).map_err(|e| e.to_string()))
-    };
+    let connecting = connect_in_background(&pool);
     wait_until_in_driver()?;
     let started = std::time::Instant::now();
     // The fork happens while the driver still holds its lock: the child's connect blocks on

@@ -260,6 +260,27 @@ impl Table {
     }
 }
 
+/// `bytes` of fresh, zeroed, writable memory shared with every process later forked from this
+/// one (`MAP_SHARED | MAP_ANONYMOUS`), page-aligned; never freed unless the caller unmaps it.
+pub fn map_shared_anonymous(bytes: usize) -> Result<std::ptr::NonNull<libc::c_void>, String> {
+    // SAFETY: an anonymous mapping with no address hint has no preconditions; the result is
+    // checked against MAP_FAILED before use.
+    let start = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if start == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+    }
+    std::ptr::NonNull::new(start).ok_or_else(|| String::from("mmap returned null"))
+}
+
 /// `len` table entries in a `MAP_SHARED | MAP_ANONYMOUS` mapping, read-only once filled.
 struct SharedTable {
     start: std::ptr::NonNull<u64>,
@@ -275,23 +296,9 @@ unsafe impl Sync for SharedTable {}
 impl SharedTable {
     fn build(len: usize) -> Result<SharedTable, String> {
         let bytes = (len * 8).max(1);
-        // SAFETY: a fresh anonymous mapping with no address hint has no preconditions; the
-        // result is checked against MAP_FAILED before use.
-        let start = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if start == libc::MAP_FAILED {
-            return Err(format!("mmap: {}", std::io::Error::last_os_error()));
-        }
+        let start = map_shared_anonymous(bytes)?;
         let table = SharedTable {
-            start: std::ptr::NonNull::new(start.cast()).ok_or("mmap returned null")?,
+            start: start.cast(),
             len,
         };
         // SAFETY: the mapping is `bytes` long, page-aligned, writable, and referenced by
@@ -301,7 +308,7 @@ impl SharedTable {
             *entry = table_value(index as u64);
         }
         // SAFETY: the same mapping; no `&mut` to it outlives this point.
-        if unsafe { libc::mprotect(start, bytes, libc::PROT_READ) } != 0 {
+        if unsafe { libc::mprotect(start.as_ptr().cast(), bytes, libc::PROT_READ) } != 0 {
             return Err(format!("mprotect: {}", std::io::Error::last_os_error()));
         }
         Ok(table)

@@ -19,7 +19,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, getppid, ForkResult, Pid};
 
-use crate::app::{App, Database, Mode, StateMemory};
+use crate::app::{map_shared_anonymous, App, Database, Mode, StateMemory};
 use crate::http;
 
 /// What `prefork_demo serve` is told.
@@ -52,23 +52,12 @@ struct Slots {
 impl Slots {
     fn new(count: usize) -> Slots {
         let bytes = std::mem::size_of::<Slot>() * count;
-        // SAFETY: an anonymous shared mapping with a null hint has no preconditions; the result
-        // is checked against MAP_FAILED.
-        let page = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert!(page != libc::MAP_FAILED, "mmap of the worker slots failed");
+        let page = map_shared_anonymous(bytes)
+            .unwrap_or_else(|error| panic!("mapping the worker slots: {error}"));
         // SAFETY: the mapping is `bytes` long, page-aligned (so aligned for `Slot`), zeroed by the
         // kernel (an all-zero `Slot` is `Slot::default()`: atomics of 0), never unmapped, and
         // only ever accessed through atomics, from this process and its forked workers.
-        let slots = unsafe { std::slice::from_raw_parts(page.cast::<Slot>(), count) };
+        let slots = unsafe { std::slice::from_raw_parts(page.as_ptr().cast::<Slot>(), count) };
         Slots { slots }
     }
 }
