@@ -31,7 +31,10 @@
 //!
 //! This module holds all of the crate's `unsafe` code: the `mmap`/`madvise` of the epoch page,
 //! the `pthread_atfork` registration, the `extern "C"` handlers, the pointer handling of
-//! `PerProcess`, and the `ManuallyDrop` of [`ForkWaitsForDrop`].
+//! `PerProcess`, and the `ManuallyDrop` of [`ForkWaitsForDrop`]; and, so that no other file
+//! needs `unsafe`, the raw calls the rest of the crate makes: `pthread_create` for the child
+//! pool's connect threads, `getsockopt` for the backends' socket lookup, and making r2d2's
+//! `Error` and `State` without r2d2.
 
 use std::cell::Cell;
 use std::fmt;
@@ -684,6 +687,35 @@ pub(crate) fn spawn_detached(job: Box<dyn FnOnce() + Send>) -> bool {
         }
         rc == 0
     }
+}
+
+/// The protocol of the socket `fd` refers to now (`SO_PROTOCOL`: `IPPROTO_TCP` for a TCP
+/// socket); `None` for a descriptor that is closed or not a socket. For the backends that find
+/// a connection's socket by its addresses, which name one connection only for TCP. (The other
+/// way to ask, this network namespace's `/proc/self/net/tcp`, walks every bucket of the
+/// kernel's TCP hash tables: about 4 ms per connect here.)
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn socket_protocol(fd: std::os::fd::RawFd) -> Option<libc::c_int> {
+    let mut protocol: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `protocol` and `len` are live locals and `len` is the size of `protocol`; the
+    // kernel checks `fd` itself (a closed descriptor or one that is not a socket is an error
+    // return, nothing more), and nothing is borrowed from the descriptor.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PROTOCOL,
+            ptr::addr_of_mut!(protocol).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && len as usize == std::mem::size_of::<libc::c_int>()).then_some(protocol)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn socket_protocol(_fd: std::os::fd::RawFd) -> Option<libc::c_int> {
+    None
 }
 
 #[cfg(test)]

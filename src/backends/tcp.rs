@@ -33,9 +33,10 @@ pub(crate) fn unique_socket(fits: impl Fn(SocketAddr, SocketAddr) -> bool) -> Op
         }
     }
     let (fd, inode) = found?;
-    // The descriptor may have been closed and its number reused while we looked; and the
-    // address pair only names one connection for TCP, so make sure it is a TCP socket.
-    (socket_inode(fd) == Some(inode) && is_tcp(inode)).then_some(fd)
+    // The address pair only names one connection for TCP, so make sure it is a TCP socket;
+    // then that the descriptor was not closed and its number reused while we looked.
+    let tcp = crate::fork::socket_protocol(fd) == Some(libc::IPPROTO_TCP);
+    (tcp && socket_inode(fd) == Some(inode)).then_some(fd)
 }
 
 /// Parses `ip:port` or `[ip]:port`, as servers print client addresses.
@@ -99,21 +100,6 @@ fn inet(addr: SockaddrStorage) -> Option<SocketAddr> {
     }
     addr.as_sockaddr_in6()
         .map(|v6| normalize(SocketAddr::V6(SocketAddrV6::from(*v6))))
-}
-
-/// True if the socket with this inode is listed in this network namespace's TCP tables.
-fn is_tcp(inode: u64) -> bool {
-    ["/proc/self/net/tcp", "/proc/self/net/tcp6"]
-        .iter()
-        .any(|table| {
-            fs::read_to_string(table).is_ok_and(|text| {
-                // Columns: sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt
-                // uid timeout inode ...
-                text.lines().skip(1).any(|line| {
-                    line.split_whitespace().nth(9).and_then(|n| n.parse().ok()) == Some(inode)
-                })
-            })
-        })
 }
 
 #[cfg(test)]
