@@ -9,7 +9,8 @@
 //! Noisy machine? Count instructions instead: `CHECKOUT_PROFILE=forksafe` (or `r2d2`) makes the
 //! bench binary run 1 000 000 checkouts without criterion, for `valgrind --tool=callgrind`:
 //! `CHECKOUT_PROFILE=forksafe valgrind --tool=callgrind target/release/deps/checkout-<hash>`.
-//! `CHECKOUT_PROFILE=ab` times alternating batches of both pools and prints the best of each.
+//! `CHECKOUT_PROFILE=ab` times alternating batches of both pools and prints the best of each;
+//! `CHECKOUT_PROFILE=child` times r2d2 here and forksafe's child pool in a forked child.
 
 use std::hint::black_box;
 
@@ -114,7 +115,50 @@ fn profile(which: &str, iterations: u64) {
                 best_forksafe / best_r2d2
             );
         }
-        other => panic!("CHECKOUT_PROFILE must be r2d2, forksafe or ab, not {other:?}"),
+        "child" => {
+            // The pool a forked worker runs on: r2d2's best batch here, then the child pool's
+            // best batch in a forked child (where r2d2 does not run, see child_pool.rs).
+            let (r2d2_pool, forksafe_pool) = (
+                r2d2_pool.expect("r2d2 pool"),
+                forksafe_pool.expect("forksafe pool"),
+            );
+            let batch = iterations / 100;
+            let best_of = |checkout: &dyn Fn()| {
+                (0..100)
+                    .map(|_| {
+                        let start = std::time::Instant::now();
+                        for _ in 0..batch {
+                            checkout();
+                        }
+                        start.elapsed().as_nanos() as f64 / batch as f64
+                    })
+                    .fold(f64::MAX, f64::min)
+            };
+            let best_r2d2 = best_of(&|| {
+                black_box(*r2d2_pool.get().expect("checkout"));
+            });
+            // SAFETY: the child only checks out of its own rebuilt pool, prints, and `_exit`s.
+            match unsafe { nix::unistd::fork() }.expect("fork") {
+                nix::unistd::ForkResult::Child => {
+                    let best_child = best_of(&|| {
+                        black_box(*forksafe_pool.get().expect("checkout"));
+                    });
+                    println!(
+                        "best of 100 batches of {batch}: r2d2 {best_r2d2:.1} ns in the parent, \
+                         forksafe's child pool {best_child:.1} ns in a forked child, ratio {:.3}",
+                        best_child / best_r2d2
+                    );
+                    // SAFETY: `_exit` has no preconditions; stdout was flushed by `println!`'s
+                    // line buffering only for a terminal, so flush first.
+                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                    unsafe { libc::_exit(0) }
+                }
+                nix::unistd::ForkResult::Parent { child } => {
+                    nix::sys::wait::waitpid(child, None).expect("waitpid");
+                }
+            }
+        }
+        other => panic!("CHECKOUT_PROFILE must be r2d2, forksafe, ab or child, not {other:?}"),
     }
 }
 
@@ -122,7 +166,14 @@ criterion_group!(benches, checkout);
 
 fn main() {
     if let Ok(which) = std::env::var("CHECKOUT_PROFILE") {
-        profile(&which, if which == "ab" { 20_000_000 } else { 1_000_000 });
+        profile(
+            &which,
+            if which == "ab" || which == "child" {
+                20_000_000
+            } else {
+                1_000_000
+            },
+        );
         return;
     }
     benches();

@@ -61,6 +61,9 @@ struct State<M: ManageConnection> {
     open: u32,
     /// Connection attempts running (each on the thread of a `get` that needed one).
     connecting: u32,
+    /// `get` calls waiting on `changed`: with none, nobody is woken (std's `notify_*` always
+    /// makes a futex system call, which would double the cost of every checkin).
+    waiters: u32,
     /// Connection attempts that have ended, either way; a waiting `get` starts another attempt
     /// only once one has ended since its last.
     attempts_ended: u64,
@@ -118,6 +121,7 @@ impl<M: ManageConnection> ChildPool<M> {
                     idle: Vec::new(),
                     open: 0,
                     connecting: 0,
+                    waiters: 0,
                     attempts_ended: 0,
                     last_error: None,
                     failures: 0,
@@ -180,11 +184,13 @@ impl<M: ManageConnection> ChildPool<M> {
                 Some(at) if at > now && state.connecting == 0 => at.min(deadline),
                 _ => deadline,
             };
+            state.waiters += 1;
             state = shared
                 .changed
                 .wait_timeout(state, wake.saturating_duration_since(now))
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
+            state.waiters -= 1;
         }
     }
 
@@ -316,9 +322,8 @@ impl<M: ManageConnection> Shared<M> {
                     .saturating_mul(1 << state.failures.saturating_sub(1).min(16))
                     .min(self.settings.connection_timeout / 2);
                 state.retry_at = Some(Instant::now() + backoff);
-                drop(state);
                 // A waiter may take the freed slot (after the back-off).
-                self.changed.notify_all();
+                self.wake_all(state);
                 self.error_handler.handle_error(error);
                 None
             }
@@ -333,7 +338,16 @@ impl<M: ManageConnection> Shared<M> {
                 conn,
                 since: Instant::now(),
             });
-            drop(state);
+            self.wake_all(state);
+        }
+    }
+
+    /// Wakes every waiting `get`, if any: read under the lock, so a `get` that is about to
+    /// wait has either registered (and is woken) or will see the change before it waits.
+    fn wake_all(&self, state: MutexGuard<'_, State<M>>) {
+        let waiting = state.waiters > 0;
+        drop(state);
+        if waiting {
             self.changed.notify_all();
         }
     }
@@ -349,16 +363,18 @@ impl<M: ManageConnection> Shared<M> {
         let mut state = self.lock();
         if broken {
             state.open -= 1;
-            drop(state);
-            self.changed.notify_all();
+            self.wake_all(state);
             self.close(conn);
         } else {
             state.idle.push(Idle {
                 conn,
                 since: Instant::now(),
             });
+            let waiting = state.waiters > 0;
             drop(state);
-            self.changed.notify_one();
+            if waiting {
+                self.changed.notify_one();
+            }
         }
     }
 
