@@ -703,14 +703,23 @@ fn forks_while_the_master_connects() -> Check {
     const FORKS: usize = 150;
     let pool = pool(Transport::Tls, 1)?;
     let stop = Arc::new(AtomicBool::new(false));
+    // One thread pool for all the connectors' pools, so no threads start and stop per connect.
+    let threads = Arc::new(scheduled_thread_pool::ScheduledThreadPool::new(2));
     let connectors: Vec<_> = (0..2)
         .map(|_| {
-            let stop = Arc::clone(&stop);
+            let (stop, threads) = (Arc::clone(&stop), Arc::clone(&threads));
             std::thread::spawn(move || -> Result<u64, String> {
                 let mut connects = 0;
                 while !stop.load(Ordering::Relaxed) {
                     // A pool of its own, built (one connect) and dropped (one close).
-                    drop(self::pool(Transport::Tls, 1)?);
+                    let one = Pool::builder()
+                        .max_size(1)
+                        .min_idle(Some(1))
+                        .connection_timeout(Duration::from_secs(10))
+                        .thread_pool(Arc::clone(&threads))
+                        .build(ConnectionManager::<PgConnection>::new(Transport::Tls.url()))
+                        .map_err(|error| format!("connector pool: {error}"))?;
+                    drop(one);
                     connects += 1;
                 }
                 Ok(connects)

@@ -1,7 +1,8 @@
 //! The fork scenarios every server backend runs (MariaDB/MySQL and Redis): a warm master pool,
 //! 4 forked workers with 300 checked requests each, a connection leased across the fork,
-//! children ending every way, the master SIGKILLed under its workers, bad input failing in
-//! time. What differs per backend is a [`Backend`], implemented for its connection manager.
+//! children ending every way, the master SIGKILLed under its workers, forks while master
+//! threads keep connecting, bad input failing in time. What differs per backend is a
+//! [`Backend`], implemented for its connection manager.
 //!
 //! Children report their errors over a datagram socket; every child is reaped with a deadline.
 
@@ -65,7 +66,7 @@ pub fn run<B: Backend>(
     require_server(tests, reachable, hint);
     // Workers of a SIGKILLed master are reparented to this process, so it can reap them.
     nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER");
-    let shared: [Case; 4] = [
+    let shared: [Case; 5] = [
         (
             "four_workers_get_their_own_answers",
             four_workers_get_their_own_answers::<B>,
@@ -81,6 +82,10 @@ pub fn run<B: Backend>(
         (
             "master_sigkill_leaves_no_sessions_behind",
             master_sigkill_leaves_no_sessions_behind::<B>,
+        ),
+        (
+            "forks_while_the_master_connects",
+            forks_while_the_master_connects::<B>,
         ),
     ];
     run_cases(shared.into_iter().chain(own));
@@ -255,6 +260,71 @@ pub fn four_workers_get_their_own_answers<B: Backend>() -> Check {
         })
         .collect();
     expect_workers_exit(pids, &report)?;
+    check_master_intact(&pool, &master)
+}
+
+/// Forks taken while two master threads keep connecting and closing (each builds a pool of one
+/// connection and drops it): a driver's C library may hold a process-global lock in either,
+/// which a fork at that instant would leave held in the child, so forks wait for them. Every
+/// child must connect and get its own answer; the master's pool keeps working.
+pub fn forks_while_the_master_connects<B: Backend>() -> Check {
+    const FORKS: usize = 100;
+    let pool = warm_pool::<B>()?;
+    let master = session_ids(&pool)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // One thread pool for all the connectors' pools: a pool of its own each would start and
+    // stop three threads per connect, thousands a second with a fast server.
+    let threads = std::sync::Arc::new(scheduled_thread_pool::ScheduledThreadPool::new(2));
+    let connectors: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, threads) = (
+                std::sync::Arc::clone(&stop),
+                std::sync::Arc::clone(&threads),
+            );
+            std::thread::spawn(move || -> Result<u64, String> {
+                let mut connects = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let one: Pool<B> = Pool::builder()
+                        .max_size(1)
+                        .min_idle(Some(1))
+                        .connection_timeout(Duration::from_secs(10))
+                        .thread_pool(std::sync::Arc::clone(&threads))
+                        .build(B::manager(&B::url())?)
+                        .map_err(|error| format!("connector build: {error}"))?;
+                    drop(one);
+                    connects += 1;
+                }
+                Ok(connects)
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for fork in 0..FORKS {
+        let child = spawn_child(|| {
+            let answered = run_requests(&pool, 1, &master);
+            i32::from(answered.is_err())
+        });
+        let end = reap(child, DEADLINE);
+        if end != ChildEnd::Exited(0) {
+            failures.push(format!("fork {fork}: {end:?}"));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut connects = 0;
+    for connector in connectors {
+        connects += connector
+            .join()
+            .map_err(|_| "a connecting thread panicked".to_string())??;
+    }
+    ensure!(
+        failures.is_empty(),
+        "{} of {FORKS} children failed or hung: {failures:?}",
+        failures.len()
+    );
+    ensure!(
+        connects >= FORKS as u64 / 2,
+        "only {connects} connects in the master during {FORKS} forks"
+    );
     check_master_intact(&pool, &master)
 }
 
