@@ -241,9 +241,6 @@ fn unmap_page(page: *mut AtomicU64) {
 /// no allocation, no lock, no logging.
 extern "C" fn atfork_child() {
     ATFORK_CHILD_CALLS.fetch_add(1, Ordering::Relaxed);
-    // The threads that ran those sections and forks do not exist in the child.
-    DRIVER_SECTIONS.store(0, Ordering::SeqCst);
-    FORKS_PENDING.store(0, Ordering::SeqCst);
     let cell = EPOCH_CELL.load(Ordering::Relaxed);
     if !cell.is_null() {
         // SAFETY: a published cell is never unmapped (see `current_epoch`).
@@ -255,21 +252,22 @@ extern "C" fn atfork_child() {
 /// process is inside a [`DriverSection`], for at most [`FORK_WAITS_FOR_DRIVERS_AT_MOST`]. An
 /// ordinary (not async-signal) context, so it may read the clock and sleep.
 extern "C" fn atfork_prepare() {
-    FORKS_PENDING.fetch_add(1, Ordering::SeqCst);
+    let here = current_epoch();
+    FORKS_PENDING.add(here);
     // A fork from inside a section (a customizer that forks) must not wait for itself.
     let own = SECTIONS_ON_THIS_THREAD.try_with(Cell::get).unwrap_or(0);
-    if DRIVER_SECTIONS.load(Ordering::SeqCst) <= own {
+    if DRIVER_SECTIONS.get(here) <= own {
         return;
     }
     let deadline = Instant::now() + FORK_WAITS_FOR_DRIVERS_AT_MOST;
-    while DRIVER_SECTIONS.load(Ordering::SeqCst) > own && Instant::now() < deadline {
+    while DRIVER_SECTIONS.get(here) > own && Instant::now() < deadline {
         std::thread::sleep(Duration::from_micros(50));
     }
 }
 
 /// Runs in the parent after every libc `fork()`: sections may start again.
 extern "C" fn atfork_parent() {
-    FORKS_PENDING.fetch_sub(1, Ordering::SeqCst);
+    FORKS_PENDING.sub(current_epoch());
 }
 
 /// Registers the atfork handlers; called once per lineage by the thread that published the
@@ -303,10 +301,55 @@ fn register_atfork_handler() {
 pub(crate) const FORK_WAITS_FOR_DRIVERS_AT_MOST: Duration = Duration::from_secs(1);
 
 /// Threads of this process inside a [`DriverSection`].
-static DRIVER_SECTIONS: AtomicU64 = AtomicU64::new(0);
+static DRIVER_SECTIONS: ProcessCount = ProcessCount::new();
 
 /// libc `fork()`s of this process between their prepare and parent handlers.
-static FORKS_PENDING: AtomicU64 = AtomicU64::new(0);
+static FORKS_PENDING: ProcessCount = ProcessCount::new();
+
+/// A count that belongs to one process: the word holds the epoch of the process that last
+/// changed it beside the count, and the count reads as 0 in any other process. So no child
+/// inherits its parent's sections or pending forks — not even the child of a raw fork syscall,
+/// which runs no atfork handler that could reset them.
+struct ProcessCount(AtomicU64);
+
+impl ProcessCount {
+    /// Low bits: the count; high bits: the epoch (epochs count processes, far below 2^44).
+    const COUNT_BITS: u32 = 20;
+    const COUNT_MASK: u64 = (1 << Self::COUNT_BITS) - 1;
+
+    const fn new() -> Self {
+        ProcessCount(AtomicU64::new(0))
+    }
+
+    fn count_in(word: u64, here: Epoch) -> u64 {
+        if word >> Self::COUNT_BITS == here.get() {
+            word & Self::COUNT_MASK
+        } else {
+            0
+        }
+    }
+
+    fn get(&self, here: Epoch) -> u64 {
+        Self::count_in(self.0.load(Ordering::SeqCst), here)
+    }
+
+    fn add(&self, here: Epoch) {
+        self.update(here, |count| (count + 1).min(Self::COUNT_MASK));
+    }
+
+    fn sub(&self, here: Epoch) {
+        self.update(here, |count| count.saturating_sub(1));
+    }
+
+    fn update(&self, here: Epoch, change: impl Fn(u64) -> u64) {
+        // Never fails: the closure always returns `Some`.
+        let _ = self
+            .0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |word| {
+                Some((here.get() << Self::COUNT_BITS) | change(Self::count_in(word, here)))
+            });
+    }
+}
 
 thread_local! {
     /// Sections the current thread is inside (0 or 1 unless a customizer nests them).
@@ -322,10 +365,10 @@ thread_local! {
 /// every connect the child then makes blocks on it forever. So the prepare handler waits until
 /// no section is running (at most [`FORK_WAITS_FOR_DRIVERS_AT_MOST`]), and a section that
 /// would start while a fork is pending waits for the fork (as long at most). Forks that bypass
-/// the atfork handlers (a raw fork syscall) do not wait; nothing can make them.
+/// the atfork handlers (a raw fork syscall) do not wait; nothing can make them. The counts are
+/// [`ProcessCount`]s, so a child of any fork starts with none.
 pub(crate) struct DriverSection {
-    /// The process that entered; a child that inherits the section on the forking thread
-    /// had its count reset by `atfork_child`, so it must not decrement it again.
+    /// The process that entered, whose count this section is in.
     epoch: Epoch,
 }
 
@@ -335,19 +378,19 @@ impl DriverSection {
         let epoch = current_epoch();
         let mut deadline = None;
         loop {
-            if FORKS_PENDING.load(Ordering::SeqCst) == 0 {
-                DRIVER_SECTIONS.fetch_add(1, Ordering::SeqCst);
+            if FORKS_PENDING.get(epoch) == 0 {
+                DRIVER_SECTIONS.add(epoch);
                 // Seen by a prepare handler that raised FORKS_PENDING before this increment,
                 // or this load sees its raise: one side always waits for the other.
-                if FORKS_PENDING.load(Ordering::SeqCst) == 0 {
+                if FORKS_PENDING.get(epoch) == 0 {
                     break;
                 }
-                DRIVER_SECTIONS.fetch_sub(1, Ordering::SeqCst);
+                DRIVER_SECTIONS.sub(epoch);
             }
             let deadline =
                 *deadline.get_or_insert_with(|| Instant::now() + FORK_WAITS_FOR_DRIVERS_AT_MOST);
             if Instant::now() >= deadline {
-                DRIVER_SECTIONS.fetch_add(1, Ordering::SeqCst);
+                DRIVER_SECTIONS.add(epoch);
                 break;
             }
             std::thread::sleep(Duration::from_micros(50));
@@ -362,8 +405,11 @@ impl Drop for DriverSection {
     fn drop(&mut self) {
         let _ = SECTIONS_ON_THIS_THREAD
             .try_with(|sections| sections.set(sections.get().saturating_sub(1)));
-        if current_epoch() == self.epoch {
-            DRIVER_SECTIONS.fetch_sub(1, Ordering::SeqCst);
+        // In a child that inherited this section from the forking thread, the count is the
+        // child's own, which never included it.
+        let here = current_epoch();
+        if here == self.epoch {
+            DRIVER_SECTIONS.sub(here);
         }
     }
 }
@@ -763,6 +809,50 @@ mod tests {
     fn this_kernel_wipes_on_fork() {
         // The CI machine runs Linux >= 4.14; a fallback here would mean a getpid() per checkout.
         assert!(fork_detection().wipe_on_fork);
+    }
+
+    #[test]
+    fn a_raw_fork_child_inherits_no_section_and_no_pending_fork() {
+        let here = current_epoch();
+        // As a raw fork could find them: a thread inside a section, a libc fork in progress.
+        let section = DriverSection::enter();
+        FORKS_PENDING.add(here);
+        // SAFETY: a raw fork; the child allocates nothing, takes no lock, and leaves with
+        // `_exit`, so what the fork copied mid-operation in other threads is never touched.
+        let pid = unsafe { libc::syscall(libc::SYS_fork) };
+        if pid == 0 {
+            let started = Instant::now();
+            let child_section = DriverSection::enter();
+            let child = current_epoch();
+            let fresh = DRIVER_SECTIONS.get(child) == 1 && FORKS_PENDING.get(child) == 0;
+            let at_once = started.elapsed() < Duration::from_millis(500);
+            drop(child_section);
+            let code = if fresh && at_once && DRIVER_SECTIONS.get(child) == 0 {
+                0
+            } else {
+                1
+            };
+            // SAFETY: `_exit` has no preconditions and ends the child at once.
+            unsafe { libc::_exit(code) };
+        }
+        FORKS_PENDING.sub(here);
+        drop(section);
+        assert!(pid > 0, "fork failed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut status = 0;
+        // SAFETY: `status` is a live local; `pid` is our child.
+        while unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) } == 0 {
+            if Instant::now() > deadline {
+                // SAFETY: our own child, still unreaped.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                panic!("the raw-fork child hung");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child saw its parent's section or pending fork (status {status})"
+        );
     }
 
     #[test]
