@@ -14,8 +14,6 @@ mod support;
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::pg::PgConnection;
@@ -27,7 +25,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use support::runner::{child_result, ci, expect_exit, require_server, run_cases, Check};
-use support::{reap, run_child, spawn_child, ChildEnd};
+use support::{fork_while_connecting, reap, run_child, spawn_child, ChildEnd};
 
 type PgPool = Pool<ConnectionManager<PgConnection>>;
 /// A way for a child to end: its name, its body, how the parent must see it end.
@@ -702,33 +700,12 @@ fn forward(mut from: TcpStream, mut to: TcpStream) {
 fn forks_while_the_master_connects() -> Check {
     const FORKS: usize = 150;
     let pool = pool(Transport::Tls, 1)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    // One thread pool for all the connectors' pools, so no threads start and stop per connect.
-    let threads = Arc::new(scheduled_thread_pool::ScheduledThreadPool::new(2));
-    let connectors: Vec<_> = (0..2)
-        .map(|_| {
-            let (stop, threads) = (Arc::clone(&stop), Arc::clone(&threads));
-            std::thread::spawn(move || -> Result<u64, String> {
-                let mut connects = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    // A pool of its own, built (one connect) and dropped (one close).
-                    let one = Pool::builder()
-                        .max_size(1)
-                        .min_idle(Some(1))
-                        .connection_timeout(Duration::from_secs(10))
-                        .thread_pool(Arc::clone(&threads))
-                        .build(ConnectionManager::<PgConnection>::new(Transport::Tls.url()))
-                        .map_err(|error| format!("connector pool: {error}"))?;
-                    drop(one);
-                    connects += 1;
-                }
-                Ok(connects)
-            })
-        })
-        .collect();
-    let mut failures = Vec::new();
-    for fork in 0..FORKS {
-        let end = run_child(DEADLINE, || {
+    let master_url = Transport::Tls.url();
+    fork_while_connecting(
+        move || Ok(ConnectionManager::<PgConnection>::new(master_url.as_str())),
+        FORKS,
+        DEADLINE,
+        || {
             child_result((|| {
                 let mut conn = pool.get().map_err(|error| format!("get: {error}"))?;
                 let value = format!("child-{}", std::process::id());
@@ -736,28 +713,8 @@ fn forks_while_the_master_connects() -> Check {
                 ensure!(answer == value, "asked {value:?}, got {answer:?}");
                 Ok(())
             })())
-        });
-        if end != ChildEnd::Exited(0) {
-            failures.push(format!("fork {fork}: {end:?}"));
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    let mut connects = 0;
-    for connector in connectors {
-        connects += connector
-            .join()
-            .map_err(|_| "a connecting thread panicked".to_string())??;
-    }
-    ensure!(
-        failures.is_empty(),
-        "{} of {FORKS} children failed or hung: {failures:?}",
-        failures.len()
-    );
-    // Evidence the forks raced with connects: the master connected throughout.
-    ensure!(
-        connects >= FORKS as u64 / 2,
-        "only {connects} connects in the master during {FORKS} forks"
-    );
+        },
+    )?;
     let mut conn = pool.get().map_err(|error| format!("master get: {error}"))?;
     echo(&mut conn, "master").map(drop)
 }

@@ -15,7 +15,7 @@ use nix::sys::signal::{kill, raise, Signal};
 use nix::unistd::Pid;
 
 use super::runner::{require_server, run_cases, Case, Check};
-use super::{reap, spawn_child, ChildEnd};
+use super::{fork_while_connecting, reap, spawn_child, ChildEnd};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 pub const POOL_SIZE: u32 = 4;
@@ -271,60 +271,12 @@ pub fn forks_while_the_master_connects<B: Backend>() -> Check {
     const FORKS: usize = 100;
     let pool = warm_pool::<B>()?;
     let master = session_ids(&pool)?;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // One thread pool for all the connectors' pools: a pool of its own each would start and
-    // stop three threads per connect, thousands a second with a fast server.
-    let threads = std::sync::Arc::new(scheduled_thread_pool::ScheduledThreadPool::new(2));
-    let connectors: Vec<_> = (0..2)
-        .map(|_| {
-            let (stop, threads) = (
-                std::sync::Arc::clone(&stop),
-                std::sync::Arc::clone(&threads),
-            );
-            std::thread::spawn(move || -> Result<u64, String> {
-                let mut connects = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let one: Pool<B> = Pool::builder()
-                        .max_size(1)
-                        .min_idle(Some(1))
-                        .connection_timeout(Duration::from_secs(10))
-                        .thread_pool(std::sync::Arc::clone(&threads))
-                        .build(B::manager(&B::url())?)
-                        .map_err(|error| format!("connector build: {error}"))?;
-                    drop(one);
-                    connects += 1;
-                }
-                Ok(connects)
-            })
-        })
-        .collect();
-    let mut failures = Vec::new();
-    for fork in 0..FORKS {
-        let child = spawn_child(|| {
-            let answered = run_requests(&pool, 1, &master);
-            i32::from(answered.is_err())
-        });
-        let end = reap(child, DEADLINE);
-        if end != ChildEnd::Exited(0) {
-            failures.push(format!("fork {fork}: {end:?}"));
-        }
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut connects = 0;
-    for connector in connectors {
-        connects += connector
-            .join()
-            .map_err(|_| "a connecting thread panicked".to_string())??;
-    }
-    ensure!(
-        failures.is_empty(),
-        "{} of {FORKS} children failed or hung: {failures:?}",
-        failures.len()
-    );
-    ensure!(
-        connects >= FORKS as u64 / 2,
-        "only {connects} connects in the master during {FORKS} forks"
-    );
+    fork_while_connecting(
+        || B::manager(&B::url()),
+        FORKS,
+        DEADLINE,
+        || i32::from(run_requests(&pool, 1, &master).is_err()),
+    )?;
     check_master_intact(&pool, &master)
 }
 

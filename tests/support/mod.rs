@@ -360,3 +360,65 @@ pub fn reap(pid: Pid, deadline: Duration) -> ChildEnd {
 pub fn run_child(deadline: Duration, child: impl FnOnce() -> i32) -> ChildEnd {
     reap(spawn_child(child), deadline)
 }
+
+/// Forks `forks` children, one after another, while two master threads keep building a pool of
+/// one connection with `manager` and dropping it — a connect and a close each time. Each child
+/// runs `child` and exits with its result; every one must exit 0 within `deadline`, and the
+/// master must have connected throughout (at least one connect per two forks).
+pub fn fork_while_connecting<M: r2d2::ManageConnection>(
+    manager: impl Fn() -> Result<M, String> + Send + Sync + 'static,
+    forks: usize,
+    deadline: Duration,
+    child: impl Fn() -> i32,
+) -> Result<(), String> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // One thread pool for every connector pool: a pool of its own each would start and stop
+    // three threads per connect, thousands a second with a fast server.
+    let shared = Arc::new(scheduled_thread_pool::ScheduledThreadPool::new(2));
+    let manager = Arc::new(manager);
+    let connectors: Vec<std::thread::JoinHandle<Result<u64, String>>> = (0..2)
+        .map(|_| {
+            let (stop, shared, manager) =
+                (Arc::clone(&stop), Arc::clone(&shared), Arc::clone(&manager));
+            std::thread::spawn(move || {
+                let mut connects = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let one = forksafe_pool::Pool::builder()
+                        .max_size(1)
+                        .min_idle(Some(1))
+                        .connection_timeout(Duration::from_secs(10))
+                        .thread_pool(Arc::clone(&shared))
+                        .build(manager()?)
+                        .map_err(|error| format!("connector pool: {error}"))?;
+                    drop(one);
+                    connects += 1;
+                }
+                Ok(connects)
+            })
+        })
+        .collect();
+    let failures: Vec<String> = (0..forks)
+        .filter_map(|fork| match run_child(deadline, &child) {
+            ChildEnd::Exited(0) => None,
+            end => Some(format!("fork {fork}: {end:?}")),
+        })
+        .collect();
+    stop.store(true, Ordering::Relaxed);
+    let mut connects = 0;
+    for connector in connectors {
+        connects += connector
+            .join()
+            .map_err(|_| "a connecting thread panicked".to_string())??;
+    }
+    ensure!(
+        failures.is_empty(),
+        "{} of {forks} children failed or hung: {failures:?}",
+        failures.len()
+    );
+    // Evidence the forks raced with connects.
+    ensure!(
+        connects >= forks as u64 / 2,
+        "only {connects} connects in the master during {forks} forks"
+    );
+    Ok(())
+}
