@@ -100,7 +100,7 @@ pub fn serve(config: ServeConfig) -> Result<(), String> {
         let quitting = Arc::clone(&quitting);
         std::thread::spawn(move || control(slots.slots, start, &quitting));
     }
-    for slot in 0..config.workers {
+    let spawn = |slot| {
         spawn_worker(
             &config,
             slot,
@@ -109,7 +109,10 @@ pub fn serve(config: ServeConfig) -> Result<(), String> {
             &slots,
             start,
             master,
-        )?;
+        )
+    };
+    for slot in 0..config.workers {
+        spawn(slot)?;
     }
     let mut failed_starts = 0;
     loop {
@@ -142,15 +145,7 @@ pub fn serve(config: ServeConfig) -> Result<(), String> {
             slots.slots[slot].pid.store(0, Ordering::Release);
             continue;
         }
-        spawn_worker(
-            &config,
-            slot,
-            &listener,
-            app.as_ref(),
-            &slots,
-            start,
-            master,
-        )?;
+        spawn(slot)?;
         if quitting.load(Ordering::Acquire) {
             // Quit arrived while this one was being made; the control thread may have missed it.
             let _ = kill(

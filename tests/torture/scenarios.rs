@@ -582,6 +582,23 @@ fn fake_hammer(pool: &FakePool) -> Hammer {
     })
 }
 
+/// Runs `forks` against a FakeServer pool while three parent threads hammer it, then adds what
+/// the hammer saw and what the server recorded (every line written by the process that opened
+/// its connection) to the outcome.
+fn under_fake_load(
+    name: &'static str,
+    forks: impl FnOnce(&FakeServer, &FakePool, &mut Outcome),
+) -> Outcome {
+    let mut outcome = Outcome::new(name);
+    let server = FakeServer::start();
+    let pool = fake_pool(&server);
+    let hammer = fake_hammer(&pool);
+    forks(&server, &pool, &mut outcome);
+    hammer.finish(&mut outcome);
+    check_wire(&server, &mut outcome);
+    outcome
+}
+
 /// Every connection must carry lines of the process that opened it (its "hello") only.
 fn check_wire(server: &FakeServer, outcome: &mut Outcome) {
     // Let the server threads record the last lines.
@@ -636,133 +653,124 @@ fn exit_like_c() -> ! {
 }
 
 fn child_ends(scale: &Scale) -> Outcome {
-    let mut outcome = Outcome::new("3. children drop / exit / _exit / panic / SIGKILL");
-    let server = FakeServer::start();
-    let pool = fake_pool(&server);
-    let hammer = fake_hammer(&pool);
-    let ends = [
-        End::DropAndReturn,
-        End::Exit,
-        End::UnderscoreExit,
-        End::Panic,
-        End::SigKill,
-    ];
-    // A second pool only the main thread holds, so that a child's drop really drops it (and
-    // the pool it rebuilt).
-    let mut own_pool = Some(fake_pool(&server));
-    for i in 0..scale.child_ends * ends.len() as u64 {
-        let end = ends[(i % ends.len() as u64) as usize];
-        let pid = spawn_child(|| {
-            let code = use_fake(&pool, "end");
-            if code != 0 {
-                return code;
+    under_fake_load(
+        "3. children drop / exit / _exit / panic / SIGKILL",
+        |server, pool, outcome| {
+            let ends = [
+                End::DropAndReturn,
+                End::Exit,
+                End::UnderscoreExit,
+                End::Panic,
+                End::SigKill,
+            ];
+            // A second pool only the main thread holds, so that a child's drop really drops it
+            // (and the pool it rebuilt).
+            let mut own_pool = Some(fake_pool(server));
+            for i in 0..scale.child_ends * ends.len() as u64 {
+                let end = ends[(i % ends.len() as u64) as usize];
+                let pid = spawn_child(|| {
+                    let code = use_fake(pool, "end");
+                    if code != 0 {
+                        return code;
+                    }
+                    let Some(own) = own_pool.take() else { return 5 };
+                    let guard = own.get();
+                    match end {
+                        End::DropAndReturn => {
+                            drop(guard);
+                            drop(own);
+                            exit_like_c()
+                        }
+                        End::Exit => exit_like_c(),
+                        End::UnderscoreExit => 0,
+                        End::Panic => {
+                            // Expected: keep its message out of the report.
+                            std::panic::set_hook(Box::new(|_| {}));
+                            panic!("a child that panics while holding a connection")
+                        }
+                        End::SigKill => {
+                            let _ = kill(Pid::this(), Signal::SIGKILL);
+                            6
+                        }
+                    }
+                });
+                let expected = match end {
+                    End::Panic => Ok(101),
+                    End::SigKill => Err(Signal::SIGKILL),
+                    _ => Ok(0),
+                };
+                outcome.child_ended(pid, reap(pid, CHILD_DEADLINE), expected);
             }
-            let Some(own) = own_pool.take() else { return 5 };
-            let guard = own.get();
-            match end {
-                End::DropAndReturn => {
-                    drop(guard);
-                    drop(own);
-                    exit_like_c()
-                }
-                End::Exit => exit_like_c(),
-                End::UnderscoreExit => 0,
-                End::Panic => {
-                    // Expected: keep its message out of the report.
-                    std::panic::set_hook(Box::new(|_| {}));
-                    panic!("a child that panics while holding a connection")
-                }
-                End::SigKill => {
-                    let _ = kill(Pid::this(), Signal::SIGKILL);
-                    6
-                }
-            }
-        });
-        let expected = match end {
-            End::Panic => Ok(101),
-            End::SigKill => Err(Signal::SIGKILL),
-            _ => Ok(0),
-        };
-        outcome.child_ended(pid, reap(pid, CHILD_DEADLINE), expected);
-    }
-    hammer.finish(&mut outcome);
-    check_wire(&server, &mut outcome);
-    outcome
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
 // Scenario 4: three levels of nested forks
 
 fn nested_forks(scale: &Scale) -> Outcome {
-    let mut outcome = Outcome::new("4. nested forks, three levels");
-    let server = FakeServer::start();
-    let pool = fake_pool(&server);
-    let hammer = fake_hammer(&pool);
-    fn level(pool: &FakePool, depth: u32) -> i32 {
-        let code = use_fake(pool, &format!("level{depth}"));
-        if code != 0 || depth == 3 {
-            return code;
+    under_fake_load("4. nested forks, three levels", |_, pool, outcome| {
+        fn level(pool: &FakePool, depth: u32) -> i32 {
+            let code = use_fake(pool, &format!("level{depth}"));
+            if code != 0 || depth == 3 {
+                return code;
+            }
+            let pid = spawn_child(|| level(pool, depth + 1));
+            // Use the pool while the child runs, then again after.
+            let code = use_fake(pool, &format!("level{depth}-during"));
+            let end = reap(pid, CHILD_DEADLINE / 2);
+            match end {
+                ChildEnd::Exited(0) => {}
+                // 5x: the level below exited with x; 59: it hung; 58: it was killed by a signal.
+                ChildEnd::Exited(below) => return 50 + below.min(9),
+                ChildEnd::Hung => return 59,
+                ChildEnd::Signaled(_) => return 58,
+            }
+            if code != 0 {
+                return code;
+            }
+            use_fake(pool, &format!("level{depth}-after"))
         }
-        let pid = spawn_child(|| level(pool, depth + 1));
-        // Use the pool while the child runs, then again after.
-        let code = use_fake(pool, &format!("level{depth}-during"));
-        let end = reap(pid, CHILD_DEADLINE / 2);
-        match end {
-            ChildEnd::Exited(0) => {}
-            // 5x: the level below exited with x; 59: it hung; 58: it was killed by a signal.
-            ChildEnd::Exited(below) => return 50 + below.min(9),
-            ChildEnd::Hung => return 59,
-            ChildEnd::Signaled(_) => return 58,
+        for _ in 0..scale.nested {
+            let pid = spawn_child(|| level(pool, 1));
+            outcome.child_ended(pid, reap(pid, CHILD_DEADLINE), Ok(0));
+            // The two forks below the first are counted too.
+            outcome.forks += 2;
         }
-        if code != 0 {
-            return code;
-        }
-        use_fake(pool, &format!("level{depth}-after"))
-    }
-    for _ in 0..scale.nested {
-        let pid = spawn_child(|| level(&pool, 1));
-        outcome.child_ended(pid, reap(pid, CHILD_DEADLINE), Ok(0));
-        // The two forks below the first are counted too.
-        outcome.forks += 2;
-    }
-    hammer.finish(&mut outcome);
-    check_wire(&server, &mut outcome);
-    outcome
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
 // Scenario 5: fork from another thread while the main thread holds a connection
 
 fn fork_from_non_main_thread(scale: &Scale) -> Outcome {
-    let mut outcome = Outcome::new("5. fork from a non-main thread, main holds a connection");
-    let server = FakeServer::start();
-    let pool = fake_pool(&server);
-    let hammer = fake_hammer(&pool);
-    for i in 0..scale.non_main_thread {
-        let mut held = pool.get().expect("main thread checkout");
-        let forker = {
-            let pool = pool.clone();
-            std::thread::spawn(move || {
-                let pid = spawn_child(|| use_fake(&pool, "from-thread"));
-                (pid, reap(pid, CHILD_DEADLINE))
-            })
-        };
-        let (pid, end) = forker.join().expect("forking thread");
-        outcome.child_ended(pid, end, Ok(0));
-        let request = format!("held{i}");
-        match held.query(&request) {
-            Ok(reply) if reply == format!("{} {request}", held.server_id) => {}
-            other => {
-                outcome.parent_errors += 1;
-                outcome.problem(format!(
-                    "main thread's held connection after the fork: {other:?}"
-                ));
+    under_fake_load(
+        "5. fork from a non-main thread, main holds a connection",
+        |_, pool, outcome| {
+            for i in 0..scale.non_main_thread {
+                let mut held = pool.get().expect("main thread checkout");
+                let forker = {
+                    let pool = pool.clone();
+                    std::thread::spawn(move || {
+                        let pid = spawn_child(|| use_fake(&pool, "from-thread"));
+                        (pid, reap(pid, CHILD_DEADLINE))
+                    })
+                };
+                let (pid, end) = forker.join().expect("forking thread");
+                outcome.child_ended(pid, end, Ok(0));
+                let request = format!("held{i}");
+                match held.query(&request) {
+                    Ok(reply) if reply == format!("{} {request}", held.server_id) => {}
+                    other => {
+                        outcome.parent_errors += 1;
+                        outcome.problem(format!(
+                            "main thread's held connection after the fork: {other:?}"
+                        ));
+                    }
+                }
             }
-        }
-    }
-    hammer.finish(&mut outcome);
-    check_wire(&server, &mut outcome);
-    outcome
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
