@@ -148,9 +148,10 @@ fn profile(which: &str, iterations: u64) {
                          forksafe's child pool {best_child:.1} ns in a forked child, ratio {:.3}",
                         best_child / best_r2d2
                     );
-                    // SAFETY: `_exit` has no preconditions; stdout was flushed by `println!`'s
-                    // line buffering only for a terminal, so flush first.
+                    // `_exit` skips std's flush of stdout, which is line-buffered only on a
+                    // terminal.
                     let _ = std::io::Write::flush(&mut std::io::stdout());
+                    // SAFETY: `_exit` has no preconditions.
                     unsafe { libc::_exit(0) }
                 }
                 nix::unistd::ForkResult::Parent { child } => {

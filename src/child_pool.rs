@@ -342,13 +342,24 @@ impl<M: ManageConnection> Shared<M> {
         }
     }
 
-    /// Wakes every waiting `get`, if any: read under the lock, so a `get` that is about to
-    /// wait has either registered (and is woken) or will see the change before it waits.
+    /// Wakes every waiting `get`, if any.
     fn wake_all(&self, state: MutexGuard<'_, State<M>>) {
+        self.wake(state, Condvar::notify_all);
+    }
+
+    /// Wakes one waiting `get`, if any.
+    fn wake_one(&self, state: MutexGuard<'_, State<M>>) {
+        self.wake(state, Condvar::notify_one);
+    }
+
+    /// Unlocks, then notifies only if a `get` waits. The count is read under the lock, so a
+    /// `get` about to wait has either registered (and is woken) or will see the change before
+    /// it waits.
+    fn wake(&self, state: MutexGuard<'_, State<M>>, notify: fn(&Condvar)) {
         let waiting = state.waiters > 0;
         drop(state);
         if waiting {
-            self.changed.notify_all();
+            notify(&self.changed);
         }
     }
 
@@ -370,11 +381,7 @@ impl<M: ManageConnection> Shared<M> {
                 conn,
                 since: Instant::now(),
             });
-            let waiting = state.waiters > 0;
-            drop(state);
-            if waiting {
-                self.changed.notify_one();
-            }
+            self.wake_one(state);
         }
     }
 
