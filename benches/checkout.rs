@@ -140,6 +140,8 @@ fn profile(which: &str, iterations: u64) {
             // SAFETY: the child only checks out of its own rebuilt pool, prints, and `_exit`s.
             match unsafe { nix::unistd::fork() }.expect("fork") {
                 nix::unistd::ForkResult::Child => {
+                    // A deadline: a child that hangs dies of SIGALRM instead of stalling the run.
+                    nix::unistd::alarm::set(120);
                     let best_child = best_of(&|| {
                         black_box(*forksafe_pool.get().expect("checkout"));
                     });
