@@ -121,3 +121,11 @@ fn forksafe_and_lazy_with_shared_state() {
     assert_served_everything(&report, "forksafe");
     assert_served_everything(&report, "lazy");
 }
+
+#[test]
+fn forksafe_and_lazy_with_huge_page_state() {
+    let report = run_demo(&["--modes", "forksafe,lazy", "--state-memory", "huge"]);
+    assert_eq!(report["state_memory"], "huge");
+    assert_served_everything(&report, "forksafe");
+    assert_served_everything(&report, "lazy");
+}

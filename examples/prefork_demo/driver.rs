@@ -501,7 +501,10 @@ fn measure(
     let workers: Vec<u32> = server.with_view(|view| view.workers.values().copied().collect());
     result.total_pss_mib = pss_mib(master) + workers.iter().map(|&pid| pss_mib(pid)).sum::<f64>();
 
-    // Respawn: kill one worker; time until its replacement has served a request.
+    // Respawn: kill one worker; time until its replacement has served a request. One prober
+    // per worker keeps requests coming, as live traffic would: a lone prober, answered by a
+    // survivor each time, would leave the replacement queued behind the survivors in
+    // `accept` for several round trips after it was ready.
     bar.set_message("respawn");
     let known: HashSet<u32> = server.with_view(|view| view.ever.clone());
     let victim = workers[0];
@@ -509,17 +512,26 @@ fn measure(
     kill(Pid::from_raw(victim as i32), Signal::SIGKILL)
         .map_err(|error| format!("kill worker: {error}"))?;
     let respawn_deadline = killed_at + RESPAWN_LIMIT;
-    while Instant::now() < respawn_deadline {
-        if let Some(pid) = probe(port, Duration::from_millis(300), config.table_mib) {
-            if !known.contains(&pid) {
-                result.respawn_time_ms = Some(killed_at.elapsed().as_secs_f64() * 1000.0);
-                result.respawn_forked_ms = server
-                    .with_view(|view| view.spawned_at.get(&pid).copied())
-                    .map(|at| at.saturating_duration_since(killed_at).as_secs_f64() * 1000.0);
-                break;
-            }
+    let replacement: std::sync::OnceLock<(u32, Duration)> = std::sync::OnceLock::new();
+    std::thread::scope(|scope| {
+        for _ in 0..config.workers {
+            scope.spawn(|| {
+                while replacement.get().is_none() && Instant::now() < respawn_deadline {
+                    match probe(port, Duration::from_millis(300), config.table_mib) {
+                        Some(pid) if !known.contains(&pid) => {
+                            let _ = replacement.set((pid, killed_at.elapsed()));
+                        }
+                        _ => std::thread::sleep(Duration::from_micros(500)),
+                    }
+                }
+            });
         }
-        std::thread::sleep(Duration::from_micros(500));
+    });
+    if let Some(&(pid, after)) = replacement.get() {
+        result.respawn_time_ms = Some(after.as_secs_f64() * 1000.0);
+        result.respawn_forked_ms = server
+            .with_view(|view| view.spawned_at.get(&pid).copied())
+            .map(|at| at.saturating_duration_since(killed_at).as_secs_f64() * 1000.0);
     }
     Ok(())
 }

@@ -38,10 +38,11 @@ OPTIONS (both):
                         SQLite file in a temporary directory]
   --workers N           worker processes [4]
   --state-mib N         read-only application state per application, MiB [256]
-  --state-memory heap|shared
+  --state-memory heap|huge|shared
                         where that state lives: a Vec on the heap (private, shared with the
-                        master copy-on-write), or a read-only shared mapping, for which a fork
-                        copies no page tables [heap]
+                        master copy-on-write); private memory in transparent huge pages, for
+                        which a fork copies one page-table entry per 2 MiB; or a read-only
+                        shared mapping, for which a fork copies no page tables [heap]
   --pool-size N         connections per pool (max_size = min_idle) [2]
 OPTIONS (demo):
   --modes LIST          comma-separated: naive,forksafe,lazy [all three]
