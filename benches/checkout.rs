@@ -1,8 +1,9 @@
 //! Checkout + return on a warm pool: `forksafe_pool::Pool` against `r2d2::Pool`, same run.
 //!
 //! The manager does no I/O and `test_on_check_out` is off, so what is measured is the pools'
-//! own bookkeeping: r2d2's mutex, its idle list and its guard, plus, for forksafe-pool, the
-//! epoch checks on `get()` and on the guard's drop. Target: forksafe ≤ 1.03 × r2d2.
+//! own bookkeeping: each pool's mutex, idle list, guard and clock reads, plus, for
+//! forksafe-pool, the epoch checks on `get()` and on the guard's drop. Target: forksafe ≤ 1.03 ×
+//! r2d2 (measured: about 0.68 ×, see the README's *Benchmarks*).
 //!
 //! `cargo bench --bench checkout`
 //!
@@ -10,7 +11,7 @@
 //! bench binary run 1 000 000 checkouts without criterion, for `valgrind --tool=callgrind`:
 //! `CHECKOUT_PROFILE=forksafe valgrind --tool=callgrind target/release/deps/checkout-<hash>`.
 //! `CHECKOUT_PROFILE=ab` times alternating batches of both pools and prints the best of each;
-//! `CHECKOUT_PROFILE=child` times r2d2 here and forksafe's child pool in a forked child.
+//! `CHECKOUT_PROFILE=child` times r2d2 here and forksafe's pool in a forked child.
 
 use std::hint::black_box;
 
@@ -116,8 +117,8 @@ fn profile(which: &str, iterations: u64) {
             );
         }
         "child" => {
-            // The pool a forked worker runs on: r2d2's best batch here, then the child pool's
-            // best batch in a forked child (where r2d2 does not run, see child_pool.rs).
+            // The pool a forked worker runs on: r2d2's best batch here, then forksafe's best
+            // batch in a forked child (where r2d2 never runs, see std_pool.rs).
             let (r2d2_pool, forksafe_pool) = (
                 r2d2_pool.expect("r2d2 pool"),
                 forksafe_pool.expect("forksafe pool"),
@@ -147,7 +148,7 @@ fn profile(which: &str, iterations: u64) {
                     });
                     println!(
                         "best of 100 batches of {batch}: r2d2 {best_r2d2:.1} ns in the parent, \
-                         forksafe's child pool {best_child:.1} ns in a forked child, ratio {:.3}",
+                         forksafe {best_child:.1} ns in a forked child, ratio {:.3}",
                         best_child / best_r2d2
                     );
                     // `_exit` skips std's flush of stdout, which is line-buffered only on a

@@ -53,12 +53,12 @@ pub(crate) struct Settings {
 pub(crate) struct Config<M: ManageConnection> {
     pub(crate) settings: Settings,
     pub(crate) error_handler: Arc<dyn HandleError<M::Error>>,
-    /// The user's handler; without one r2d2 keeps its own `NopEventHandler`, which it calls
-    /// without an adapter's indirection on every checkout and checkin.
+    /// The user's handler: with one, the building process runs on r2d2, the only maker of
+    /// r2d2's events (see `Builder::event_handler`).
     pub(crate) event_handler: Option<Arc<dyn HandleEvent>>,
     pub(crate) connection_customizer: Arc<dyn CustomizeConnection<M::Connection, M::Error>>,
-    /// The thread pool of the r2d2 pools, which only the building process runs (a forked
-    /// child's pool has no threads).
+    /// Where the building process opens connections and reaps old ones (a forked child's
+    /// pool has no long-lived threads).
     pub(crate) thread_pool: Option<Arc<ScheduledThreadPool>>,
     pub(crate) descriptor_locator: Option<Locator<M::Connection>>,
     pub(crate) on_fork: OnFork,
@@ -227,7 +227,10 @@ impl<M: ManageConnection> Builder<M> {
 
     /// Receives r2d2's pool events (acquire, release, checkout, checkin, timeout).
     ///
-    /// Defaults to r2d2's `NopEventHandler`.
+    /// Defaults to none. Only r2d2 can make r2d2's event values, so a pool with a handler runs
+    /// on an `r2d2::Pool` in the process that built it, which costs about 1.5 × this crate's
+    /// own pool per checkout (1.05 × plain r2d2); the pool rebuilt in a forked child raises no
+    /// events.
     pub fn event_handler(mut self, event_handler: Box<dyn HandleEvent>) -> Self {
         self.config.event_handler = Some(Arc::from(event_handler));
         self

@@ -12,29 +12,29 @@ use std::ops::{Deref, DerefMut};
 
 use r2d2::ManageConnection;
 
-use crate::child_pool::Lease;
 use crate::fork::{current_epoch, Epoch};
 use crate::manager::{ForkSafeManager, Tracked};
+use crate::std_pool::Lease;
 
-/// What a generation hands out: r2d2's guard in the process that built the pool, a
-/// [`Lease`] of the std-only pool a forked child rebuilds (see `child_pool`).
+/// What a generation hands out: a [`Lease`] of this crate's pool (see `std_pool`), or r2d2's
+/// guard in the process that built a pool with an event handler.
 pub(crate) enum Checkout<M: ManageConnection> {
+    Std(Lease<M>),
     R2d2(r2d2::PooledConnection<ForkSafeManager<M>>),
-    Child(Lease<M>),
 }
 
 impl<M: ManageConnection> Checkout<M> {
     fn tracked(&self) -> &Tracked<M::Connection> {
         match self {
             Checkout::R2d2(conn) => conn,
-            Checkout::Child(lease) => lease,
+            Checkout::Std(lease) => lease,
         }
     }
 
     fn tracked_mut(&mut self) -> &mut Tracked<M::Connection> {
         match self {
             Checkout::R2d2(conn) => conn,
-            Checkout::Child(lease) => lease,
+            Checkout::Std(lease) => lease,
         }
     }
 }
@@ -47,7 +47,7 @@ impl<M: ManageConnection> From<r2d2::PooledConnection<ForkSafeManager<M>>> for C
 
 impl<M: ManageConnection> From<Lease<M>> for Checkout<M> {
     fn from(lease: Lease<M>) -> Self {
-        Checkout::Child(lease)
+        Checkout::Std(lease)
     }
 }
 
@@ -84,7 +84,7 @@ impl<M: ManageConnection> PooledConnection<M> {
     pub fn extensions(this: &Self) -> &r2d2::Extensions {
         match this.checked() {
             Checkout::R2d2(conn) => r2d2::PooledConnection::extensions(conn),
-            Checkout::Child(lease) => lease.extensions(),
+            Checkout::Std(lease) => lease.extensions(),
         }
     }
 
@@ -93,7 +93,7 @@ impl<M: ManageConnection> PooledConnection<M> {
     pub fn extensions_mut(this: &mut Self) -> &mut r2d2::Extensions {
         match this.checked_mut() {
             Checkout::R2d2(conn) => r2d2::PooledConnection::extensions_mut(conn),
-            Checkout::Child(lease) => lease.extensions_mut(),
+            Checkout::Std(lease) => lease.extensions_mut(),
         }
     }
 

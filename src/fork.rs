@@ -672,18 +672,20 @@ impl Drop for InstallLock<'_> {
     }
 }
 
-// r2d2's `Error` and `State` for the pool a forked child runs on (`child_pool`), which must not
-// run r2d2's code: r2d2 has no public constructor for either, and the only r2d2 paths that make
-// them park on parking_lot, whose global state a fork leaves corrupted (see `child_pool`).
+// r2d2's `Error` and `State` for the pool this crate runs on (`std_pool`), which must not run
+// r2d2's code in a forked child: r2d2 has no public constructor for either, and the only r2d2
+// paths that make them park on parking_lot, whose global state a fork leaves corrupted (see
+// `std_pool`).
 
-/// An `r2d2::Error` reading "timed out waiting for connection: {message}", made without r2d2.
-pub(crate) fn r2d2_error(message: String) -> r2d2::Error {
+/// An `r2d2::Error` reading "timed out waiting for connection", followed by ": {message}" when
+/// there is one, made without r2d2.
+pub(crate) fn r2d2_error(message: impl Into<Option<String>>) -> r2d2::Error {
     // SAFETY: r2d2 0.8.10 (pinned with `=` in Cargo.toml) declares `pub struct
     // Error(Option<String>)`, and any `Option<String>` is a valid value of it (r2d2 only formats
     // it). `transmute` checks at compile time that both types have the same size, so the one
     // field sits at offset 0 and covers every byte: the bytes of an `Option<String>` are exactly
     // an `Error`. A unit test checks the result formats as r2d2's own errors do.
-    unsafe { std::mem::transmute::<Option<String>, r2d2::Error>(Some(message)) }
+    unsafe { std::mem::transmute::<Option<String>, r2d2::Error>(message.into()) }
 }
 
 /// An `r2d2::State` with the given counts, made without r2d2.
@@ -861,6 +863,10 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "timed out waiting for connection: rebuilt after fork: refused"
+        );
+        assert_eq!(
+            r2d2_error(None).to_string(),
+            "timed out waiting for connection"
         );
         let state = r2d2_state(3, 2);
         assert_eq!((state.connections, state.idle_connections), (3, 2));

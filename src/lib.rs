@@ -3,7 +3,6 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 mod backends;
-mod child_pool;
 mod config;
 mod connection;
 mod descriptors;
@@ -13,6 +12,7 @@ mod guarded;
 mod manager;
 mod pool;
 mod stats;
+mod std_pool;
 
 pub use crate::config::{Builder, OnFork};
 pub use crate::connection::PooledConnection;

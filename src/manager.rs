@@ -106,7 +106,7 @@ impl<M: ManageConnection> ForkSafeManager<M> {
     }
 
     #[inline]
-    fn is_retired(&self) -> bool {
+    pub(crate) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Acquire)
     }
 

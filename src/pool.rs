@@ -17,13 +17,13 @@ use r2d2::event::{AcquireEvent, CheckinEvent, CheckoutEvent, ReleaseEvent, Timeo
 use r2d2::{HandleEvent, ManageConnection};
 use scheduled_thread_pool::ScheduledThreadPool;
 
-use crate::child_pool::{AnyPool, ChildPool};
-use crate::config::{Builder, Config, OnFork, Settings};
+use crate::config::{Builder, Config, OnFork};
 use crate::connection::{Checkout, PooledConnection};
 use crate::descriptors::DescriptorTable;
 use crate::fork::{current_epoch, r2d2_error, Epoch, PerProcess};
 use crate::manager::{CustomizerAdapter, ErrorHandlerAdapter, ForkSafeManager};
 use crate::stats::{Counters, ForkStats};
+use crate::std_pool::{AnyPool, Connector, StdPool, REAPER_RATE};
 
 /// A fork-safe, drop-in replacement for [`r2d2::Pool`].
 ///
@@ -60,8 +60,8 @@ struct Shared<M: ManageConnection> {
 }
 
 struct Generation<M: ManageConnection> {
-    /// r2d2's pool in the process that built the `Pool`; in a forked child a pool on std
-    /// primitives, since r2d2 cannot run safely there (see `child_pool`).
+    /// This crate's pool on std's locks (see `std_pool`); r2d2's in the process that built a
+    /// `Pool` with an event handler, since only r2d2 can make r2d2's events.
     pool: AnyPool<M>,
     descriptors: Arc<DescriptorTable>,
     /// Set by `release_idle`: the generation opens no connections and closes returned ones.
@@ -171,38 +171,51 @@ impl<M: ManageConnection> Pool<M> {
     #[inline(always)]
     fn checkout(&self, timeout: Duration) -> Result<PooledConnection<M>, r2d2::Error> {
         let (generation, epoch) = self.generation_with_epoch();
-        let AnyPool::R2d2(pool) = &generation.pool else {
+        let AnyPool::Std(pool) = &generation.pool else {
             return self
-                .checkout_in_child(generation, timeout)
+                .checkout_elsewhere(generation, timeout)
                 .map(|checkout| PooledConnection::new(checkout, epoch));
         };
         match pool.get_timeout(timeout) {
-            Ok(conn) => Ok(PooledConnection::new(Checkout::R2d2(conn), epoch)),
-            Err(error) => {
-                if !generation.is_retired() {
-                    return Err(error);
-                }
-                self.checkout_after_retirement(timeout)
-                    .map(|checkout| PooledConnection::new(checkout, epoch))
-            }
+            Ok(lease) => Ok(PooledConnection::new(Checkout::Std(lease), epoch)),
+            Err(error) => self
+                .checkout_after_error(generation, error, timeout)
+                .map(|checkout| PooledConnection::new(checkout, epoch)),
         }
     }
 
-    /// A forked child's pool, or its refusal with `OnFork::Fail`.
+    /// Not this crate's pool: r2d2's (a pool with an event handler, in the process that
+    /// built it), or none (a refusing child's).
     #[cold]
     #[inline(never)]
-    fn checkout_in_child(
+    fn checkout_elsewhere(
         &self,
         generation: &Generation<M>,
+        timeout: Duration,
+    ) -> Result<Checkout<M>, r2d2::Error> {
+        match generation.pool.get_timeout(timeout) {
+            Err(error) => self.checkout_after_error(generation, error, timeout),
+            result => result,
+        }
+    }
+
+    /// `get` failed: with `OnFork::Fail`, in a forked child, because the pool refuses; after
+    /// `release_idle` retired the generation it waited on, it tries the new one.
+    #[cold]
+    #[inline(never)]
+    fn checkout_after_error(
+        &self,
+        generation: &Generation<M>,
+        error: r2d2::Error,
         timeout: Duration,
     ) -> Result<Checkout<M>, r2d2::Error> {
         if let Some(refusal) = &generation.refusal {
             return Err(r2d2_error(refusal.clone()));
         }
-        match generation.pool.get_timeout(timeout) {
-            Err(_) if generation.is_retired() => self.checkout_after_retirement(timeout),
-            result => result,
+        if generation.is_retired() {
+            return self.checkout_after_retirement(timeout);
         }
+        Err(error)
     }
 
     /// `release_idle` retired the generation this call was waiting on: the wait is tried once
@@ -259,8 +272,8 @@ impl<M: ManageConnection> Pool<M> {
         let config = &self.shared.config;
         let wanted = config.settings.min_idle.unwrap_or(config.settings.max_size);
         let deadline = Instant::now() + config.settings.connection_timeout;
-        if let AnyPool::Child(pool) = &generation.pool {
-            // A forked child's pool opens connections only on the thread that asks.
+        if let AnyPool::Std(pool) = &generation.pool {
+            // Faster than waiting for the background (which a forked child's pool lacks).
             pool.open_until(deadline);
         }
         while generation.pool.state().connections < wanted {
@@ -464,30 +477,49 @@ impl<M: ManageConnection> Generation<M> {
             rebuilt_after_fork_in,
             Arc::clone(&retired),
         );
-        if in_forked_child {
-            let settings = Settings {
-                // A refusing generation never connects: it exists so that `state` has
-                // something to count.
-                min_idle: if refusal.is_some() {
-                    Some(0)
-                } else {
-                    config.settings.min_idle
-                },
-                ..config.settings
-            };
-            let pool = ChildPool::new(
-                manager,
-                settings,
-                Box::new(ErrorHandlerAdapter(Arc::clone(&config.error_handler))),
-                Box::new(CustomizerAdapter(Arc::clone(&config.connection_customizer))),
-            );
+        if refusal.is_some() {
             return Ok(Generation {
-                pool: AnyPool::Child(pool),
+                pool: AnyPool::Refusing,
                 descriptors,
                 retired,
                 refusal,
             });
         }
+        let connector = match &config.thread_pool {
+            Some(threads) if !in_forked_child => {
+                if config.event_handler.is_some() {
+                    return Generation::build_r2d2(config, manager, descriptors, retired, wait);
+                }
+                Connector::ThreadPool(Arc::clone(threads), REAPER_RATE)
+            }
+            _ => Connector::Detached,
+        };
+        let pool = StdPool::new(
+            manager,
+            config.settings,
+            connector,
+            Box::new(ErrorHandlerAdapter(Arc::clone(&config.error_handler))),
+            Box::new(CustomizerAdapter(Arc::clone(&config.connection_customizer))),
+        );
+        if wait {
+            pool.wait_for_initial_connections(config.settings.connection_timeout)?;
+        }
+        Ok(Generation {
+            pool: AnyPool::Std(pool),
+            descriptors,
+            retired,
+            refusal,
+        })
+    }
+
+    /// The generation of a pool with an event handler, in the process that built it.
+    fn build_r2d2(
+        config: &Config<M>,
+        manager: ForkSafeManager<M>,
+        descriptors: Arc<DescriptorTable>,
+        retired: Arc<AtomicBool>,
+        wait: bool,
+    ) -> Result<Generation<M>, r2d2::Error> {
         let mut builder = r2d2::Pool::builder()
             .max_size(config.settings.max_size)
             .min_idle(config.settings.min_idle)
@@ -517,7 +549,7 @@ impl<M: ManageConnection> Generation<M> {
             pool: AnyPool::R2d2(pool),
             descriptors,
             retired,
-            refusal,
+            refusal: None,
         })
     }
 

@@ -1,0 +1,760 @@
+//! The pool this crate runs on wherever it can: r2d2's checkout rules on std's `Mutex` and
+//! `Condvar`. A forked child always runs on it; the process that built the `Pool` does too,
+//! unless an event handler is set (r2d2's event types can only be made by r2d2, so such a pool
+//! keeps an r2d2 pool there).
+//!
+//! In the building process it is r2d2 in all but its locks: connections are opened on the
+//! pool's scheduled thread pool (the `thread_pool` setting, r2d2's three threads by default),
+//! `build` waits for `min_idle` of them, a checkout that leaves fewer than `min_idle` idle
+//! opens more in the background, and a job on the same thread pool closes idle connections
+//! past `idle_timeout` or `max_lifetime` every 30 seconds, as r2d2's reaper does. One
+//! difference: after a failed attempt r2d2 keeps retrying in the background until it
+//! succeeds; this pool retries (with r2d2's back-off) when the next `get` or checkout needs a
+//! connection. It is also cheaper than r2d2 per checkout: it reads the clock only when a
+//! setting needs the time (r2d2 reads it four times per checkout and return, for its events,
+//! whether or not anyone listens), and takes no lock of parking_lot's global table.
+//!
+//! Why not a fresh r2d2 pool in a forked child? r2d2 keeps its state behind parking_lot 0.12
+//! and runs on a scheduled-thread-pool (parking_lot 0.13). Both parking_lots keep a
+//! process-global table of parked threads whose entries live in each thread's TLS. A child
+//! inherits the table with entries of parent threads that were parked at the fork instant (an
+//! idle r2d2 worker always is), and glibc gives the dead threads' stacks, TLS included, to the
+//! child's next threads. A new r2d2 worker in the child therefore initialises its parking state
+//! on top of an entry that is still linked into the table: the lists are cross-linked,
+//! wake-ups are lost, and a table resize loops forever with every bucket locked. The README's
+//! "Why children hung in parking_lot" has the measurements. std's `Mutex` and `Condvar` are
+//! futex words inside the object and keep no registry of threads, so a pool made in the child
+//! depends on nothing the fork left behind.
+//!
+//! Why not std threads in a child either? Every thread std spawns first locks a process-global
+//! std mutex (the stack-overflow handler's thread-info map, `set_current_info`), which threads
+//! also take when they exit. A fork while some parent thread starts or exits leaves it locked
+//! in the child, and every std thread the child then spawns blocks before running a line of its
+//! closure (measured: children whose connect threads never started, in the torture scenario
+//! that forks during a rebuild). So in a child a `get` that needs a connection starts one
+//! attempt on a short-lived thread made with `pthread_create` directly
+//! (`fork::spawn_detached`), and waits for it no longer than its timeout: a connect that hangs
+//! (a server that never answers) does not hold `get` past `connection_timeout`. A connection
+//! that arrives after its caller gave up goes idle in the pool, as with r2d2's workers. Only if
+//! no thread can be made at all does `get` connect on its own thread. A child's pool keeps no
+//! `min_idle` in the background and reaps nothing (both need a long-lived thread): stale
+//! connections are closed when a checkout finds them.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use r2d2::{CustomizeConnection, HandleError, ManageConnection};
+use scheduled_thread_pool::ScheduledThreadPool;
+
+use crate::config::Settings;
+use crate::connection::Checkout;
+use crate::fork::{r2d2_error, r2d2_state};
+use crate::manager::{ConnectError, ForkSafeManager, Tracked};
+
+type Conn<M> = Tracked<<M as ManageConnection>::Connection>;
+type Error<M> = ConnectError<<M as ManageConnection>::Error>;
+
+/// How often idle connections are checked against `idle_timeout` and `max_lifetime` in the
+/// building process: r2d2's rate.
+pub(crate) const REAPER_RATE: Duration = Duration::from_secs(30);
+
+/// A pool on std's locks; cheap to clone, like r2d2's.
+pub(crate) struct StdPool<M: ManageConnection> {
+    shared: Arc<Shared<M>>,
+}
+
+/// Where a pool opens its connections.
+pub(crate) enum Connector {
+    /// The process that built the `Pool`: on its scheduled thread pool, like r2d2, which also
+    /// keeps `min_idle` up and reaps stale connections at the given rate.
+    ThreadPool(Arc<ScheduledThreadPool>, Duration),
+    /// A forked child: each attempt on a short-lived thread of its own (see the module docs).
+    Detached,
+}
+
+struct Shared<M: ManageConnection> {
+    manager: ForkSafeManager<M>,
+    settings: Settings,
+    connector: Connector,
+    error_handler: Box<dyn HandleError<Error<M>>>,
+    customizer: Box<dyn CustomizeConnection<Conn<M>, Error<M>>>,
+    state: Mutex<State<M>>,
+    /// Signalled when a connection becomes idle, a slot frees up, or an attempt fails.
+    changed: Condvar,
+}
+
+struct State<M: ManageConnection> {
+    idle: Vec<Idle<M>>,
+    /// Open connections, idle or checked out.
+    open: u32,
+    /// Connection attempts running (each on the thread of a `get` that needed one).
+    connecting: u32,
+    /// `get` calls waiting on `changed`: with none, nobody is woken (std's `notify_*` always
+    /// makes a futex system call, which would double the cost of every checkin).
+    waiters: u32,
+    /// Connection attempts that have ended, either way; a waiting `get` starts another attempt
+    /// only once one has ended since its last.
+    attempts_ended: u64,
+    last_error: Option<String>,
+    /// Consecutive failed attempts, for r2d2's back-off (200 ms doubling, at most half the
+    /// connection timeout).
+    failures: u32,
+    /// No new attempt before this instant, after a failure.
+    retry_at: Option<Instant>,
+}
+
+struct Idle<M: ManageConnection> {
+    conn: Pooled<M>,
+    /// When it went idle; only kept with an `idle_timeout`.
+    since: Option<Instant>,
+}
+
+struct Pooled<M: ManageConnection> {
+    conn: Conn<M>,
+    extensions: r2d2::Extensions,
+    birth: Instant,
+}
+
+impl<M: ManageConnection> Clone for StdPool<M> {
+    fn clone(&self) -> Self {
+        StdPool {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<M: ManageConnection> fmt::Debug for StdPool<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StdPool")
+            .field("settings", &self.shared.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: ManageConnection> StdPool<M> {
+    /// Makes the pool without waiting for connections, like r2d2's `build_unchecked`. With a
+    /// thread pool (the building process) it starts opening `min_idle` connections and
+    /// reaping stale ones in the background, as r2d2 does; a child's pool opens connections
+    /// only when a `get` needs one.
+    pub(crate) fn new(
+        manager: ForkSafeManager<M>,
+        settings: Settings,
+        connector: Connector,
+        error_handler: Box<dyn HandleError<Error<M>>>,
+        customizer: Box<dyn CustomizeConnection<Conn<M>, Error<M>>>,
+    ) -> Self {
+        let pool = StdPool {
+            shared: Arc::new(Shared {
+                manager,
+                settings,
+                connector,
+                error_handler,
+                customizer,
+                state: Mutex::new(State {
+                    idle: Vec::new(),
+                    open: 0,
+                    connecting: 0,
+                    waiters: 0,
+                    attempts_ended: 0,
+                    last_error: None,
+                    failures: 0,
+                    retry_at: None,
+                }),
+                changed: Condvar::new(),
+            }),
+        };
+        pool.shared.replenish(&mut pool.shared.lock());
+        pool.shared.start_reaper();
+        pool
+    }
+
+    /// Waits until `min_idle` connections are open (all `max_size` when `None`), at most
+    /// `timeout`, as r2d2's `build` does; r2d2's error, carrying the last connection error,
+    /// when they are not. Only a pool with a thread pool opens them on its own.
+    pub(crate) fn wait_for_initial_connections(
+        &self,
+        timeout: Duration,
+    ) -> Result<(), r2d2::Error> {
+        let shared = &self.shared;
+        let wanted = shared.min_idle();
+        let deadline = Instant::now() + timeout;
+        let mut state = shared.lock();
+        loop {
+            if state.open >= wanted {
+                return Ok(());
+            }
+            shared.replenish(&mut state);
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(r2d2_error(state.last_error.take()));
+            }
+            let wake = match state.retry_at {
+                Some(at) if at > now && state.connecting == 0 => at.min(deadline),
+                _ => deadline,
+            };
+            state = shared.wait(state, wake - now);
+        }
+    }
+
+    /// Checks out a connection, waiting at most `timeout`, like `r2d2::Pool::get_timeout`.
+    pub(crate) fn get_timeout(&self, timeout: Duration) -> Result<Lease<M>, r2d2::Error> {
+        let shared = &self.shared;
+        let state = shared.lock();
+        match shared.take_idle(state) {
+            Ok(lease) => Ok(lease),
+            Err(state) => shared.wait_for_connection(state, Instant::now() + timeout, timeout),
+        }
+    }
+
+    /// Opens connections on this thread until `min_idle` (all `max_size` when `None`) are
+    /// open or `deadline` passes; for `Pool::warm_up`, which should not wait for the
+    /// background.
+    pub(crate) fn open_until(&self, deadline: Instant) {
+        let shared = &self.shared;
+        let wanted = shared.min_idle();
+        loop {
+            let mut state = shared.lock();
+            let now = Instant::now();
+            if state.open >= wanted || now >= deadline {
+                return;
+            }
+            if let Some(at) = state.retry_at.filter(|at| *at > now) {
+                drop(state);
+                std::thread::sleep(at.min(deadline) - now);
+                continue;
+            }
+            if state.open + state.connecting >= shared.settings.max_size {
+                return;
+            }
+            state.connecting += 1;
+            drop(state);
+            if let Some(conn) = shared.connect_one() {
+                shared.put_back(conn);
+            }
+        }
+    }
+
+    /// An idle connection if there is one, without waiting, like `r2d2::Pool::try_get`.
+    pub(crate) fn try_get(&self) -> Option<Lease<M>> {
+        self.shared.take_idle(self.shared.lock()).ok()
+    }
+
+    /// Connection counts, like `r2d2::Pool::state`.
+    pub(crate) fn state(&self) -> r2d2::State {
+        let state = self.shared.lock();
+        r2d2_state(state.open, state.idle.len() as u32)
+    }
+}
+
+impl<M: ManageConnection> Shared<M> {
+    fn lock(&self) -> MutexGuard<'_, State<M>> {
+        // Every critical section leaves the state consistent (user code runs unlocked), so a
+        // panic elsewhere cannot leave it half-updated.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits on `changed` for at most `timeout`, counted as a waiter (see `wake`).
+    fn wait<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, State<M>>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, State<M>> {
+        state.waiters += 1;
+        let mut state = self
+            .changed
+            .wait_timeout(state, timeout)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+        state.waiters -= 1;
+        state
+    }
+
+    /// `min_idle`, or `max_size` when it is `None`, as r2d2 reads it.
+    fn min_idle(&self) -> u32 {
+        let settings = &self.settings;
+        settings
+            .min_idle
+            .unwrap_or(settings.max_size)
+            .min(settings.max_size)
+    }
+
+    /// Whether a connection's age matters: only then is the clock read on checkout and
+    /// return.
+    fn ages(&self) -> bool {
+        self.settings.idle_timeout.is_some() || self.settings.max_lifetime.is_some()
+    }
+
+    fn is_stale(&self, idle: &Idle<M>, now: Instant) -> bool {
+        let settings = &self.settings;
+        settings
+            .idle_timeout
+            .zip(idle.since)
+            .is_some_and(|(timeout, since)| now - since >= timeout)
+            || settings
+                .max_lifetime
+                .is_some_and(|lifetime| now - idle.conn.birth >= lifetime)
+    }
+
+    /// The slow half of `get_timeout`: no idle connection was fresh. Starts attempts and waits
+    /// for a connection until `deadline`.
+    #[cold]
+    #[inline(never)]
+    fn wait_for_connection<'a>(
+        self: &'a Arc<Self>,
+        mut state: MutexGuard<'a, State<M>>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Lease<M>, r2d2::Error> {
+        let mut my_attempt: Option<u64> = None;
+        loop {
+            let now = Instant::now();
+            // One attempt per waiting call at a time: another only once some attempt ended.
+            let may_start = my_attempt.is_none_or(|ended| state.attempts_ended != ended);
+            if may_start
+                && state.open + state.connecting < self.settings.max_size
+                && state.retry_at.is_none_or(|at| at <= now)
+            {
+                state.connecting += 1;
+                my_attempt = Some(state.attempts_ended);
+                drop(state);
+                // Connect on another thread, so this call still waits no longer than
+                // `timeout` when a connect hangs (a server that never answers).
+                if !self.start_attempt() {
+                    // No thread to be had: connect here; the wait is then the connect's.
+                    if let Some(conn) = self.connect_one() {
+                        return Ok(Lease {
+                            pool: Arc::clone(self),
+                            conn: Some(conn),
+                        });
+                    }
+                }
+                state = self.lock();
+            } else if now >= deadline {
+                let message = state.last_error.take().or_else(|| {
+                    matches!(self.connector, Connector::Detached).then(|| {
+                        format!(
+                            "forksafe-pool: no connection of the pool rebuilt after fork() in \
+                             process {} became free within {timeout:?}",
+                            std::process::id()
+                        )
+                    })
+                });
+                return Err(r2d2_error(message));
+            } else {
+                let wake = match state.retry_at {
+                    Some(at) if at > now && state.connecting == 0 => at.min(deadline),
+                    _ => deadline,
+                };
+                state = self.wait(state, wake - now);
+            }
+            match self.take_idle(state) {
+                Ok(lease) => return Ok(lease),
+                Err(again) => state = again,
+            }
+        }
+    }
+
+    /// Pops idle connections until one is fresh and (with `test_on_check_out`) valid; gives
+    /// the lock back when there is none. Closes the stale ones unlocked.
+    fn take_idle<'a>(
+        self: &'a Arc<Self>,
+        mut state: MutexGuard<'a, State<M>>,
+    ) -> Result<Lease<M>, MutexGuard<'a, State<M>>> {
+        loop {
+            let Some(idle) = state.idle.pop() else {
+                return Err(state);
+            };
+            if self.ages() && self.is_stale(&idle, Instant::now()) {
+                state.open -= 1;
+                self.replenish(&mut state);
+                drop(state);
+                self.close(idle.conn);
+                state = self.lock();
+                continue;
+            }
+            self.replenish(&mut state);
+            drop(state);
+            let mut conn = idle.conn;
+            if self.settings.test_on_check_out {
+                if let Err(error) = self.manager.is_valid(&mut conn.conn) {
+                    let message = error.to_string();
+                    self.error_handler.handle_error(error);
+                    let mut relocked = self.lock();
+                    relocked.open -= 1;
+                    relocked.last_error = Some(message);
+                    self.replenish(&mut relocked);
+                    drop(relocked);
+                    self.close(conn);
+                    state = self.lock();
+                    continue;
+                }
+            }
+            return Ok(Lease {
+                pool: Arc::clone(self),
+                conn: Some(conn),
+            });
+        }
+    }
+
+    /// In the building process, starts attempts until `min_idle` connections are idle or
+    /// being opened, within `max_size`, as r2d2 does after every checkout and close; none
+    /// before a failure's back-off has passed, none for a retired generation.
+    fn replenish(self: &Arc<Self>, state: &mut State<M>) {
+        let Connector::ThreadPool(threads, _) = &self.connector else {
+            return;
+        };
+        let wanted = self.min_idle();
+        while state.idle.len() as u32 + state.connecting < wanted
+            && state.open + state.connecting < self.settings.max_size
+            && state.retry_at.is_none_or(|at| at <= Instant::now())
+            && !self.manager.is_retired()
+        {
+            state.connecting += 1;
+            let shared = Arc::clone(self);
+            threads.execute(move || shared.connect_into_idle());
+        }
+    }
+
+    /// Starts one attempt, counted in `connecting` by the caller, whose connection goes idle;
+    /// false if no thread could be had for it.
+    fn start_attempt(self: &Arc<Self>) -> bool {
+        let shared = Arc::clone(self);
+        match &self.connector {
+            Connector::ThreadPool(threads, _) => {
+                threads.execute(move || shared.connect_into_idle());
+                true
+            }
+            Connector::Detached => {
+                crate::fork::spawn_detached(Box::new(move || shared.connect_into_idle()))
+            }
+        }
+    }
+
+    /// In the building process, closes idle connections past `idle_timeout` or
+    /// `max_lifetime` every `REAPER_RATE`, like r2d2's reaper, until the pool is dropped.
+    fn start_reaper(self: &Arc<Self>) {
+        let Connector::ThreadPool(threads, rate) = &self.connector else {
+            return;
+        };
+        if !self.ages() {
+            return;
+        }
+        let pool = Arc::downgrade(self);
+        let rate = *rate;
+        threads.execute_at_dynamic_rate(rate, move || {
+            Weak::upgrade(&pool)?.reap();
+            Some(rate)
+        });
+    }
+
+    fn reap(self: &Arc<Self>) {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let (stale, fresh): (Vec<_>, Vec<_>) = std::mem::take(&mut state.idle)
+            .into_iter()
+            .partition(|idle| self.is_stale(idle, now));
+        state.idle = fresh;
+        state.open -= stale.len() as u32;
+        self.replenish(&mut state);
+        drop(state);
+        for idle in stale {
+            self.close(idle.conn);
+        }
+    }
+
+    /// One connection attempt on the current thread, reserved by the caller (`connecting`
+    /// counts it). The new connection counts as open and is handed to the caller.
+    fn connect_one(&self) -> Option<Pooled<M>> {
+        let result = self
+            .manager
+            .connect()
+            .and_then(|mut conn| self.customizer.on_acquire(&mut conn).map(|()| conn));
+        let mut state = self.lock();
+        state.connecting -= 1;
+        state.attempts_ended += 1;
+        match result {
+            Ok(conn) => {
+                state.open += 1;
+                state.last_error = None;
+                state.failures = 0;
+                state.retry_at = None;
+                Some(Pooled {
+                    conn,
+                    extensions: r2d2::Extensions::new(),
+                    birth: Instant::now(),
+                })
+            }
+            Err(error) => {
+                state.last_error = Some(error.to_string());
+                state.failures = state.failures.saturating_add(1);
+                let backoff = Duration::from_millis(200)
+                    .saturating_mul(1 << state.failures.saturating_sub(1).min(16))
+                    .min(self.settings.connection_timeout / 2);
+                state.retry_at = Some(Instant::now() + backoff);
+                // A waiter may take the freed slot (after the back-off).
+                self.wake_all(state);
+                self.error_handler.handle_error(error);
+                None
+            }
+        }
+    }
+
+    /// One attempt on a thread of its own: the connection goes idle for whichever `get` wakes.
+    fn connect_into_idle(&self) {
+        if let Some(conn) = self.connect_one() {
+            let mut state = self.lock();
+            state.idle.push(Idle {
+                since: self.settings.idle_timeout.map(|_| Instant::now()),
+                conn,
+            });
+            self.wake_all(state);
+        }
+    }
+
+    /// Wakes every waiting `get`, if any.
+    fn wake_all(&self, state: MutexGuard<'_, State<M>>) {
+        self.wake(state, Condvar::notify_all);
+    }
+
+    /// Wakes one waiting `get`, if any.
+    fn wake_one(&self, state: MutexGuard<'_, State<M>>) {
+        self.wake(state, Condvar::notify_one);
+    }
+
+    /// Unlocks, then notifies only if a `get` waits. The count is read under the lock, so a
+    /// `get` about to wait has either registered (and is woken) or will see the change before
+    /// it waits.
+    fn wake(&self, state: MutexGuard<'_, State<M>>, notify: fn(&Condvar)) {
+        let waiting = state.waiters > 0;
+        drop(state);
+        if waiting {
+            notify(&self.changed);
+        }
+    }
+
+    /// Takes a connection back, like r2d2's `put_back`: broken (or past `max_lifetime`) ones
+    /// are closed through the customizer's `on_release`.
+    fn put_back(self: &Arc<Self>, mut conn: Pooled<M>) {
+        let now = self.ages().then(Instant::now);
+        let broken = self.manager.has_broken(&mut conn.conn)
+            || self
+                .settings
+                .max_lifetime
+                .zip(now)
+                .is_some_and(|(lifetime, now)| now - conn.birth >= lifetime);
+        let mut state = self.lock();
+        if broken {
+            state.open -= 1;
+            self.replenish(&mut state);
+            self.wake_all(state);
+            self.close(conn);
+        } else {
+            state.idle.push(Idle {
+                conn,
+                since: self.settings.idle_timeout.and(now),
+            });
+            self.wake_one(state);
+        }
+    }
+
+    fn close(&self, conn: Pooled<M>) {
+        self.customizer.on_release(conn.conn);
+    }
+}
+
+/// A connection checked out of a [`StdPool`]; goes back when dropped.
+pub(crate) struct Lease<M: ManageConnection> {
+    pool: Arc<Shared<M>>,
+    /// `None` only while dropping.
+    conn: Option<Pooled<M>>,
+}
+
+impl<M: ManageConnection> Lease<M> {
+    pub(crate) fn extensions(&self) -> &r2d2::Extensions {
+        &self.pooled().extensions
+    }
+
+    pub(crate) fn extensions_mut(&mut self) -> &mut r2d2::Extensions {
+        &mut self.pooled_mut().extensions
+    }
+
+    fn pooled(&self) -> &Pooled<M> {
+        match &self.conn {
+            Some(conn) => conn,
+            None => unreachable!("the connection is only taken while dropping"),
+        }
+    }
+
+    fn pooled_mut(&mut self) -> &mut Pooled<M> {
+        match &mut self.conn {
+            Some(conn) => conn,
+            None => unreachable!("the connection is only taken while dropping"),
+        }
+    }
+}
+
+impl<M: ManageConnection> Deref for Lease<M> {
+    type Target = Conn<M>;
+
+    fn deref(&self) -> &Conn<M> {
+        &self.pooled().conn
+    }
+}
+
+impl<M: ManageConnection> DerefMut for Lease<M> {
+    fn deref_mut(&mut self) -> &mut Conn<M> {
+        &mut self.pooled_mut().conn
+    }
+}
+
+impl<M: ManageConnection> Drop for Lease<M> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.put_back(conn);
+        }
+    }
+}
+
+/// The pool of one generation: a [`StdPool`], or r2d2's in the process that built a `Pool`
+/// with an event handler.
+pub(crate) enum AnyPool<M: ManageConnection> {
+    Std(StdPool<M>),
+    R2d2(r2d2::Pool<ForkSafeManager<M>>),
+    /// No pool: a forked child of a pool built with `OnFork::Fail`, where every `get` fails
+    /// (with the generation's refusal) and nothing is ever open.
+    Refusing,
+}
+
+impl<M: ManageConnection> AnyPool<M> {
+    // Inlined so the guard is built in place instead of being copied once more per checkout.
+    #[inline]
+    pub(crate) fn get_timeout(&self, timeout: Duration) -> Result<Checkout<M>, r2d2::Error> {
+        match self {
+            AnyPool::R2d2(pool) => pool.get_timeout(timeout).map(Checkout::R2d2),
+            AnyPool::Std(pool) => pool.get_timeout(timeout).map(Checkout::Std),
+            AnyPool::Refusing => Err(r2d2_error(None)),
+        }
+    }
+
+    pub(crate) fn try_get(&self) -> Option<Checkout<M>> {
+        match self {
+            AnyPool::R2d2(pool) => pool.try_get().map(Checkout::R2d2),
+            AnyPool::Std(pool) => pool.try_get().map(Checkout::Std),
+            AnyPool::Refusing => None,
+        }
+    }
+
+    pub(crate) fn state(&self) -> r2d2::State {
+        match self {
+            AnyPool::R2d2(pool) => pool.state(),
+            AnyPool::Std(pool) => pool.state(),
+            AnyPool::Refusing => r2d2_state(0, 0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::descriptors::DescriptorTable;
+    use crate::manager::{CustomizerAdapter, ErrorHandlerAdapter};
+    use crate::stats::Counters;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+    /// Connections are numbers; counts every connect.
+    #[derive(Debug, Default)]
+    struct Counting(AtomicU32);
+
+    impl ManageConnection for Counting {
+        type Connection = u32;
+        type Error = std::io::Error;
+
+        fn connect(&self) -> Result<u32, std::io::Error> {
+            Ok(self.0.fetch_add(1, Ordering::SeqCst))
+        }
+
+        fn is_valid(&self, _: &mut u32) -> Result<(), std::io::Error> {
+            Ok(())
+        }
+
+        fn has_broken(&self, _: &mut u32) -> bool {
+            false
+        }
+    }
+
+    /// A building-process pool of `Counting` connections that reaps every 20 ms.
+    fn reaping_pool(manager: &Arc<Counting>, settings: Settings) -> StdPool<Counting> {
+        let manager = ForkSafeManager::new(
+            Arc::clone(manager),
+            DescriptorTable::new(settings.max_size, Arc::new(Counters::default())),
+            None,
+            None,
+            Arc::new(AtomicBool::new(false)),
+        );
+        StdPool::new(
+            manager,
+            settings,
+            Connector::ThreadPool(
+                Arc::new(ScheduledThreadPool::new(1)),
+                Duration::from_millis(20),
+            ),
+            Box::new(ErrorHandlerAdapter(Arc::new(r2d2::NopErrorHandler))),
+            Box::new(CustomizerAdapter(Arc::new(r2d2::NopConnectionCustomizer))),
+        )
+    }
+
+    #[test]
+    fn the_reaper_replaces_idle_connections_past_idle_timeout() {
+        let manager = Arc::new(Counting::default());
+        let pool = reaping_pool(
+            &manager,
+            Settings {
+                max_size: 2,
+                min_idle: Some(2),
+                test_on_check_out: false,
+                max_lifetime: None,
+                idle_timeout: Some(Duration::from_millis(50)),
+                connection_timeout: Duration::from_secs(5),
+            },
+        );
+        pool.wait_for_initial_connections(Duration::from_secs(5))
+            .expect("initial connections");
+        assert_eq!(manager.0.load(Ordering::SeqCst), 2);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // Untouched, the idle pair times out, is reaped, and `min_idle` opens another pair.
+        while manager.0.load(Ordering::SeqCst) < 4 {
+            assert!(Instant::now() < deadline, "nothing reaped");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(pool.state().connections <= 2, "{:?}", pool.state());
+    }
+
+    #[test]
+    fn without_a_time_limit_nothing_is_reaped_nor_timestamped() {
+        let manager = Arc::new(Counting::default());
+        let pool = reaping_pool(
+            &manager,
+            Settings {
+                max_size: 1,
+                min_idle: None,
+                test_on_check_out: false,
+                max_lifetime: None,
+                idle_timeout: None,
+                connection_timeout: Duration::from_secs(5),
+            },
+        );
+        pool.wait_for_initial_connections(Duration::from_secs(5))
+            .expect("initial connection");
+        drop(pool.get_timeout(Duration::from_secs(1)).expect("checkout"));
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            manager.0.load(Ordering::SeqCst),
+            1,
+            "a connection was replaced"
+        );
+        let state = pool.shared.lock();
+        assert!(state.idle.iter().all(|idle| idle.since.is_none()));
+    }
+}

@@ -1,0 +1,247 @@
+//! The building process's pool keeps r2d2's promises: `build` waits for `min_idle` connections
+//! opened on the configured thread pool and fails with r2d2's error; a checkout or a broken
+//! connection that leaves fewer than `min_idle` idle opens more in the background; an event
+//! handler hears what r2d2 would tell it. Where it can, each test runs the same steps on a
+//! plain `r2d2::Pool` and expects the same result. No fork here.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use r2d2::event::{AcquireEvent, CheckinEvent, CheckoutEvent, ReleaseEvent, TimeoutEvent};
+use scheduled_thread_pool::ScheduledThreadPool;
+
+/// Connections are numbers; records the thread each was opened on, and can be told to fail
+/// or to report connections broken.
+#[derive(Clone, Debug, Default)]
+struct RecordingManager(Arc<Records>);
+
+#[derive(Debug, Default)]
+struct Records {
+    opened: AtomicU32,
+    threads: Mutex<Vec<String>>,
+    refuse: AtomicBool,
+    broken: AtomicBool,
+}
+
+impl std::ops::Deref for RecordingManager {
+    type Target = Records;
+
+    fn deref(&self) -> &Records {
+        &self.0
+    }
+}
+
+impl r2d2::ManageConnection for RecordingManager {
+    type Connection = u32;
+    type Error = std::io::Error;
+
+    fn connect(&self) -> Result<u32, std::io::Error> {
+        if self.refuse.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("no server here"));
+        }
+        let name = std::thread::current().name().unwrap_or("").to_owned();
+        self.threads.lock().unwrap().push(name);
+        Ok(self.opened.fetch_add(1, Ordering::SeqCst))
+    }
+
+    fn is_valid(&self, _: &mut u32) -> Result<(), std::io::Error> {
+        Ok(())
+    }
+
+    fn has_broken(&self, _: &mut u32) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+}
+
+/// Polls `condition` for up to five seconds.
+fn eventually(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !condition() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn build_waits_for_min_idle_connections_opened_on_the_thread_pool() {
+    let manager = RecordingManager::default();
+    let threads = Arc::new(
+        ScheduledThreadPool::builder()
+            .num_threads(2)
+            .thread_name_pattern("settings-test-{}")
+            .build(),
+    );
+    let pool = forksafe_pool::Pool::builder()
+        .max_size(5)
+        .min_idle(Some(3))
+        .thread_pool(threads)
+        .build(manager.clone())
+        .expect("build");
+    assert_eq!(
+        pool.state().connections,
+        3,
+        "build returned before min_idle"
+    );
+    let names = manager.threads.lock().unwrap().clone();
+    assert!(
+        names.iter().all(|name| name.starts_with("settings-test-")),
+        "connections opened elsewhere than on the given thread pool: {names:?}"
+    );
+}
+
+#[test]
+fn build_fails_with_r2d2s_error_when_nothing_connects() {
+    let manager = RecordingManager::default();
+    manager.refuse.store(true, Ordering::SeqCst);
+    let timeout = Duration::from_millis(300);
+    let ours = forksafe_pool::Pool::builder()
+        .connection_timeout(timeout)
+        .build(manager.clone())
+        .expect_err("built without a connection");
+    let theirs = r2d2::Pool::builder()
+        .connection_timeout(timeout)
+        .build(manager.clone())
+        .expect_err("r2d2 built without a connection");
+    assert_eq!(ours.to_string(), theirs.to_string());
+    assert_eq!(
+        ours.to_string(),
+        "timed out waiting for connection: no server here"
+    );
+}
+
+#[test]
+fn get_after_the_server_comes_back_connects_again() {
+    let manager = RecordingManager::default();
+    let pool = forksafe_pool::Pool::builder()
+        .max_size(1)
+        .connection_timeout(Duration::from_millis(300))
+        .build_unchecked(manager.clone());
+    manager.refuse.store(true, Ordering::SeqCst);
+    pool.release_idle();
+    let error = pool.get().expect_err("connected to a refusing server");
+    assert!(
+        error
+            .to_string()
+            .starts_with("timed out waiting for connection"),
+        "{error}"
+    );
+    manager.refuse.store(false, Ordering::SeqCst);
+    pool.get_timeout(Duration::from_secs(5))
+        .expect("no connection once the server is back");
+}
+
+/// Checking out below `min_idle`, and closing broken connections, make the pool open more
+/// in the background; the same steps on r2d2 end with the same counts.
+#[test]
+fn min_idle_is_kept_up_in_the_background_like_r2d2() {
+    fn steps(
+        get: &dyn Fn() -> Box<dyn std::any::Any>,
+        state: &dyn Fn() -> r2d2::State,
+        manager: &RecordingManager,
+    ) -> Vec<(u32, u32)> {
+        let mut seen = vec![(state().connections, state().idle_connections)];
+        let held = get();
+        eventually("a connection opened to keep one idle", || {
+            state().idle_connections == 1
+        });
+        seen.push((state().connections, state().idle_connections));
+        manager.broken.store(true, Ordering::SeqCst);
+        drop(held);
+        manager.broken.store(false, Ordering::SeqCst);
+        eventually("the broken connection closed", || state().connections == 1);
+        seen.push((state().connections, state().idle_connections));
+        seen
+    }
+    let ours_manager = RecordingManager::default();
+    let ours = forksafe_pool::Pool::builder()
+        .max_size(4)
+        .min_idle(Some(1))
+        .build(ours_manager.clone())
+        .expect("build");
+    let theirs_manager = RecordingManager::default();
+    let theirs = r2d2::Pool::builder()
+        .max_size(4)
+        .min_idle(Some(1))
+        .build(theirs_manager.clone())
+        .expect("r2d2 build");
+    let ours_seen = steps(
+        &|| Box::new(ours.get().expect("get")),
+        &|| ours.state(),
+        &ours_manager,
+    );
+    let theirs_seen = steps(
+        &|| Box::new(theirs.get().expect("r2d2 get")),
+        &|| theirs.state(),
+        &theirs_manager,
+    );
+    assert_eq!(ours_seen, theirs_seen);
+    assert_eq!(ours_seen, vec![(1, 1), (2, 1), (1, 1)]);
+}
+
+#[derive(Debug, Default)]
+struct CountingHandler {
+    acquires: AtomicU32,
+    checkouts: AtomicU32,
+    checkins: AtomicU32,
+    timeouts: AtomicU32,
+}
+
+impl r2d2::HandleEvent for CountingHandler {
+    fn handle_acquire(&self, _: AcquireEvent) {
+        self.acquires.fetch_add(1, Ordering::SeqCst);
+    }
+    fn handle_release(&self, _: ReleaseEvent) {}
+    fn handle_checkout(&self, _: CheckoutEvent) {
+        self.checkouts.fetch_add(1, Ordering::SeqCst);
+    }
+    fn handle_timeout(&self, _: TimeoutEvent) {
+        self.timeouts.fetch_add(1, Ordering::SeqCst);
+    }
+    fn handle_checkin(&self, _: CheckinEvent) {
+        self.checkins.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Debug)]
+struct SharedHandler(Arc<CountingHandler>);
+
+impl r2d2::HandleEvent for SharedHandler {
+    fn handle_acquire(&self, event: AcquireEvent) {
+        self.0.handle_acquire(event);
+    }
+    fn handle_checkout(&self, event: CheckoutEvent) {
+        self.0.handle_checkout(event);
+    }
+    fn handle_timeout(&self, event: TimeoutEvent) {
+        self.0.handle_timeout(event);
+    }
+    fn handle_checkin(&self, event: CheckinEvent) {
+        self.0.handle_checkin(event);
+    }
+}
+
+#[test]
+fn an_event_handler_hears_every_acquire_checkout_checkin_and_timeout() {
+    let events = Arc::new(CountingHandler::default());
+    let pool = forksafe_pool::Pool::builder()
+        .max_size(2)
+        .event_handler(Box::new(SharedHandler(Arc::clone(&events))))
+        .build(RecordingManager::default())
+        .expect("build");
+    let first = pool.get().expect("get");
+    let second = pool.get().expect("get");
+    assert!(pool.get_timeout(Duration::from_millis(10)).is_err());
+    drop((first, second));
+    let counts = [
+        events.acquires.load(Ordering::SeqCst),
+        events.checkouts.load(Ordering::SeqCst),
+        events.checkins.load(Ordering::SeqCst),
+        events.timeouts.load(Ordering::SeqCst),
+    ];
+    assert_eq!(
+        counts,
+        [2, 2, 2, 1],
+        "acquires, checkouts, checkins, timeouts"
+    );
+}
