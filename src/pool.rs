@@ -1,10 +1,11 @@
-//! The pool: an r2d2 pool per process, rebuilt lock-free in a forked child.
+//! The pool: an inner pool per process, rebuilt lock-free in a forked child.
 //!
-//! A [`Pool`] points at one *generation*: an r2d2 pool built in one process (its epoch). The
-//! process that built a generation uses it exactly like r2d2. A forked child finds a generation
-//! from another epoch and, on first use, builds a new one from the saved configuration and
-//! swaps it in. The inherited generation is never touched again — not its r2d2 mutex, not its
-//! thread pool, not its connections — and never dropped: dropping would run the drivers'
+//! A [`Pool`] points at one *generation*: an inner pool built in one process (its epoch) —
+//! this crate's own (`std_pool`), or r2d2's for a pool with an event handler in the process
+//! that built it. A forked child finds a generation from another epoch and, on first use,
+//! builds a new one from the saved configuration and swaps it in. The inherited generation is
+//! never touched again — not its mutex, not its thread pool, not its connections — and never
+//! dropped: dropping would run the drivers'
 //! goodbyes on sockets the parent still uses, and the parent's locks may be frozen mid-use.
 //! Its sockets are pointed at `/dev/null` instead (see `descriptors`).
 
@@ -113,7 +114,7 @@ impl<M: ManageConnection> Pool<M> {
         manager: M,
         wait: bool,
     ) -> Result<Pool<M>, r2d2::Error> {
-        // r2d2's default, three threads, made here once so that every r2d2 generation of this
+        // r2d2's default, three threads, made here once so that every generation of this
         // process shares it: one retired by `release_idle` then adds no threads.
         if config.thread_pool.is_none() {
             config.thread_pool = Some(Arc::new(fresh_thread_pool()));
@@ -317,10 +318,10 @@ impl<M: ManageConnection> Pool<M> {
     /// How: this process's inner pool (its *generation*) is retired, and the next use builds a
     /// new one. A retired generation opens no connection and closes every connection that
     /// comes back to it. It stays allocated until the `Pool` is dropped, because another thread
-    /// may be using it at that instant; in the process that built the `Pool` it is an r2d2
-    /// pool, whose worker threads (shared by every generation of the pool) keep making
-    /// connection attempts for it, backing off to one per missing connection every
-    /// `connection_timeout / 2`, which it refuses. Calling `release_idle` again before the pool is used retires nothing.
+    /// may be using it at that instant; it starts no connection attempt of its own (an r2d2
+    /// generation, that of a pool with an event handler, has its worker threads keep trying,
+    /// backing off to one attempt per missing connection every `connection_timeout / 2`, which
+    /// it refuses). Calling `release_idle` again before the pool is used retires nothing.
     /// A thread that was waiting in `get` on the retired generation waits out its timeout and
     /// then tries the new one. In a forked child of a pool built with
     /// [`OnFork::Fail`](crate::OnFork::Fail) it does nothing and returns 0.

@@ -12,7 +12,7 @@
 //! succeeds; this pool retries (with r2d2's back-off) when the next `get` or checkout needs a
 //! connection. It is also cheaper than r2d2 per checkout: it reads the clock only when a
 //! setting needs the time (r2d2 reads it four times per checkout and return, for its events,
-//! whether or not anyone listens), and takes no lock of parking_lot's global table.
+//! whether or not anyone listens).
 //!
 //! Why not a fresh r2d2 pool in a forked child? r2d2 keeps its state behind parking_lot 0.12
 //! and runs on a scheduled-thread-pool (parking_lot 0.13). Both parking_lots keep a
