@@ -245,3 +245,98 @@ fn an_event_handler_hears_every_acquire_checkout_checkin_and_timeout() {
         "acquires, checkouts, checkins, timeouts"
     );
 }
+
+/// A connection that counts itself among the live ones until dropped.
+#[derive(Debug)]
+struct Live(Arc<AtomicU32>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Connects in a millisecond, fails every third connect, and reports every fifth returned
+/// connection broken.
+#[derive(Clone, Debug, Default)]
+struct FlakyManager {
+    live: Arc<AtomicU32>,
+    connects: Arc<AtomicU32>,
+    returns: Arc<AtomicU32>,
+}
+
+impl r2d2::ManageConnection for FlakyManager {
+    type Connection = Live;
+    type Error = std::io::Error;
+
+    fn connect(&self) -> Result<Live, std::io::Error> {
+        std::thread::sleep(Duration::from_millis(1));
+        if self.connects.fetch_add(1, Ordering::SeqCst) % 3 == 2 {
+            return Err(std::io::Error::other("flaky server"));
+        }
+        self.live.fetch_add(1, Ordering::SeqCst);
+        Ok(Live(Arc::clone(&self.live)))
+    }
+
+    fn is_valid(&self, _: &mut Live) -> Result<(), std::io::Error> {
+        Ok(())
+    }
+
+    fn has_broken(&self, _: &mut Live) -> bool {
+        self.returns.fetch_add(1, Ordering::SeqCst) % 5 == 4
+    }
+}
+
+/// Eight threads fight over two connections while connects fail and returns break: nothing
+/// hangs, the pool never holds more than `max_size`, every connection it counts is alive and
+/// every one it closed is gone, and it serves again once things calm down.
+#[test]
+fn a_small_flaky_pool_under_contention_keeps_its_counts() {
+    let manager = FlakyManager::default();
+    let pool = forksafe_pool::Pool::builder()
+        .max_size(2)
+        .min_idle(Some(1))
+        .connection_timeout(Duration::from_secs(2))
+        .build_unchecked(manager.clone());
+    let (done, finished) = std::sync::mpsc::channel();
+    for _ in 0..8 {
+        let pool = pool.clone();
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let (mut served, mut timed_out) = (0, 0);
+            for _ in 0..300 {
+                match pool.get_timeout(Duration::from_millis(50)) {
+                    Ok(conn) => {
+                        served += 1;
+                        std::hint::black_box(&*conn);
+                    }
+                    Err(_) => timed_out += 1,
+                }
+                let state = pool.state();
+                assert!(state.connections <= 2, "{state:?}");
+            }
+            done.send((served, timed_out)).expect("report");
+        });
+    }
+    let mut served = 0;
+    for _ in 0..8 {
+        let (ok, _) = finished
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a thread hung in get_timeout");
+        served += ok;
+    }
+    eprintln!("served {served} of 2400");
+    assert!(served > 0, "nothing was ever served");
+    // Quiet now: what the pool counts open is exactly what is alive, once attempts settle.
+    eventually("the pool's count matches the live connections", || {
+        pool.state().connections == manager.live.load(Ordering::SeqCst)
+    });
+    drop(
+        pool.get_timeout(Duration::from_secs(5))
+            .expect("no connection afterwards"),
+    );
+    drop(pool);
+    eventually("every connection closed with the pool", || {
+        manager.live.load(Ordering::SeqCst) == 0
+    });
+}
