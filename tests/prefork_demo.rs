@@ -129,3 +129,29 @@ fn forksafe_and_lazy_with_huge_page_state() {
     assert_served_everything(&report, "forksafe");
     assert_served_everything(&report, "lazy");
 }
+
+#[test]
+fn two_rounds_report_totals_and_medians() {
+    let report = run_demo(&["--modes", "forksafe,lazy", "--rounds", "2"]);
+    assert_eq!(report["rounds"], 2);
+    for name in ["forksafe", "lazy"] {
+        let combined = mode(&report, name);
+        assert_eq!(combined["requests_ok"], 2 * REQUESTS, "{name}: {combined}");
+        assert_eq!(combined["failed"], 0, "{name}: {combined}");
+        assert_eq!(combined["wrong_answers"], 0, "{name}: {combined}");
+        let rounds = report["each_round"]
+            .as_array()
+            .and_then(|modes| modes.iter().find(|rounds| rounds[0]["mode"] == name))
+            .and_then(Value::as_array)
+            .unwrap_or_else(|| panic!("{name}: no rounds in {report}"));
+        assert_eq!(rounds.len(), 2, "{name}: {rounds:?}");
+        // The median of two is their mean.
+        let mean = rounds
+            .iter()
+            .map(|round| round["req_per_s"].as_f64().expect("req/s"))
+            .sum::<f64>()
+            / 2.0;
+        let median = combined["req_per_s"].as_f64().expect("req/s");
+        assert!((median - mean).abs() < 1e-6, "{name}: {median} vs {mean}");
+    }
+}

@@ -51,6 +51,8 @@ OPTIONS (demo):
   --timeout-ms N        per-request timeout [2000]
   --load-time-limit-s N stop sending after this long; the rest count as failed [15]
   --hang-after-ms N     a worker still busy on one request this long after the load is hung [2000]
+  --rounds N            run every mode N times, alternating their order, and report the
+                        median of each figure and the total of each count [1]
   --json PATH           write the figures as JSON
   --plot PATH           draw the figures as an SVG chart
   --server-log PATH     keep the servers' standard error there [a temporary file]
@@ -200,11 +202,12 @@ fn demo(mut args: Args) {
             .take("--server-log")
             .map_or_else(|| temp.path().join("server-stderr.log"), PathBuf::from),
     };
+    let rounds: usize = args.number("--rounds", 1);
     let json_path = args.take("--json").map(PathBuf::from);
     let plot_path = args.take("--plot").map(PathBuf::from);
     args.finish();
-    if config.workers == 0 || config.clients == 0 {
-        fail("--workers and --clients must be at least 1");
+    if config.workers == 0 || config.clients == 0 || rounds == 0 {
+        fail("--workers, --clients and --rounds must be at least 1");
     }
 
     // Workers whose master died are reparented here, so this process reaps every descendant.
@@ -219,11 +222,16 @@ fn demo(mut args: Args) {
     }
     let machine = machine();
     println!(
-        "prefork_demo: {} workers, {} MiB of application state ({}), {} requests per mode over {} keep-alive connections, database: {}",
+        "prefork_demo: {} workers, {} MiB of application state ({}), {} requests per mode{} over {} keep-alive connections, database: {}",
         config.workers,
         config.table_mib,
         config.state_memory.name(),
         config.requests,
+        if rounds > 1 {
+            format!(" in each of {rounds} rounds (figures: medians; counts: totals)")
+        } else {
+            String::new()
+        },
         config.clients,
         config.database.describe()
     );
@@ -238,17 +246,27 @@ fn demo(mut args: Args) {
         ProgressStyle::with_template("{prefix:>9} [{bar:32}] {pos}/{len} {msg} ({elapsed})")
             .expect("valid template")
             .progress_chars("=> ");
-    let mut results: Vec<ModeResult> = Vec::new();
-    for (index, &mode) in modes.iter().enumerate() {
-        let bar = ProgressBar::new(config.requests)
-            .with_style(style.clone())
-            .with_prefix(mode.name());
-        bar.enable_steady_tick(Duration::from_millis(200));
-        let result = driver::run_mode(mode, index as u64, &config, &bar);
-        bar.finish_and_clear();
-        results.push(result);
+    // Every round runs every mode, in the opposite order to the round before, so that neither
+    // always runs first on a machine still busy with the other's aftermath.
+    let mut runs: Vec<Vec<ModeResult>> = vec![Vec::new(); modes.len()];
+    for round in 0..rounds {
+        let mut order: Vec<usize> = (0..modes.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for at in order {
+            let mode = modes[at];
+            let bar = ProgressBar::new(config.requests)
+                .with_style(style.clone())
+                .with_prefix(mode.name());
+            bar.enable_steady_tick(Duration::from_millis(200));
+            let index = (round * modes.len() + at) as u64;
+            runs[at].push(driver::run_mode(mode, index, &config, &bar));
+            bar.finish_and_clear();
+        }
     }
     driver::reap_orphans(Duration::from_secs(1));
+    let mut results: Vec<ModeResult> = runs.iter().map(|runs| report::combine(runs)).collect();
     let lazy_pss = results
         .iter()
         .find(|result| result.mode == "lazy" && result.server_error.is_none())
@@ -269,7 +287,7 @@ fn demo(mut args: Args) {
         println!("\n{ratios}");
     }
     if let Some(path) = json_path {
-        let document = report::json(&results, &config, &machine);
+        let document = report::json(&results, &runs, &config, &machine);
         let text = serde_json::to_string_pretty(&document).expect("JSON of plain values");
         match std::fs::write(&path, text + "\n") {
             Ok(()) => println!("wrote {}", path.display()),

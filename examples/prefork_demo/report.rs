@@ -107,7 +107,64 @@ pub fn ratios(results: &[ModeResult]) -> String {
 }
 
 /// The JSON document: the run's settings, and one object per mode under `"modes"`.
-pub fn json(results: &[ModeResult], config: &RunConfig, machine: &Value) -> Value {
+/// One mode's rounds as one result: the median of every figure, the total of every count, the
+/// most hung workers and the fewest serving at start any round saw. One round is itself.
+pub fn combine(rounds: &[ModeResult]) -> ModeResult {
+    if let [only] = rounds {
+        return only.clone();
+    }
+    let median = |value: fn(&ModeResult) -> Option<f64>| {
+        let mut values: Vec<f64> = rounds.iter().filter_map(value).collect();
+        values.sort_by(f64::total_cmp);
+        match values.len() {
+            0 => None,
+            n if n % 2 == 1 => Some(values[n / 2]),
+            n => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+        }
+    };
+    let mut errors: Vec<(String, u64)> = Vec::new();
+    for (message, count) in rounds.iter().flat_map(|round| &round.errors) {
+        match errors.iter_mut().find(|(seen, _)| seen == message) {
+            Some((_, total)) => *total += count,
+            None => errors.push((message.clone(), *count)),
+        }
+    }
+    errors.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
+    ModeResult {
+        mode: rounds[0].mode,
+        workers: rounds[0].workers,
+        requests_ok: rounds.iter().map(|round| round.requests_ok).sum(),
+        failed: rounds.iter().map(|round| round.failed).sum(),
+        not_sent: rounds.iter().map(|round| round.not_sent).sum(),
+        wrong_answers: rounds.iter().map(|round| round.wrong_answers).sum(),
+        hung_workers: rounds
+            .iter()
+            .map(|round| round.hung_workers)
+            .max()
+            .unwrap_or(0),
+        req_per_s: median(|round| Some(round.req_per_s)).unwrap_or(0.0),
+        p99_latency_ms: median(|round| Some(round.p99_latency_ms)).unwrap_or(0.0),
+        cpu_seconds_starting: median(|round| Some(round.cpu_seconds_starting)).unwrap_or(0.0),
+        workers_serving_at_start: rounds
+            .iter()
+            .map(|round| round.workers_serving_at_start)
+            .min()
+            .unwrap_or(0),
+        respawn_time_ms: median(|round| round.respawn_time_ms),
+        respawn_forked_ms: median(|round| round.respawn_forked_ms),
+        total_pss_mib: median(|round| Some(round.total_pss_mib)).unwrap_or(0.0),
+        pss_ratio_to_lazy: None,
+        errors,
+        server_error: rounds.iter().find_map(|round| round.server_error.clone()),
+    }
+}
+
+pub fn json(
+    results: &[ModeResult],
+    runs: &[Vec<ModeResult>],
+    config: &RunConfig,
+    machine: &Value,
+) -> Value {
     let modes: Vec<Value> = results
         .iter()
         .map(|result| {
@@ -141,7 +198,25 @@ pub fn json(results: &[ModeResult], config: &RunConfig, machine: &Value) -> Valu
         "clients": config.clients,
         "request_timeout_ms": config.request_timeout.as_millis() as u64,
         "machine": machine,
+        "rounds": runs.first().map_or(0, Vec::len),
         "modes": modes,
+        "each_round": runs
+            .iter()
+            .map(|rounds| {
+                rounds
+                    .iter()
+                    .map(|round| {
+                        json!({
+                            "mode": round.mode,
+                            "req_per_s": round.req_per_s,
+                            "cpu_seconds_starting": round.cpu_seconds_starting,
+                            "respawn_time_ms": round.respawn_time_ms,
+                            "total_pss_mib": round.total_pss_mib,
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>(),
     })
 }
 
