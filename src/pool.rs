@@ -491,7 +491,10 @@ impl<M: ManageConnection> Generation<M> {
                 if config.event_handler.is_some() {
                     return Generation::build_r2d2(config, manager, descriptors, retired, wait);
                 }
-                Connector::ThreadPool(Arc::clone(threads), REAPER_RATE)
+                Connector::ThreadPool {
+                    threads: Arc::clone(threads),
+                    reaper_rate: REAPER_RATE,
+                }
             }
             _ => Connector::Detached,
         };

@@ -68,8 +68,11 @@ pub(crate) struct StdPool<M: ManageConnection> {
 /// Where a pool opens its connections.
 pub(crate) enum Connector {
     /// The process that built the `Pool`: on its scheduled thread pool, like r2d2, which also
-    /// keeps `min_idle` up and reaps stale connections at the given rate.
-    ThreadPool(Arc<ScheduledThreadPool>, Duration),
+    /// keeps `min_idle` up and reaps stale connections every `reaper_rate`.
+    ThreadPool {
+        threads: Arc<ScheduledThreadPool>,
+        reaper_rate: Duration,
+    },
     /// A forked child: each attempt on a short-lived thread of its own (see the module docs).
     Detached,
 }
@@ -89,7 +92,8 @@ struct State<M: ManageConnection> {
     idle: Vec<Idle<M>>,
     /// Open connections, idle or checked out.
     open: u32,
-    /// Connection attempts running (each on the thread of a `get` that needed one).
+    /// Connection attempts running, on threads of their own (or on the thread of a `get` that
+    /// could have none).
     connecting: u32,
     /// `get` calls waiting on `changed`: with none, nobody is woken (std's `notify_*` always
     /// makes a futex system call, which would double the cost of every checkin).
@@ -402,7 +406,7 @@ impl<M: ManageConnection> Shared<M> {
     /// being opened, within `max_size`, as r2d2 does after every checkout and close; none
     /// before a failure's back-off has passed, none for a retired generation.
     fn replenish(self: &Arc<Self>, state: &mut State<M>) {
-        let Connector::ThreadPool(threads, _) = &self.connector else {
+        let Connector::ThreadPool { threads, .. } = &self.connector else {
             return;
         };
         let wanted = self.min_idle();
@@ -422,7 +426,7 @@ impl<M: ManageConnection> Shared<M> {
     fn start_attempt(self: &Arc<Self>) -> bool {
         let shared = Arc::clone(self);
         match &self.connector {
-            Connector::ThreadPool(threads, _) => {
+            Connector::ThreadPool { threads, .. } => {
                 threads.execute(move || shared.connect_into_idle());
                 true
             }
@@ -435,14 +439,18 @@ impl<M: ManageConnection> Shared<M> {
     /// In the building process, closes idle connections past `idle_timeout` or
     /// `max_lifetime` every `REAPER_RATE`, like r2d2's reaper, until the pool is dropped.
     fn start_reaper(self: &Arc<Self>) {
-        let Connector::ThreadPool(threads, rate) = &self.connector else {
+        let Connector::ThreadPool {
+            threads,
+            reaper_rate,
+        } = &self.connector
+        else {
             return;
         };
         if !self.ages() {
             return;
         }
         let pool = Arc::downgrade(self);
-        let rate = *rate;
+        let rate = *reaper_rate;
         threads.execute_at_dynamic_rate(rate, move || {
             Weak::upgrade(&pool)?.reap();
             Some(rate)
@@ -696,10 +704,10 @@ mod tests {
         StdPool::new(
             manager,
             settings,
-            Connector::ThreadPool(
-                Arc::new(ScheduledThreadPool::new(1)),
-                Duration::from_millis(20),
-            ),
+            Connector::ThreadPool {
+                threads: Arc::new(ScheduledThreadPool::new(1)),
+                reaper_rate: Duration::from_millis(20),
+            },
             Box::new(ErrorHandlerAdapter(Arc::new(r2d2::NopErrorHandler))),
             Box::new(CustomizerAdapter(Arc::new(r2d2::NopConnectionCustomizer))),
         )
