@@ -136,6 +136,77 @@ fn inherited_idle_connections_are_discarded_never_used() -> Check {
     check_parent_intact(&warm)
 }
 
+/// Counts the checkouts r2d2 reports.
+#[derive(Debug, Default)]
+struct CountCheckouts(std::sync::atomic::AtomicUsize);
+
+impl forksafe_pool::HandleEvent for CountCheckouts {
+    fn handle_checkout(&self, _: r2d2::event::CheckoutEvent) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Forwards to a shared counter, so the test can read it after handing the handler over.
+#[derive(Debug)]
+struct SharedCount(std::sync::Arc<CountCheckouts>);
+
+impl forksafe_pool::HandleEvent for SharedCount {
+    fn handle_checkout(&self, event: r2d2::event::CheckoutEvent) {
+        self.0.handle_checkout(event);
+    }
+}
+
+/// A pool with an event handler runs on r2d2 in the building process (only r2d2 makes its
+/// events): across a fork it behaves like any other pool, and the parent keeps hearing events.
+fn a_pool_with_an_event_handler_crosses_fork() -> Check {
+    let server = FakeServer::start();
+    let events = std::sync::Arc::new(CountCheckouts::default());
+    let pool = Pool::builder()
+        .max_size(POOL_SIZE)
+        .min_idle(Some(POOL_SIZE))
+        .connection_timeout(Duration::from_secs(5))
+        .descriptor_locator(|conn: &mut support::FakeConnection| Some(vec![conn.fd()]))
+        .event_handler(Box::new(SharedCount(std::sync::Arc::clone(&events))))
+        .build(server.manager())
+        .map_err(|error| format!("build: {error}"))?;
+    let (server_ids, fds) = warm_connections(&pool, POOL_SIZE)?;
+    let heard_before = events.0.load(std::sync::atomic::Ordering::SeqCst);
+    ensure!(
+        heard_before == POOL_SIZE as usize,
+        "{heard_before} checkout events for {POOL_SIZE} checkouts"
+    );
+    let warm = Warm {
+        server,
+        pool,
+        server_ids,
+        fds,
+    };
+    let end = run_child(DEADLINE, || {
+        child_result((|| {
+            use_pool_in_child(&warm.pool, 20)?;
+            let stats = warm.pool.fork_stats();
+            ensure!(
+                stats.connections_discarded == POOL_SIZE as u64,
+                "discarded {}",
+                stats.connections_discarded
+            );
+            for fd in &warm.fds {
+                ensure!(points_at_dev_null(*fd), "inherited fd {fd} still open");
+            }
+            Ok(())
+        })())
+    });
+    expect_exit("child", end, 0)?;
+    check_parent_intact(&warm)?;
+    let heard = events.0.load(std::sync::atomic::Ordering::SeqCst);
+    ensure!(
+        heard == heard_before + POOL_SIZE as usize,
+        "the parent heard {heard} checkout events, expected {}",
+        heard_before + POOL_SIZE as usize
+    );
+    Ok(())
+}
+
 fn parent_survives_every_way_a_child_ends() -> Check {
     let warm = warm_pool()?;
     let ways: [Ending; 5] = [
@@ -694,10 +765,14 @@ fn pool_get_fails_in_time(pool: &Pool<LockingDriver>) -> bool {
 }
 
 fn main() {
-    let cases: [Case; 14] = [
+    let cases: [Case; 15] = [
         (
             "inherited_idle_connections_are_discarded_never_used",
             inherited_idle_connections_are_discarded_never_used,
+        ),
+        (
+            "a_pool_with_an_event_handler_crosses_fork",
+            a_pool_with_an_event_handler_crosses_fork,
         ),
         (
             "parent_survives_every_way_a_child_ends",
