@@ -49,6 +49,14 @@ pub(crate) struct Settings {
     pub(crate) connection_timeout: Duration,
 }
 
+impl Settings {
+    /// The connections a pool keeps idle, as r2d2 reads `min_idle`: all `max_size` when it is
+    /// `None`.
+    pub(crate) fn min_idle_or_max_size(&self) -> u32 {
+        self.min_idle.unwrap_or(self.max_size)
+    }
+}
+
 /// Everything needed to build — and, in a forked child, rebuild — the inner pool.
 pub(crate) struct Config<M: ManageConnection> {
     pub(crate) settings: Settings,

@@ -271,7 +271,7 @@ impl<M: ManageConnection> Pool<M> {
             return Err(r2d2_error(refusal.clone()));
         }
         let config = &self.shared.config;
-        let wanted = config.settings.min_idle.unwrap_or(config.settings.max_size);
+        let wanted = config.settings.min_idle_or_max_size();
         let deadline = Instant::now() + config.settings.connection_timeout;
         if let AnyPool::Std(pool) = &generation.pool {
             // Faster than waiting for the background (which a forked child's pool lacks).
@@ -486,16 +486,14 @@ impl<M: ManageConnection> Generation<M> {
                 refusal,
             });
         }
+        if !in_forked_child && config.event_handler.is_some() {
+            return Generation::build_r2d2(config, manager, descriptors, retired, wait);
+        }
         let connector = match &config.thread_pool {
-            Some(threads) if !in_forked_child => {
-                if config.event_handler.is_some() {
-                    return Generation::build_r2d2(config, manager, descriptors, retired, wait);
-                }
-                Connector::ThreadPool {
-                    threads: Arc::clone(threads),
-                    reaper_rate: REAPER_RATE,
-                }
-            }
+            Some(threads) if !in_forked_child => Connector::ThreadPool {
+                threads: Arc::clone(threads),
+                reaper_rate: REAPER_RATE,
+            },
             _ => Connector::Detached,
         };
         let pool = StdPool::new(

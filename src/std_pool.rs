@@ -182,7 +182,7 @@ impl<M: ManageConnection> StdPool<M> {
         timeout: Duration,
     ) -> Result<(), r2d2::Error> {
         let shared = &self.shared;
-        let wanted = shared.min_idle();
+        let wanted = shared.settings.min_idle_or_max_size();
         let deadline = Instant::now() + timeout;
         let mut state = shared.lock();
         loop {
@@ -194,11 +194,7 @@ impl<M: ManageConnection> StdPool<M> {
             if now >= deadline {
                 return Err(r2d2_error(state.last_error.take()));
             }
-            let wake = match state.retry_at {
-                Some(at) if at > now && state.connecting == 0 => at.min(deadline),
-                _ => deadline,
-            };
-            state = shared.wait(state, wake - now);
+            state = shared.wait_until(state, now, deadline);
         }
     }
 
@@ -217,7 +213,7 @@ impl<M: ManageConnection> StdPool<M> {
     /// background.
     pub(crate) fn open_until(&self, deadline: Instant) {
         let shared = &self.shared;
-        let wanted = shared.min_idle();
+        let wanted = shared.settings.min_idle_or_max_size();
         loop {
             let mut state = shared.lock();
             let now = Instant::now();
@@ -259,29 +255,34 @@ impl<M: ManageConnection> Shared<M> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits on `changed` for at most `timeout`, counted as a waiter (see `wake`).
-    fn wait<'a>(
+    /// Waits on `changed`, counted as a waiter (see `wake`), until `deadline` — or, when a
+    /// failure's back-off ends sooner and no attempt is running to wake us, until then, so that
+    /// the caller can start the next attempt.
+    fn wait_until<'a>(
         &'a self,
         mut state: MutexGuard<'a, State<M>>,
-        timeout: Duration,
+        now: Instant,
+        deadline: Instant,
     ) -> MutexGuard<'a, State<M>> {
+        let wake = match state.retry_at {
+            Some(at) if at > now && state.connecting == 0 => at.min(deadline),
+            _ => deadline,
+        };
         state.waiters += 1;
         let mut state = self
             .changed
-            .wait_timeout(state, timeout)
+            .wait_timeout(state, wake - now)
             .unwrap_or_else(PoisonError::into_inner)
             .0;
         state.waiters -= 1;
         state
     }
 
-    /// `min_idle`, or `max_size` when it is `None`, as r2d2 reads it.
-    fn min_idle(&self) -> u32 {
-        let settings = &self.settings;
-        settings
-            .min_idle
-            .unwrap_or(settings.max_size)
-            .min(settings.max_size)
+    /// `count` open connections leave the pool, to be closed: they no longer count, and in the
+    /// building process others are started to keep `min_idle`, as r2d2 does after every close.
+    fn closing(self: &Arc<Self>, state: &mut State<M>, count: u32) {
+        state.open -= count;
+        self.replenish(state);
     }
 
     /// Whether a connection's age matters: only then is the clock read on checkout and
@@ -347,11 +348,7 @@ impl<M: ManageConnection> Shared<M> {
                 });
                 return Err(r2d2_error(message));
             } else {
-                let wake = match state.retry_at {
-                    Some(at) if at > now && state.connecting == 0 => at.min(deadline),
-                    _ => deadline,
-                };
-                state = self.wait(state, wake - now);
+                state = self.wait_until(state, now, deadline);
             }
             match self.take_idle(state) {
                 Ok(lease) => return Ok(lease),
@@ -371,8 +368,7 @@ impl<M: ManageConnection> Shared<M> {
                 return Err(state);
             };
             if self.ages() && self.is_stale(&idle, Instant::now()) {
-                state.open -= 1;
-                self.replenish(&mut state);
+                self.closing(&mut state, 1);
                 drop(state);
                 self.close(idle.conn);
                 state = self.lock();
@@ -386,9 +382,8 @@ impl<M: ManageConnection> Shared<M> {
                     let message = error.to_string();
                     self.error_handler.handle_error(error);
                     let mut relocked = self.lock();
-                    relocked.open -= 1;
                     relocked.last_error = Some(message);
-                    self.replenish(&mut relocked);
+                    self.closing(&mut relocked, 1);
                     drop(relocked);
                     self.close(conn);
                     state = self.lock();
@@ -406,18 +401,18 @@ impl<M: ManageConnection> Shared<M> {
     /// being opened, within `max_size`, as r2d2 does after every checkout and close; none
     /// before a failure's back-off has passed, none for a retired generation.
     fn replenish(self: &Arc<Self>, state: &mut State<M>) {
-        let Connector::ThreadPool { threads, .. } = &self.connector else {
+        if !matches!(self.connector, Connector::ThreadPool { .. }) {
             return;
-        };
-        let wanted = self.min_idle();
+        }
+        let wanted = self.settings.min_idle_or_max_size();
         while state.idle.len() as u32 + state.connecting < wanted
             && state.open + state.connecting < self.settings.max_size
             && state.retry_at.is_none_or(|at| at <= Instant::now())
             && !self.manager.is_retired()
         {
             state.connecting += 1;
-            let shared = Arc::clone(self);
-            threads.execute(move || shared.connect_into_idle());
+            // Always started: a thread pool takes every job.
+            self.start_attempt();
         }
     }
 
@@ -464,8 +459,7 @@ impl<M: ManageConnection> Shared<M> {
             .into_iter()
             .partition(|idle| self.is_stale(idle, now));
         state.idle = fresh;
-        state.open -= stale.len() as u32;
-        self.replenish(&mut state);
+        self.closing(&mut state, stale.len() as u32);
         drop(state);
         for idle in stale {
             self.close(idle.conn);
@@ -554,8 +548,7 @@ impl<M: ManageConnection> Shared<M> {
                 .is_some_and(|(lifetime, now)| now - conn.birth >= lifetime);
         let mut state = self.lock();
         if broken {
-            state.open -= 1;
-            self.replenish(&mut state);
+            self.closing(&mut state, 1);
             self.wake_all(state);
             self.close(conn);
         } else {
