@@ -136,43 +136,23 @@ fn inherited_idle_connections_are_discarded_never_used() -> Check {
     check_parent_intact(&warm)
 }
 
-/// Counts the checkouts r2d2 reports.
-#[derive(Debug, Default)]
-struct CountCheckouts(std::sync::atomic::AtomicUsize);
-
-impl forksafe_pool::HandleEvent for CountCheckouts {
-    fn handle_checkout(&self, _: r2d2::event::CheckoutEvent) {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// Forwards to a shared counter, so the test can read it after handing the handler over.
-#[derive(Debug)]
-struct SharedCount(std::sync::Arc<CountCheckouts>);
-
-impl forksafe_pool::HandleEvent for SharedCount {
-    fn handle_checkout(&self, event: r2d2::event::CheckoutEvent) {
-        self.0.handle_checkout(event);
-    }
-}
-
 /// A pool with an event handler runs on r2d2 in the building process (only r2d2 makes its
 /// events): across a fork it behaves like any other pool, and the parent keeps hearing events.
 fn a_pool_with_an_event_handler_crosses_fork() -> Check {
     let server = FakeServer::start();
-    let events = std::sync::Arc::new(CountCheckouts::default());
+    let events = support::EventCounts::default();
     let pool = Pool::builder()
         .max_size(POOL_SIZE)
         .min_idle(Some(POOL_SIZE))
         .connection_timeout(Duration::from_secs(5))
         .descriptor_locator(|conn: &mut support::FakeConnection| Some(vec![conn.fd()]))
-        .event_handler(Box::new(SharedCount(std::sync::Arc::clone(&events))))
+        .event_handler(Box::new(events.clone()))
         .build(server.manager())
         .map_err(|error| format!("build: {error}"))?;
     let (server_ids, fds) = warm_connections(&pool, POOL_SIZE)?;
-    let heard_before = events.0.load(std::sync::atomic::Ordering::SeqCst);
+    let heard_before = events.checkouts();
     ensure!(
-        heard_before == POOL_SIZE as usize,
+        heard_before == u64::from(POOL_SIZE),
         "{heard_before} checkout events for {POOL_SIZE} checkouts"
     );
     let warm = Warm {
@@ -198,11 +178,11 @@ fn a_pool_with_an_event_handler_crosses_fork() -> Check {
     });
     expect_exit("child", end, 0)?;
     check_parent_intact(&warm)?;
-    let heard = events.0.load(std::sync::atomic::Ordering::SeqCst);
+    let heard = events.checkouts();
     ensure!(
-        heard == heard_before + POOL_SIZE as usize,
+        heard == heard_before + u64::from(POOL_SIZE),
         "the parent heard {heard} checkout events, expected {}",
-        heard_before + POOL_SIZE as usize
+        heard_before + u64::from(POOL_SIZE)
     );
     Ok(())
 }

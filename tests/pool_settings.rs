@@ -4,12 +4,14 @@
 //! handler hears what r2d2 would tell it. Where it can, each test runs the same steps on a
 //! plain `r2d2::Pool` and expects the same result. No fork here.
 
+mod support;
+
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use r2d2::event::{AcquireEvent, CheckinEvent, CheckoutEvent, ReleaseEvent, TimeoutEvent};
 use scheduled_thread_pool::ScheduledThreadPool;
+use support::EventCounts;
 
 /// Connections are numbers; records the thread each was opened on, and can be told to fail
 /// or to report connections broken.
@@ -179,68 +181,20 @@ fn min_idle_is_kept_up_in_the_background_like_r2d2() {
     assert_eq!(ours_seen, vec![(1, 1), (2, 1), (1, 1)]);
 }
 
-#[derive(Debug, Default)]
-struct CountingHandler {
-    acquires: AtomicU32,
-    checkouts: AtomicU32,
-    checkins: AtomicU32,
-    timeouts: AtomicU32,
-}
-
-impl r2d2::HandleEvent for CountingHandler {
-    fn handle_acquire(&self, _: AcquireEvent) {
-        self.acquires.fetch_add(1, Ordering::SeqCst);
-    }
-    fn handle_release(&self, _: ReleaseEvent) {}
-    fn handle_checkout(&self, _: CheckoutEvent) {
-        self.checkouts.fetch_add(1, Ordering::SeqCst);
-    }
-    fn handle_timeout(&self, _: TimeoutEvent) {
-        self.timeouts.fetch_add(1, Ordering::SeqCst);
-    }
-    fn handle_checkin(&self, _: CheckinEvent) {
-        self.checkins.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-#[derive(Debug)]
-struct SharedHandler(Arc<CountingHandler>);
-
-impl r2d2::HandleEvent for SharedHandler {
-    fn handle_acquire(&self, event: AcquireEvent) {
-        self.0.handle_acquire(event);
-    }
-    fn handle_checkout(&self, event: CheckoutEvent) {
-        self.0.handle_checkout(event);
-    }
-    fn handle_timeout(&self, event: TimeoutEvent) {
-        self.0.handle_timeout(event);
-    }
-    fn handle_checkin(&self, event: CheckinEvent) {
-        self.0.handle_checkin(event);
-    }
-}
-
 #[test]
 fn an_event_handler_hears_every_acquire_checkout_checkin_and_timeout() {
-    let events = Arc::new(CountingHandler::default());
+    let events = EventCounts::default();
     let pool = forksafe_pool::Pool::builder()
         .max_size(2)
-        .event_handler(Box::new(SharedHandler(Arc::clone(&events))))
+        .event_handler(Box::new(events.clone()))
         .build(RecordingManager::default())
         .expect("build");
     let first = pool.get().expect("get");
     let second = pool.get().expect("get");
     assert!(pool.get_timeout(Duration::from_millis(10)).is_err());
     drop((first, second));
-    let counts = [
-        events.acquires.load(Ordering::SeqCst),
-        events.checkouts.load(Ordering::SeqCst),
-        events.checkins.load(Ordering::SeqCst),
-        events.timeouts.load(Ordering::SeqCst),
-    ];
     assert_eq!(
-        counts,
+        events.seen(),
         [2, 2, 2, 1],
         "acquires, checkouts, checkins, timeouts"
     );
