@@ -155,3 +155,165 @@ fn two_rounds_report_totals_and_medians() {
         assert!((median - mean).abs() < 1e-6, "{name}: {median} vs {mean}");
     }
 }
+
+/// `prefork_demo serve`, read line by line, with a deadline on every wait.
+struct Served {
+    master: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Served {
+    fn start(extra: &[&str]) -> (Served, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut master = Command::new(demo_binary())
+            .arg("serve")
+            .args([
+                "--database",
+                &dir.path().join("demo.db").display().to_string(),
+            ])
+            .args(extra)
+            .env_remove("DATABASE_URL")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start prefork_demo serve");
+        let stdout = master.stdout.take().expect("piped stdout");
+        let (sender, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let served = Served {
+            master,
+            lines,
+            seen: Vec::new(),
+        };
+        (served, dir)
+    }
+
+    /// Reads lines until one starts with `prefix`; panics (after killing the master) if none
+    /// comes within the deadline.
+    fn expect(&mut self, prefix: &str) -> Vec<String> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.starts_with(prefix) {
+                        return line.split_whitespace().map(str::to_owned).collect();
+                    }
+                }
+                Err(_) => {
+                    let _ = self.master.kill();
+                    let _ = self.master.wait();
+                    panic!("no {prefix:?} line; the master said {:?}", self.seen);
+                }
+            }
+        }
+    }
+
+    fn say(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.master.stdin.as_mut().expect("piped stdin");
+        writeln!(stdin, "{line}").expect("the master's stdin");
+    }
+
+    /// Sends `quit`; the master must say `stopped` and exit cleanly.
+    fn quit(mut self) {
+        self.say("quit");
+        self.expect("stopped");
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = self.master.try_wait().expect("wait for the master") {
+                break status;
+            }
+            if started.elapsed() > DEADLINE {
+                let _ = self.master.kill();
+                let _ = self.master.wait();
+                panic!("the master still running after {DEADLINE:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "master: {status}; said {:?}", self.seen);
+    }
+}
+
+/// One request on a connection of its own; the pid of the worker that answered it.
+fn answering_pid(port: u16) -> Option<u32> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .write_all(b"GET /?n=7 HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let (_, pid) = answer.split_once("pid=")?;
+    pid.split_whitespace().next()?.parse().ok()
+}
+
+fn pid_of(words: &[String]) -> u32 {
+    words[2].parse().expect("a pid")
+}
+
+#[test]
+fn the_master_replaces_a_killed_worker_once_on_its_death_notice() {
+    let (mut served, _dir) = Served::start(&["--workers", "2", "--state-mib", "8"]);
+    let port: u16 = served.expect("listening")[1].parse().expect("a port");
+    let first = [served.expect("spawned"), served.expect("spawned")];
+    let victim = first
+        .iter()
+        .find(|words| words[1] == "0")
+        .map(|words| pid_of(words))
+        .expect("a worker in slot 0");
+    // A worker takes its life lock before anything else, so one that has answered holds it.
+    let deadline = Instant::now() + DEADLINE;
+    while answering_pid(port) != Some(victim) {
+        assert!(Instant::now() < deadline, "worker {victim} never answered");
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the worker");
+
+    // Told by its life lock (in whatever order with the reaping: that is a race of threads) …
+    let dying = served.expect(&format!("dying 0 {victim}"));
+    assert_eq!(pid_of(&dying), victim);
+    let replacement = served.expect("spawned 0");
+    assert_ne!(pid_of(&replacement), victim);
+    let exited = served.expect(&format!("exited 0 {victim}"));
+    assert_eq!(exited[3], "signal:SIGKILL");
+    // … and replaced once, not once per notice: the other slot kept its worker.
+    served.say("status");
+    let status = served.expect("status");
+    let pids: Vec<u32> = status[2..]
+        .iter()
+        .map(|slot| {
+            slot.split(':')
+                .nth(1)
+                .and_then(|pid| pid.parse().ok())
+                .expect("slot:pid")
+        })
+        .collect();
+    assert_eq!(pids.len(), 2, "{status:?}");
+    assert!(pids.contains(&pid_of(&replacement)), "{status:?}");
+    assert!(!pids.contains(&victim), "{status:?}");
+    let spawned_for_slot_0 = served
+        .seen
+        .iter()
+        .filter(|line| line.starts_with("spawned 0 "))
+        .count();
+    assert_eq!(spawned_for_slot_0, 2, "{:?}", served.seen);
+    served.quit();
+}

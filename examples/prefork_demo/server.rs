@@ -4,14 +4,27 @@
 //! workers, and replaces any worker that dies. Every worker accepts on the inherited socket
 //! and serves requests one at a time, like a gunicorn sync worker.
 //!
-//! The master talks to whoever started it over its standard streams, one line each:
-//! it prints `listening <port> <master pid>`, `spawned <slot> <pid>`, `exited <slot> <pid>
-//! <how>`, and answers the line `status` with `status <now µs> <slot>:<pid>:<busy since µs, 0
-//! when idle>:<served> …`. The line `quit` (or end of input) stops every worker and the master.
+//! The master learns of a death before `waitpid` can tell it: each worker holds a robust
+//! process-shared mutex (its [`LifeLock`]) for as long as it lives, and a master thread per
+//! slot waits on it. The kernel releases a dead thread's robust mutexes (and wakes their
+//! waiters) as the first step of tearing down its memory, and reports the exit to `waitpid`
+//! only after the last step. For a worker that maps the application's 256 MiB copy-on-write,
+//! that teardown is 65 536 page-table entries, as long as the fork that replaces it, so the
+//! master forks the replacement while the kernel is still cleaning up after the dead one.
+//! Both eager and lazy modes run this same master.
+//!
+//! The master talks to whoever started it over its standard streams, one line each: it prints
+//! `listening <port> <master pid>`, `spawned <slot> <pid>`, `dying <slot> <pid>` (a worker's
+//! life lock came free), `exited <slot> <pid> <how>` (reaped), and answers the line `status`
+//! with `status <now µs> <slot>:<pid>:<busy since µs, 0 when idle>:<served> …`. The line `quit`
+//! (or end of input) stops every worker and the master.
 
+use std::cell::UnsafeCell;
+use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,13 +48,95 @@ pub struct ServeConfig {
 }
 
 /// One worker's live figures, in memory shared by the master and every worker.
-#[derive(Default)]
 struct Slot {
     pid: AtomicU32,
     /// When the request in progress started, in µs since the master's start plus one; 0 when
     /// the worker is waiting for a request.
     busy_since: AtomicU64,
     served: AtomicU64,
+    /// Held by the slot's worker for as long as it lives.
+    life: LifeLock,
+    /// The pid of the worker holding `life`, stored once it holds it.
+    life_holder: AtomicU32,
+}
+
+/// A robust, process-shared mutex: the worker that holds it dies, and the master's thread
+/// waiting for it gets it with `EOWNERDEAD` (see the module docs for why not just `waitpid`).
+struct LifeLock(UnsafeCell<libc::pthread_mutex_t>);
+
+// SAFETY: the mutex is only ever touched through pthread calls, which are made for use by
+// several threads (and, being process-shared, several processes) at once.
+unsafe impl Sync for LifeLock {}
+
+impl LifeLock {
+    /// Makes the (zeroed) mutex robust and process-shared; before any process can use it.
+    fn init(&self) -> Result<(), String> {
+        // SAFETY: `attributes` is initialised by `pthread_mutexattr_init` before use and
+        // destroyed after; the mutex lives in memory nothing else uses yet, and is initialised
+        // once.
+        unsafe {
+            let mut attributes: libc::pthread_mutexattr_t = std::mem::zeroed();
+            let mut result = libc::pthread_mutexattr_init(&mut attributes);
+            if result == 0 {
+                result = libc::pthread_mutexattr_setpshared(
+                    &mut attributes,
+                    libc::PTHREAD_PROCESS_SHARED,
+                );
+            }
+            if result == 0 {
+                result =
+                    libc::pthread_mutexattr_setrobust(&mut attributes, libc::PTHREAD_MUTEX_ROBUST);
+            }
+            if result == 0 {
+                result = libc::pthread_mutex_init(self.0.get(), &attributes);
+            }
+            libc::pthread_mutexattr_destroy(&mut attributes);
+            match result {
+                0 => Ok(()),
+                error => Err(format!(
+                    "robust mutex: {}",
+                    std::io::Error::from_raw_os_error(error)
+                )),
+            }
+        }
+    }
+
+    /// In a worker, on the thread that lives as long as the process: holds the lock until the
+    /// process dies. False if it could not be taken (the master then only has `waitpid`).
+    fn hold_for_life(&self) -> bool {
+        // SAFETY: an initialised mutex, never destroyed; the master unlocks it after a death
+        // before forking the next holder, so this hardly waits. Should this worker get it
+        // first from a dead holder, it owns it and may mark it consistent.
+        unsafe {
+            match libc::pthread_mutex_lock(self.0.get()) {
+                0 => true,
+                libc::EOWNERDEAD => libc::pthread_mutex_consistent(self.0.get()) == 0,
+                _ => false,
+            }
+        }
+    }
+
+    /// In the master: waits until the holder dies, then frees the lock for the next one.
+    /// False if the holder let go of it alive (workers never do).
+    fn wait_for_holder_death(&self) -> bool {
+        // SAFETY: an initialised mutex, never destroyed. After `EOWNERDEAD` this thread owns it
+        // and marks it consistent, so the next worker can take it; unlocking is this thread's
+        // to do in every case where the lock was taken.
+        unsafe {
+            match libc::pthread_mutex_lock(self.0.get()) {
+                libc::EOWNERDEAD => {
+                    libc::pthread_mutex_consistent(self.0.get());
+                    libc::pthread_mutex_unlock(self.0.get());
+                    true
+                }
+                0 => {
+                    libc::pthread_mutex_unlock(self.0.get());
+                    false
+                }
+                _ => false,
+            }
+        }
+    }
 }
 
 /// The slots, in a `MAP_SHARED` anonymous mapping made before the first fork.
@@ -55,10 +150,67 @@ impl Slots {
         let page = map_shared_anonymous(bytes)
             .unwrap_or_else(|error| panic!("mapping the worker slots: {error}"));
         // SAFETY: the mapping is `bytes` long, page-aligned (so aligned for `Slot`), zeroed by the
-        // kernel (an all-zero `Slot` is `Slot::default()`: atomics of 0), never unmapped, and
-        // only ever accessed through atomics, from this process and its forked workers.
+        // kernel (atomics of 0, and a mutex that `LifeLock::init` initialises next), never
+        // unmapped, and only ever accessed through atomics and pthread calls, from this process
+        // and its forked workers.
         let slots = unsafe { std::slice::from_raw_parts(page.as_ptr().cast::<Slot>(), count) };
+        for slot in slots {
+            slot.life
+                .init()
+                .unwrap_or_else(|error| panic!("the worker slots: {error}"));
+        }
         Slots { slots }
+    }
+}
+
+/// What the master's loop hears about.
+enum Event {
+    /// A worker's `LifeLock` came free: it is dying.
+    Dying { slot: usize, pid: u32 },
+    /// `waitpid` reaped a worker.
+    Reaped { pid: u32, how: String },
+    /// `quit` (or the end of input) arrived.
+    Quit,
+}
+
+/// Waits, for one slot, for each worker it is told of to die, and says so. Lives as long as the
+/// master, so that no thread starts or ends while the master forks.
+fn watch_slot(slot_index: usize, slot: &Slot, workers: &Receiver<u32>, events: &Sender<Event>) {
+    for pid in workers {
+        // The worker takes the lock first thing; wait until it has, unless it is gone already
+        // (then `waitpid` tells).
+        while slot.life_holder.load(Ordering::Acquire) != pid {
+            if slot.pid.load(Ordering::Acquire) != pid {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        if slot.life_holder.load(Ordering::Acquire) == pid && slot.life.wait_for_holder_death() {
+            let _ = events.send(Event::Dying {
+                slot: slot_index,
+                pid,
+            });
+        }
+    }
+}
+
+/// Reaps workers for the master's loop. `waitpid` fails only while there is no child: between
+/// a last worker's death and its replacement, or after `quit`.
+fn reap(events: &Sender<Event>) {
+    loop {
+        let (pid, how) = match waitpid(None::<Pid>, None) {
+            Ok(WaitStatus::Exited(pid, code)) => (pid, format!("exit:{code}")),
+            Ok(WaitStatus::Signaled(pid, signal, _)) => (pid, format!("signal:{signal}")),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+        };
+        let _ = events.send(Event::Reaped {
+            pid: pid.as_raw() as u32,
+            how,
+        });
     }
 }
 
@@ -96,12 +248,33 @@ pub fn serve(config: ServeConfig) -> Result<(), String> {
     say(&format!("listening {port} {master}"));
 
     let quitting = Arc::new(AtomicBool::new(false));
+    let (events, happened) = channel();
     {
         let quitting = Arc::clone(&quitting);
-        std::thread::spawn(move || control(slots.slots, start, &quitting));
+        let events = events.clone();
+        std::thread::spawn(move || {
+            control(slots.slots, start, &quitting);
+            let _ = events.send(Event::Quit);
+        });
     }
-    let spawn = |slot| {
-        spawn_worker(
+    // Every thread of the master starts here, before the first fork (see `watch_slot`).
+    let watchers: Vec<Sender<u32>> = slots
+        .slots
+        .iter()
+        .enumerate()
+        .map(|(index, slot)| {
+            let (watcher, workers) = channel();
+            let events = events.clone();
+            std::thread::spawn(move || watch_slot(index, slot, &workers, &events));
+            watcher
+        })
+        .collect();
+    std::thread::spawn(move || reap(&events));
+
+    // Unreaped workers, and the slot each was forked for.
+    let mut live: HashMap<u32, usize> = HashMap::new();
+    let spawn = |slot: usize, live: &mut HashMap<u32, usize>| -> Result<(), String> {
+        let pid = spawn_worker(
             &config,
             slot,
             &listener,
@@ -109,49 +282,57 @@ pub fn serve(config: ServeConfig) -> Result<(), String> {
             &slots,
             start,
             master,
-        )
-    };
-    for slot in 0..config.workers {
-        spawn(slot)?;
-    }
-    let mut failed_starts = 0;
-    loop {
-        let (pid, how) = match waitpid(None::<Pid>, None) {
-            Ok(WaitStatus::Exited(pid, code)) => (pid, format!("exit:{code}")),
-            Ok(WaitStatus::Signaled(pid, signal, _)) => (pid, format!("signal:{signal}")),
-            Ok(_) => continue,
-            Err(nix::errno::Errno::EINTR) => continue,
-            // No children left: only after quit, since workers are replaced as they die.
-            Err(_) => break,
-        };
-        let Some(slot) = slots
-            .slots
-            .iter()
-            .position(|slot| slot.pid.load(Ordering::Acquire) == pid.as_raw() as u32)
-        else {
-            continue;
-        };
-        say(&format!("exited {slot} {pid} {how}"));
-        if how != "exit:0" && how.starts_with("exit:") {
-            failed_starts += 1;
-            if failed_starts > 3 * config.workers {
-                // Workers that cannot even start would be respawned forever.
-                say("error workers keep failing to start");
-                quitting.store(true, Ordering::Release);
-                signal_workers(slots.slots, Signal::SIGTERM);
-            }
-        }
-        if quitting.load(Ordering::Acquire) {
-            slots.slots[slot].pid.store(0, Ordering::Release);
-            continue;
-        }
-        spawn(slot)?;
+        )?;
+        live.insert(pid, slot);
+        let _ = watchers[slot].send(pid);
         if quitting.load(Ordering::Acquire) {
             // Quit arrived while this one was being made; the control thread may have missed it.
-            let _ = kill(
-                Pid::from_raw(slots.slots[slot].pid.load(Ordering::Acquire) as i32),
-                Signal::SIGTERM,
-            );
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+        Ok(())
+    };
+    for slot in 0..config.workers {
+        spawn(slot, &mut live)?;
+    }
+    let mut failed_starts = 0;
+    for event in happened {
+        match event {
+            // Replace it now; `waitpid` reports it once its memory is gone.
+            Event::Dying { slot, pid } => {
+                say(&format!("dying {slot} {pid}"));
+                if slots.slots[slot].pid.load(Ordering::Acquire) == pid
+                    && !quitting.load(Ordering::Acquire)
+                {
+                    spawn(slot, &mut live)?;
+                }
+            }
+            Event::Reaped { pid, how } => {
+                let Some(slot) = live.remove(&pid) else {
+                    continue;
+                };
+                say(&format!("exited {slot} {pid} {how}"));
+                if how != "exit:0" && how.starts_with("exit:") {
+                    failed_starts += 1;
+                    if failed_starts > 3 * config.workers {
+                        // Workers that cannot even start would be respawned forever.
+                        say("error workers keep failing to start");
+                        quitting.store(true, Ordering::Release);
+                        signal_workers(slots.slots, Signal::SIGTERM);
+                    }
+                }
+                // Not replaced yet when it died before taking its life lock.
+                if slots.slots[slot].pid.load(Ordering::Acquire) == pid {
+                    if quitting.load(Ordering::Acquire) {
+                        slots.slots[slot].pid.store(0, Ordering::Release);
+                    } else {
+                        spawn(slot, &mut live)?;
+                    }
+                }
+            }
+            Event::Quit => {}
+        }
+        if quitting.load(Ordering::Acquire) && live.is_empty() {
+            break;
         }
     }
     say("stopped");
@@ -202,6 +383,7 @@ fn signal_workers(slots: &[Slot], signal: Signal) {
     }
 }
 
+/// Forks a worker for `slot`; returns its pid.
 fn spawn_worker(
     config: &ServeConfig,
     slot: usize,
@@ -210,21 +392,27 @@ fn spawn_worker(
     slots: &Slots,
     start: Instant,
     master: Pid,
-) -> Result<(), String> {
+) -> Result<u32, String> {
+    let slot_index = slot;
+    let slot = &slots.slots[slot];
     // SAFETY: the child only runs `worker`, which never returns: it builds what it needs after
     // the fork (the point of this demo is what happens to a pool built before it) and ends
-    // with `_exit`. The master's other thread (`control`) holds no lock the child needs: the
-    // child never prints, and glibc's malloc is reset for the child by its own atfork handlers.
+    // with `_exit`. The master's other threads (`control`, `reap`, `watch_slot`) hold no lock
+    // the child needs: the child never prints, and glibc's malloc is reset for the child by its
+    // own atfork handlers.
     match unsafe { fork() }.map_err(|error| format!("fork: {error}"))? {
         ForkResult::Parent { child } => {
-            slots.slots[slot]
-                .pid
-                .store(child.as_raw() as u32, Ordering::Release);
-            say(&format!("spawned {slot} {child}"));
-            Ok(())
+            let pid = child.as_raw() as u32;
+            slot.pid.store(pid, Ordering::Release);
+            say(&format!("spawned {slot_index} {child}"));
+            Ok(pid)
         }
         ForkResult::Child => {
-            let code = match worker(config, &slots.slots[slot], listener, app, start, master) {
+            if slot.life.hold_for_life() {
+                slot.life_holder
+                    .store(std::process::id(), Ordering::Release);
+            }
+            let code = match worker(config, slot, listener, app, start, master) {
                 Ok(()) => 0,
                 Err(error) => {
                     eprintln!("worker {}: {error}", std::process::id());
