@@ -6,7 +6,7 @@
 //! reaps itself, and is killed if it outlives its deadline.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -50,18 +50,7 @@ fn run_demo(extra: &[&str]) -> Value {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start prefork_demo");
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for prefork_demo") {
-            break status;
-        }
-        if started.elapsed() > DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("prefork_demo still running after {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_with_deadline(&mut child, "prefork_demo");
     let output = child.wait_with_output().expect("prefork_demo's output");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -70,6 +59,22 @@ fn run_demo(extra: &[&str]) -> Value {
     );
     let text = std::fs::read_to_string(&json).expect("the --json report");
     serde_json::from_str(&text).expect("valid JSON")
+}
+
+/// Waits for `child` to exit; kills it, reaps it and panics if it outlives the deadline.
+fn wait_with_deadline(child: &mut Child, what: &str) -> ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for a child") {
+            return status;
+        }
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} still running after {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn mode<'a>(report: &'a Value, name: &str) -> &'a Value {
@@ -232,18 +237,7 @@ impl Served {
     fn quit(mut self) {
         self.say("quit");
         self.expect("stopped");
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = self.master.try_wait().expect("wait for the master") {
-                break status;
-            }
-            if started.elapsed() > DEADLINE {
-                let _ = self.master.kill();
-                let _ = self.master.wait();
-                panic!("the master still running after {DEADLINE:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = wait_with_deadline(&mut self.master, "the master");
         assert!(status.success(), "master: {status}; said {:?}", self.seen);
     }
 }
@@ -316,4 +310,50 @@ fn the_master_replaces_a_killed_worker_once_on_its_death_notice() {
         .count();
     assert_eq!(spawned_for_slot_0, 2, "{:?}", served.seen);
     served.quit();
+}
+
+#[test]
+fn bad_arguments_are_refused_with_a_clear_message() {
+    const AT_LEAST_1: &str = "--workers, --pool-size, --clients and --rounds must be at least 1";
+    const SERVE_AT_LEAST_1: &str = "--workers and --pool-size must be at least 1";
+    let refused: [(&[&str], &str); 10] = [
+        (&["--workers", "0"], AT_LEAST_1),
+        (&["--pool-size", "0"], AT_LEAST_1),
+        (&["--rounds", "0"], AT_LEAST_1),
+        (&["--clients", "0"], AT_LEAST_1),
+        (&["--requests", "many"], "--requests: not a number: many"),
+        (
+            &["--state-memory", "disk"],
+            "unknown state memory \"disk\" (heap, huge or shared)",
+        ),
+        (&["--modes", "eager"], "unknown mode \"eager\""),
+        (&["--frobnicate"], "unknown argument \"--frobnicate\""),
+        (
+            &["serve", "--workers", "0", "--database", "unused.db"],
+            SERVE_AT_LEAST_1,
+        ),
+        (
+            &["serve", "--pool-size", "0", "--database", "unused.db"],
+            SERVE_AT_LEAST_1,
+        ),
+    ];
+    for (args, message) in refused {
+        let mut child = Command::new(demo_binary())
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start prefork_demo");
+        let status = wait_with_deadline(&mut child, "prefork_demo");
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut stderr)
+            .expect("its standard error");
+        assert_eq!(status.code(), Some(2), "{args:?}: {status}; {stderr}");
+        assert_eq!(
+            stderr.lines().next(),
+            Some(format!("prefork_demo: {message}").as_str()),
+            "{args:?}"
+        );
+    }
 }

@@ -138,6 +138,9 @@ fn serve(mut args: Args) {
         port: args.number("--port", 0),
     };
     args.finish();
+    if config.workers == 0 || config.pool_size == 0 {
+        fail("--workers and --pool-size must be at least 1");
+    }
     if let Err(error) = server::serve(config) {
         println!("error {error}");
         std::process::exit(1);
@@ -206,8 +209,8 @@ fn demo(mut args: Args) {
     let json_path = args.take("--json").map(PathBuf::from);
     let plot_path = args.take("--plot").map(PathBuf::from);
     args.finish();
-    if config.workers == 0 || config.clients == 0 || rounds == 0 {
-        fail("--workers, --clients and --rounds must be at least 1");
+    if config.workers == 0 || config.pool_size == 0 || config.clients == 0 || rounds == 0 {
+        fail("--workers, --pool-size, --clients and --rounds must be at least 1");
     }
 
     // Workers whose master died are reparented here, so this process reaps every descendant.
