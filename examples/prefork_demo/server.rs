@@ -186,9 +186,12 @@ fn watch_slot(slot_index: usize, slot: &Slot, workers: &Receiver<u32>, events: &
             std::thread::sleep(Duration::from_micros(50));
         }
         if slot.life_holder.load(Ordering::Acquire) == pid && slot.life.wait_for_holder_death() {
+            // Normally `pid`. Should its replacement have been forked on `waitpid`'s word and
+            // taken the lock before this thread did, this thread waited on and outlived that
+            // replacement instead: name whoever held the lock when it came free.
             let _ = events.send(Event::Dying {
                 slot: slot_index,
-                pid,
+                pid: slot.life_holder.load(Ordering::Acquire),
             });
         }
     }
