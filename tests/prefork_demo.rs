@@ -227,6 +227,37 @@ impl Served {
         }
     }
 
+    /// Reads lines until `done` holds for all read so far; panics (after killing the master)
+    /// if it does not within the deadline.
+    fn read_until(&mut self, done: impl Fn(&[String]) -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        while !done(&self.seen) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => {
+                    let _ = self.master.kill();
+                    let _ = self.master.wait();
+                    panic!("still waiting; the master said {:?}", self.seen);
+                }
+            }
+        }
+    }
+
+    /// The pid in each slot, from the master's `status` line.
+    fn slot_pids(&mut self) -> Vec<u32> {
+        self.say("status");
+        self.expect("status")[2..]
+            .iter()
+            .map(|slot| {
+                slot.split(':')
+                    .nth(1)
+                    .and_then(|pid| pid.parse().ok())
+                    .expect("slot:pid")
+            })
+            .collect()
+    }
+
     fn say(&mut self, line: &str) {
         use std::io::Write;
         let stdin = self.master.stdin.as_mut().expect("piped stdin");
@@ -289,26 +320,79 @@ fn the_master_replaces_a_killed_worker_once_on_its_death_notice() {
     let exited = served.expect(&format!("exited 0 {victim}"));
     assert_eq!(exited[3], "signal:SIGKILL");
     // … and replaced once, not once per notice: the other slot kept its worker.
-    served.say("status");
-    let status = served.expect("status");
-    let pids: Vec<u32> = status[2..]
-        .iter()
-        .map(|slot| {
-            slot.split(':')
-                .nth(1)
-                .and_then(|pid| pid.parse().ok())
-                .expect("slot:pid")
-        })
-        .collect();
-    assert_eq!(pids.len(), 2, "{status:?}");
-    assert!(pids.contains(&pid_of(&replacement)), "{status:?}");
-    assert!(!pids.contains(&victim), "{status:?}");
+    let pids = served.slot_pids();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    assert!(pids.contains(&pid_of(&replacement)), "{pids:?}");
+    assert!(!pids.contains(&victim), "{pids:?}");
     let spawned_for_slot_0 = served
         .seen
         .iter()
         .filter(|line| line.starts_with("spawned 0 "))
         .count();
     assert_eq!(spawned_for_slot_0, 2, "{:?}", served.seen);
+    served.quit();
+}
+
+#[test]
+fn a_storm_of_kills_leaves_one_worker_per_slot() {
+    let (mut served, _dir) = Served::start(&["--workers", "3", "--state-mib", "8"]);
+    served.expect("listening");
+    served.read_until(|seen| {
+        seen.iter()
+            .filter(|line| line.starts_with("spawned "))
+            .count()
+            == 3
+    });
+    // Kill whatever the slots hold, ten times over without waiting: some victims are dying
+    // already, some replacements are killed before they take their life lock.
+    let mut killed = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        for pid in served.slot_pids() {
+            if killed.insert(pid) {
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .expect("kill a worker");
+            }
+        }
+    }
+    // Every victim reaped and replaced (the master says `exited` before it forks the
+    // replacement, so wait for both) …
+    let replaced = 3 + killed.len();
+    served.read_until(|seen| {
+        let spawned = seen
+            .iter()
+            .filter(|line| line.starts_with("spawned "))
+            .count();
+        spawned >= replaced
+            && killed.iter().all(|pid| {
+                seen.iter().any(|line| {
+                    let words: Vec<&str> = line.split_whitespace().collect();
+                    words.first() == Some(&"exited")
+                        && words.get(2) == Some(&pid.to_string().as_str())
+                })
+            })
+    });
+    // … exactly once: three live workers, none of them a victim, and one fork per victim
+    // beyond the first three.
+    let pids = served.slot_pids();
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    for pid in &pids {
+        assert!(
+            !killed.contains(pid),
+            "{pid} was killed: {pids:?}; {:?}",
+            served.seen
+        );
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), None)
+            .unwrap_or_else(|error| panic!("worker {pid}: {error}"));
+    }
+    let spawned = served
+        .seen
+        .iter()
+        .filter(|line| line.starts_with("spawned "))
+        .count();
+    assert_eq!(spawned, replaced, "{:?}", served.seen);
     served.quit();
 }
 

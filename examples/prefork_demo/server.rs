@@ -56,13 +56,15 @@ struct Slot {
     served: AtomicU64,
     /// Held by the slot's worker for as long as it lives.
     life: LifeLock,
-    /// The pid of the worker holding `life`, stored once it holds it.
-    life_holder: AtomicU32,
 }
 
 /// A robust, process-shared mutex: the worker that holds it dies, and the master's thread
 /// waiting for it gets it with `EOWNERDEAD` (see the module docs for why not just `waitpid`).
-struct LifeLock(UnsafeCell<libc::pthread_mutex_t>);
+struct LifeLock {
+    mutex: UnsafeCell<libc::pthread_mutex_t>,
+    /// The pid of the worker holding `mutex`, stored once it holds it.
+    holder: AtomicU32,
+}
 
 // SAFETY: the mutex is only ever touched through pthread calls, which are made for use by
 // several threads (and, being process-shared, several processes) at once.
@@ -88,7 +90,7 @@ impl LifeLock {
                     libc::pthread_mutexattr_setrobust(&mut attributes, libc::PTHREAD_MUTEX_ROBUST);
             }
             if result == 0 {
-                result = libc::pthread_mutex_init(self.0.get(), &attributes);
+                result = libc::pthread_mutex_init(self.mutex.get(), &attributes);
             }
             libc::pthread_mutexattr_destroy(&mut attributes);
             match result {
@@ -102,38 +104,51 @@ impl LifeLock {
     }
 
     /// In a worker, on the thread that lives as long as the process: holds the lock until the
-    /// process dies. False if it could not be taken (the master then only has `waitpid`).
-    fn hold_for_life(&self) -> bool {
+    /// process dies. If it cannot be taken, the master only has `waitpid`.
+    fn hold_for_life(&self) {
         // SAFETY: an initialised mutex, never destroyed; the master unlocks it after a death
         // before forking the next holder, so this hardly waits. Should this worker get it
         // first from a dead holder, it owns it and may mark it consistent.
-        unsafe {
-            match libc::pthread_mutex_lock(self.0.get()) {
+        let held = unsafe {
+            match libc::pthread_mutex_lock(self.mutex.get()) {
                 0 => true,
-                libc::EOWNERDEAD => libc::pthread_mutex_consistent(self.0.get()) == 0,
+                libc::EOWNERDEAD => libc::pthread_mutex_consistent(self.mutex.get()) == 0,
                 _ => false,
             }
+        };
+        if held {
+            self.holder.store(std::process::id(), Ordering::Release);
         }
     }
 
-    /// In the master: waits until the holder dies, then frees the lock for the next one.
-    /// False if the holder let go of it alive (workers never do).
-    fn wait_for_holder_death(&self) -> bool {
+    /// The pid of the worker that took the lock last (0 before any did).
+    fn holder(&self) -> u32 {
+        self.holder.load(Ordering::Acquire)
+    }
+
+    /// In the master: waits until the holder dies, then frees the lock for the next one and
+    /// returns the pid of the worker that held it. None if the lock was free (workers never
+    /// let go of it alive).
+    fn wait_for_holder_death(&self) -> Option<u32> {
         // SAFETY: an initialised mutex, never destroyed. After `EOWNERDEAD` this thread owns it
         // and marks it consistent, so the next worker can take it; unlocking is this thread's
         // to do in every case where the lock was taken.
         unsafe {
-            match libc::pthread_mutex_lock(self.0.get()) {
+            match libc::pthread_mutex_lock(self.mutex.get()) {
                 libc::EOWNERDEAD => {
-                    libc::pthread_mutex_consistent(self.0.get());
-                    libc::pthread_mutex_unlock(self.0.get());
-                    true
+                    // Read while this thread holds the lock, so no new holder has stored its
+                    // pid yet: the last to store it is the one that died (or, if that one died
+                    // before storing, its predecessor, which died holding it too).
+                    let dead = self.holder();
+                    libc::pthread_mutex_consistent(self.mutex.get());
+                    libc::pthread_mutex_unlock(self.mutex.get());
+                    Some(dead)
                 }
                 0 => {
-                    libc::pthread_mutex_unlock(self.0.get());
-                    false
+                    libc::pthread_mutex_unlock(self.mutex.get());
+                    None
                 }
-                _ => false,
+                _ => None,
             }
         }
     }
@@ -179,19 +194,22 @@ fn watch_slot(slot_index: usize, slot: &Slot, workers: &Receiver<u32>, events: &
     for pid in workers {
         // The worker takes the lock first thing; wait until it has, unless it is gone already
         // (then `waitpid` tells).
-        while slot.life_holder.load(Ordering::Acquire) != pid {
+        while slot.life.holder() != pid {
             if slot.pid.load(Ordering::Acquire) != pid {
                 break;
             }
             std::thread::sleep(Duration::from_micros(50));
         }
-        if slot.life_holder.load(Ordering::Acquire) == pid && slot.life.wait_for_holder_death() {
-            // Normally `pid`. Should its replacement have been forked on `waitpid`'s word and
-            // taken the lock before this thread did, this thread waited on and outlived that
-            // replacement instead: name whoever held the lock when it came free.
+        if slot.life.holder() != pid {
+            continue;
+        }
+        // Normally `pid`. Should its replacement have been forked on `waitpid`'s word and taken
+        // the lock before this thread did, this thread waited on and outlived that replacement
+        // instead, and names it.
+        if let Some(dead) = slot.life.wait_for_holder_death() {
             let _ = events.send(Event::Dying {
                 slot: slot_index,
-                pid: slot.life_holder.load(Ordering::Acquire),
+                pid: dead,
             });
         }
     }
@@ -411,10 +429,7 @@ fn spawn_worker(
             Ok(pid)
         }
         ForkResult::Child => {
-            if slot.life.hold_for_life() {
-                slot.life_holder
-                    .store(std::process::id(), Ordering::Release);
-            }
+            slot.life.hold_for_life();
             let code = match worker(config, slot, listener, app, start, master) {
                 Ok(()) => 0,
                 Err(error) => {
