@@ -11,7 +11,8 @@
 //! only after the last step. For a worker that maps the application's 256 MiB copy-on-write,
 //! that teardown is 65 536 page-table entries, as long as the fork that replaces it, so the
 //! master forks the replacement while the kernel is still cleaning up after the dead one.
-//! Both eager and lazy modes run this same master.
+//! A worker that dies before it holds its lock is replaced when `waitpid` reports it. Both
+//! eager and lazy modes run this same master.
 //!
 //! The master talks to whoever started it over its standard streams, one line each: it prints
 //! `listening <port> <master pid>`, `spawned <slot> <pid>`, `dying <slot> <pid>` (a worker's
@@ -203,9 +204,8 @@ fn watch_slot(slot_index: usize, slot: &Slot, workers: &Receiver<u32>, events: &
         if slot.life.holder() != pid {
             continue;
         }
-        // Normally `pid`. Should its replacement have been forked on `waitpid`'s word and taken
-        // the lock before this thread did, this thread waited on and outlived that replacement
-        // instead, and names it.
+        // `pid`: the master forks no replacement for a worker that held the lock before this
+        // thread has had it back, so no other worker can take it in between.
         if let Some(dead) = slot.life.wait_for_holder_death() {
             let _ = events.send(Event::Dying {
                 slot: slot_index,
@@ -341,13 +341,17 @@ pub fn serve(config: ServeConfig) -> Result<(), String> {
                         signal_workers(slots.slots, Signal::SIGTERM);
                     }
                 }
-                // Not replaced yet when it died before taking its life lock.
-                if slots.slots[slot].pid.load(Ordering::Acquire) == pid {
+                let worker_slot = &slots.slots[slot];
+                if worker_slot.pid.load(Ordering::Acquire) == pid {
                     if quitting.load(Ordering::Acquire) {
-                        slots.slots[slot].pid.store(0, Ordering::Release);
-                    } else {
+                        worker_slot.pid.store(0, Ordering::Release);
+                    } else if worker_slot.life.holder() != pid {
+                        // It died before it held its life lock: no notice will come.
                         spawn(slot, &mut live)?;
                     }
+                    // Otherwise the kernel woke its watcher as it died, and the replacement is
+                    // forked on that notice: one forked now could take the dead worker's lock
+                    // before the watcher does, and the notice would be lost.
                 }
             }
             Event::Quit => {}
