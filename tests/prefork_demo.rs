@@ -208,28 +208,17 @@ impl Served {
     /// Reads lines until one starts with `prefix`; panics (after killing the master) if none
     /// comes within the deadline.
     fn expect(&mut self, prefix: &str) -> Vec<String> {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.starts_with(prefix) {
-                        return line.split_whitespace().map(str::to_owned).collect();
-                    }
-                }
-                Err(_) => {
-                    let _ = self.master.kill();
-                    let _ = self.master.wait();
-                    panic!("no {prefix:?} line; the master said {:?}", self.seen);
-                }
-            }
-        }
+        let from = self.seen.len();
+        self.read_until(&format!("a {prefix:?} line"), |seen| {
+            seen[from..].iter().any(|line| line.starts_with(prefix))
+        });
+        let line = self.seen.last().expect("the line just read");
+        line.split_whitespace().map(str::to_owned).collect()
     }
 
     /// Reads lines until `done` holds for all read so far; panics (after killing the master)
-    /// if it does not within the deadline.
-    fn read_until(&mut self, done: impl Fn(&[String]) -> bool) {
+    /// if it does not within the deadline, naming `what` it waited for.
+    fn read_until(&mut self, what: &str, done: impl Fn(&[String]) -> bool) {
         let deadline = Instant::now() + DEADLINE;
         while !done(&self.seen) {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -238,7 +227,10 @@ impl Served {
                 Err(_) => {
                     let _ = self.master.kill();
                     let _ = self.master.wait();
-                    panic!("still waiting; the master said {:?}", self.seen);
+                    panic!(
+                        "no {what} within {DEADLINE:?}; the master said {:?}",
+                        self.seen
+                    );
                 }
             }
         }
@@ -312,13 +304,26 @@ fn the_master_replaces_a_killed_worker_once_on_its_death_notice() {
     )
     .expect("kill the worker");
 
-    // Told by its life lock (in whatever order with the reaping: that is a race of threads) …
-    let dying = served.expect(&format!("dying 0 {victim}"));
-    assert_eq!(pid_of(&dying), victim);
-    let replacement = served.expect("spawned 0");
+    // Told by its life lock, reaped, replaced: in whatever order, since the notice and the
+    // reaping come from two threads of the master, and either may trigger the replacement.
+    let dying = format!("dying 0 {victim}");
+    let exited = format!("exited 0 {victim} ");
+    let from = served.seen.len();
+    served.read_until("the victim's notice, reaping and replacement", |seen| {
+        let since_kill = &seen[from..];
+        let has = |prefix: &str| since_kill.iter().any(|line| line.starts_with(prefix));
+        has(&dying) && has(&exited) && has("spawned 0 ")
+    });
+    let line_after_kill = |prefix: &str| -> Vec<String> {
+        served.seen[from..]
+            .iter()
+            .find(|line| line.starts_with(prefix))
+            .map(|line| line.split_whitespace().map(str::to_owned).collect())
+            .expect("read above")
+    };
+    assert_eq!(line_after_kill(&exited)[3], "signal:SIGKILL");
+    let replacement = line_after_kill("spawned 0 ");
     assert_ne!(pid_of(&replacement), victim);
-    let exited = served.expect(&format!("exited 0 {victim}"));
-    assert_eq!(exited[3], "signal:SIGKILL");
     // … and replaced once, not once per notice: the other slot kept its worker.
     let pids = served.slot_pids();
     assert_eq!(pids.len(), 2, "{pids:?}");
@@ -337,7 +342,7 @@ fn the_master_replaces_a_killed_worker_once_on_its_death_notice() {
 fn a_storm_of_kills_leaves_one_worker_per_slot() {
     let (mut served, _dir) = Served::start(&["--workers", "3", "--state-mib", "8"]);
     served.expect("listening");
-    served.read_until(|seen| {
+    served.read_until("three workers", |seen| {
         seen.iter()
             .filter(|line| line.starts_with("spawned "))
             .count()
@@ -360,7 +365,7 @@ fn a_storm_of_kills_leaves_one_worker_per_slot() {
     // Every victim reaped and replaced (the master says `exited` before it forks the
     // replacement, so wait for both) …
     let replaced = 3 + killed.len();
-    served.read_until(|seen| {
+    served.read_until("every victim reaped and replaced", |seen| {
         let spawned = seen
             .iter()
             .filter(|line| line.starts_with("spawned "))
