@@ -213,8 +213,8 @@ impl DbPool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StateMemory {
     /// A `Vec` on the heap, as most applications hold what they load: private memory that a
-    /// fork shares copy-on-write, so `fork()` copies a page-table entry per 4 KiB page (about
-    /// 5 ms for 256 MiB here) and a worker's exit tears them down again.
+    /// fork shares copy-on-write, so `fork()` copies a page-table entry per 4 KiB page (5–8 ms
+    /// for 256 MiB on the machines in the README) and a worker's exit tears them down again.
     Heap,
     /// Private memory like the heap's, in transparent huge pages (`madvise(MADV_HUGEPAGE)`):
     /// still shared copy-on-write, but a fork copies one entry per 2 MiB, 512 times fewer,

@@ -106,7 +106,6 @@ pub fn ratios(results: &[ModeResult]) -> String {
     out
 }
 
-/// The JSON document: the run's settings, and one object per mode under `"modes"`.
 /// One mode's rounds as one result: the median of every figure, the total of every count, the
 /// most hung workers and the fewest serving at start any round saw. One round is itself.
 pub fn combine(rounds: &[ModeResult]) -> ModeResult {
@@ -159,6 +158,8 @@ pub fn combine(rounds: &[ModeResult]) -> ModeResult {
     }
 }
 
+/// The JSON document: the run's settings, one object per mode under `"modes"` (each round
+/// combined), and each round's main figures under `"each_round"`.
 pub fn json(
     results: &[ModeResult],
     runs: &[Vec<ModeResult>],
