@@ -1,0 +1,95 @@
+# Set-up steps shared by scripts/test and scripts/demo: install missing Debian packages, start
+# the loopback servers the tests use, and wait (bounded) until each accepts connections.
+# Sourced, not run.
+
+# C libraries of the -sys crates without a bundled build and the servers the tests talk to.
+# libpq-dev: diesel's PgConnection (pq-sys); libmariadb-dev: diesel's MysqlConnection
+# (mysqlclient-sys, found with pkg-config).
+REQUIRED_PACKAGES=(
+  pkg-config libssl-dev libpq-dev libmariadb-dev libmariadb-dev-compat
+  postgresql mariadb-server redis-server
+)
+
+# Installs the packages in "$@" that are missing (apt-get update first, once).
+install_missing() {
+  local missing=() package
+  for package in "$@"; do
+    if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed'; then
+      missing+=("$package")
+    fi
+  done
+  if ((${#missing[@]})); then
+    echo "installing ${missing[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+}
+
+install_packages() {
+  install_missing "${REQUIRED_PACKAGES[@]}"
+}
+
+# wait_for WHAT SECONDS COMMAND...: retries COMMAND until it succeeds or SECONDS pass.
+wait_for() {
+  local what=$1 seconds=$2 deadline
+  shift 2
+  deadline=$((SECONDS + seconds))
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS >= deadline)); then
+      echo "error: $what is not accepting connections after ${seconds}s" >&2
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
+pg_accepts() { psql -h 127.0.0.1 -p 5432 -U postgres -d postgres -Atc 'SELECT 1'; }
+
+# PostgreSQL on 127.0.0.1:5432 with trust authentication over TCP and TLS on (Debian's cluster
+# has a snakeoil certificate), and the database `test`.
+start_postgres() {
+  if ! pg_accepts >/dev/null 2>&1; then
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    configure_postgres "$version"
+    echo "starting PostgreSQL $version"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start
+  fi
+  wait_for "PostgreSQL on 127.0.0.1:5432" 60 pg_accepts
+  if [[ "$(psql -h 127.0.0.1 -U postgres -d postgres -Atc "SELECT 1 FROM pg_database WHERE datname = 'test'")" != 1 ]]; then
+    psql -h 127.0.0.1 -U postgres -d postgres -qc 'CREATE DATABASE test'
+  fi
+}
+
+# A freshly installed Debian cluster asks for passwords over TCP; the tests connect as
+# `postgres` without one. Only loopback is trusted, and only when the file still has Debian's
+# defaults.
+configure_postgres() {
+  local hba=/etc/postgresql/$1/main/pg_hba.conf
+  if [[ -f $hba ]] && ! grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
+    sed -i '/^# TYPE/a host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\nlocal all all trust' "$hba"
+  fi
+}
+
+mariadb_accepts() { mariadb -h 127.0.0.1 -P 3306 -u root -e 'SELECT 1'; }
+
+start_mariadb() {
+  if ! mariadb_accepts >/dev/null 2>&1; then
+    echo "starting MariaDB"
+    mkdir -p /run/mysqld
+    chown mysql:mysql /run/mysqld 2>/dev/null || true
+    start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql
+  fi
+  wait_for "MariaDB on 127.0.0.1:3306" 60 mariadb_accepts
+  mariadb -h 127.0.0.1 -P 3306 -u root -e 'CREATE DATABASE IF NOT EXISTS test'
+}
+
+redis_accepts() { [[ "$(redis-cli -h 127.0.0.1 -p 6379 ping)" == PONG ]]; }
+
+start_redis() {
+  if ! redis_accepts >/dev/null 2>&1; then
+    echo "starting Redis"
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+  fi
+  wait_for "Redis on 127.0.0.1:6379" 30 redis_accepts
+}
