@@ -450,3 +450,8 @@ pub use r2d2::{
     CustomizeConnection, Error, HandleError, HandleEvent, LoggingErrorHandler, ManageConnection,
     NopConnectionCustomizer, NopErrorHandler, NopEventHandler, State,
 };
+
+/// The README's code, compiled by `cargo test --doc` so that it cannot go stale.
+#[cfg(all(doctest, feature = "diesel-postgres"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
