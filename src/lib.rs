@@ -1,4 +1,429 @@
-#![doc = include_str!("../README.md")]
+//! A drop-in replacement for [`r2d2::Pool`] that is safe across `fork()`.
+//!
+//! Pre-forking servers (uWSGI's default mode, gunicorn `--preload`, Unicorn and Puma with
+//! `preload_app`, any Rust master/worker server) build the application and its connection pool
+//! in a master process, then `fork()` workers. With a plain `r2d2::Pool` every worker inherits
+//! the master's open database sockets, and two processes end up speaking one protocol stream:
+//! TLS errors ("SSL error: decryption failed or bad record mac"), "lost synchronization with
+//! server", "Commands out of sync", "timed out waiting for connection" in every worker, or, worst,
+//! one process silently reading another process's rows.
+//!
+//! [`Pool`] is `r2d2::Pool` with the same builder and methods. In a forked child it discards
+//! every inherited connection, idle or checked out, without writing a byte on the shared socket,
+//! lets go of the child's copy of that socket, and opens fresh connections on a pool of the
+//! child's own. The master keeps its sessions, and the application keeps eager pre-forking, with
+//! its copy-on-write memory sharing and fast worker start-up.
+//!
+//! # Drop-in use
+//!
+//! A service written for r2d2 changes one import:
+//!
+//! ```
+//! # #[cfg(feature = "diesel-sqlite")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use diesel::prelude::*;
+//! use diesel::r2d2::ConnectionManager;
+//! use forksafe_pool::Pool; // was: use diesel::r2d2::Pool;
+//!
+//! let manager = ConnectionManager::<SqliteConnection>::new(":memory:");
+//! let pool = Pool::builder().max_size(1).build(manager)?;
+//!
+//! let mut conn = pool.get()?;
+//! let answer: i32 =
+//!     diesel::select(40.into_sql::<diesel::sql_types::Integer>() + 2).get_result(&mut conn)?;
+//! conn.transaction(|conn| diesel::sql_query("CREATE TABLE t (x INTEGER)").execute(conn))?;
+//! assert_eq!(answer, 42);
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "diesel-sqlite"))]
+//! # fn main() {}
+//! ```
+//!
+//! Then build the pool in the master, warm it, and fork as many workers as you like. The first
+//! `get()` in a worker builds the worker's own pool:
+//!
+//! ```
+//! # #[cfg(feature = "diesel-sqlite")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use diesel::prelude::*;
+//! use diesel::r2d2::ConnectionManager;
+//! use forksafe_pool::{ForkStats, Pool};
+//! use nix::sys::wait::{waitpid, WaitStatus};
+//! use nix::unistd::{fork, ForkResult};
+//!
+//! let dir = std::env::temp_dir().join(format!("forksafe-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir)?;
+//! let url = dir.join("app.db").to_string_lossy().into_owned();
+//! let pool = Pool::builder().max_size(2).build(ConnectionManager::<SqliteConnection>::new(url))?;
+//! diesel::sql_query("SELECT 1").execute(&mut pool.get()?)?; // the master warms its pool
+//!
+//! // SAFETY (for the example): the child only uses the pool and leaves with `_exit`.
+//! match unsafe { fork() }? {
+//!     ForkResult::Child => {
+//! #       // A deadline: a hung child dies of SIGALRM, so the test fails instead of hanging.
+//! #       unsafe { libc::alarm(20) };
+//!         let ok = diesel::sql_query("SELECT 1").execute(&mut pool.get().unwrap()).is_ok();
+//!         let stats = pool.fork_stats();
+//!         let own_pool = stats.forks_crossed == 1 && stats.connections_discarded >= 1;
+//!         unsafe { libc::_exit(if ok && own_pool { 0 } else { 1 }) };
+//!     }
+//!     ForkResult::Parent { child } => {
+//!         assert_eq!(waitpid(child, None)?, WaitStatus::Exited(child, 0));
+//!         diesel::sql_query("SELECT 1").execute(&mut pool.get()?)?; // the master still works
+//!         assert_eq!(pool.fork_stats(), ForkStats::default());
+//!     }
+//! }
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "diesel-sqlite"))]
+//! # fn main() {}
+//! ```
+//!
+//! What stays the same: [`Pool::new`], [`Pool::builder`], every [`Builder`] setter
+//! (`max_size`, `min_idle`, `test_on_check_out`, `max_lifetime`, `idle_timeout`,
+//! `connection_timeout`, `error_handler`, `event_handler`, `connection_customizer`,
+//! `thread_pool`), `build`, `build_unchecked`, `get`, `get_timeout`, `try_get`, `state`, the
+//! getters, [`r2d2::Error`] as the error type (re-exported as [`Error`]), and a
+//! [`PooledConnection`] that is `'static` and `Send`. With a `diesel-*` feature, diesel's
+//! connection traits are implemented for [`PooledConnection`], so `&mut conn` and
+//! `conn.transaction(..)` work unchanged; redis's `ConnectionLike` works through redis's own
+//! impl for anything that dereferences to a connection.
+//!
+//! What is added: [`Pool::fork_stats`], [`Builder::descriptor_locator`], [`fork_detection`], the
+//! lifecycle hooks [`Pool::release_idle`], [`Pool::warm_up`] and [`OnFork::Fail`], and, beyond
+//! one pool, [`GuardedPool`] for a plain `r2d2::Pool` a library receives and [`ForkLocal`] for
+//! any other per-process value.
+//!
+//! # Differences from r2d2
+//!
+//! - A [`PooledConnection`] checked out *before* a fork panics if the child dereferences it: its
+//!   socket is the parent's, and any use would corrupt the parent's session. Dropping it in the
+//!   child is silent and harmless. Check out a new connection in the child instead.
+//! - The pool is not r2d2's own but follows its rules on std's `Mutex` and `Condvar`, because
+//!   r2d2 cannot run safely in a forked child. In the process that built it, it does r2d2's
+//!   background work on the builder's thread pool (opening connections, keeping `min_idle`,
+//!   reaping idle and expired connections every 30 s). A pool with an `event_handler` is an
+//!   `r2d2::Pool` in that process, since only r2d2 can make r2d2's events.
+//! - In a forked child the `event_handler` receives no events, a `thread_pool` you passed is not
+//!   used (its threads do not exist in the child), and the pool keeps no threads: a `get()` that
+//!   needs a connection opens one on a short-lived thread and waits for it no longer than its
+//!   timeout, and `min_idle` is not kept up in the background ([`Pool::warm_up`] opens them).
+//! - The manager is shared by the pool of every process it is rebuilt in (a manager holds a URL,
+//!   not connections), so it needs no `Clone`.
+//!
+//! # Every public item at a glance
+//!
+//! | item | what it is |
+//! |---|---|
+//! | [`Pool`] | the pool: `new`, `builder`, `get`, `get_timeout`, `try_get`, `state`, the getters, `fork_stats`, `warm_up`, `release_idle` |
+//! | [`Builder`] | every r2d2 setter, plus `descriptor_locator` and `on_fork`; `build`, `build_unchecked` |
+//! | [`PooledConnection`] | what `get` returns; derefs to the connection, diesel's traits with `diesel-*` |
+//! | [`ForkStats`] | what the pool has seen of forks ([`Pool::fork_stats`]) |
+//! | [`OnFork`] | `Rebuild` (the default) or `Fail`: what a forked child does with the pool |
+//! | [`fork_detection`], [`ForkDetection`] | how this process detects forks |
+//! | [`ForkLocal`] | any value, built once per process |
+//! | [`GuardedPool`] | fork protection for a plain `r2d2::Pool` a library receives |
+//! | [`Error`], [`State`], [`ManageConnection`], [`HandleError`], [`HandleEvent`], [`CustomizeConnection`], [`LoggingErrorHandler`], [`NopErrorHandler`], [`NopEventHandler`], [`NopConnectionCustomizer`] | r2d2's, re-exported |
+//!
+//! ```
+//! # #[cfg(feature = "diesel-sqlite")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use diesel::r2d2::ConnectionManager;
+//! use diesel::SqliteConnection;
+//! use forksafe_pool::{fork_detection, ForkLocal, ForkStats, GuardedPool, OnFork, Pool, PooledConnection};
+//!
+//! let manager = || ConnectionManager::<SqliteConnection>::new(":memory:");
+//! let pool: Pool<_> = Pool::builder().max_size(2).on_fork(OnFork::Rebuild).build(manager())?;
+//! pool.warm_up()?;
+//! let mut conn: PooledConnection<_> = pool.get()?;
+//! PooledConnection::extensions_mut(&mut conn).insert(7_u32);
+//! assert_eq!(PooledConnection::extensions(&conn).get::<u32>(), Some(&7));
+//! drop(conn);
+//! assert_eq!(pool.fork_stats(), ForkStats::default());
+//! assert_eq!(pool.release_idle(), 2);
+//! assert!(fork_detection().atfork_child_calls < u64::MAX);
+//!
+//! static BUILT_IN: ForkLocal<u32> = ForkLocal::new(std::process::id);
+//! assert_eq!(*BUILT_IN.get(), std::process::id());
+//!
+//! let received = GuardedPool::new(r2d2::Pool::builder().max_size(1).build(manager())?);
+//! assert!(received.get().is_ok());
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "diesel-sqlite"))]
+//! # fn main() {}
+//! ```
+//!
+//! # Using it from library code
+//!
+//! **A library that builds its own pool** uses `forksafe_pool::Pool` instead of `r2d2::Pool`
+//! and is done: its types can be created in a master and used in every worker.
+//!
+//! ```
+//! # #[cfg(feature = "diesel-sqlite")]
+//! # mod library {
+//! use diesel::prelude::*;
+//! use diesel::r2d2::ConnectionManager;
+//!
+//! /// A library's public type: safe to create before fork() and keep in every worker.
+//! pub struct Repository {
+//!     pool: forksafe_pool::Pool<ConnectionManager<SqliteConnection>>, // was: r2d2::Pool<...>
+//! }
+//!
+//! impl Repository {
+//!     pub fn open(url: &str) -> Result<Self, forksafe_pool::Error> {
+//!         let pool = forksafe_pool::Pool::builder().max_size(4).build(ConnectionManager::new(url))?;
+//!         Ok(Repository { pool })
+//!     }
+//!
+//!     pub fn answer(&self) -> Result<i32, Box<dyn std::error::Error>> {
+//!         let mut conn = self.pool.get()?;
+//!         Ok(diesel::select(42.into_sql::<diesel::sql_types::Integer>()).get_result(&mut conn)?)
+//!     }
+//! }
+//! # }
+//! # #[cfg(feature = "diesel-sqlite")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let repo = library::Repository::open(":memory:")?;
+//! # assert_eq!(repo.answer()?, 42);
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "diesel-sqlite"))]
+//! # fn main() {}
+//! ```
+//!
+//! **A library that is handed an `r2d2::Pool`** cannot rebuild it: r2d2 gives back neither the
+//! manager nor the configuration. Wrap it in a [`GuardedPool`] in the process that built it. In
+//! a forked child the guard never touches the inherited pool (not its lock, not its
+//! connections, not even its `Drop`); it either rebuilds through a closure the application
+//! supplied ([`GuardedPool::rebuild_with`]), or fails every `get` at once with an
+//! [`r2d2::Error`] that says the pool crossed `fork()`:
+//!
+//! ```
+//! # #[cfg(feature = "diesel-sqlite")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use diesel::r2d2::{ConnectionManager, Pool};
+//! use diesel::SqliteConnection;
+//! use forksafe_pool::GuardedPool;
+//! use nix::sys::wait::{waitpid, WaitStatus};
+//! use nix::unistd::{fork, ForkResult};
+//!
+//! // The application knows how its pool is built; the library only receives the result.
+//! let build = || {
+//!     Pool::builder().max_size(1).build(ConnectionManager::<SqliteConnection>::new(":memory:"))
+//! };
+//! let strict = GuardedPool::new(build()?);
+//! let rebuilding = GuardedPool::new(build()?).rebuild_with(build);
+//!
+//! // SAFETY (for the example): the child only uses the pools and leaves with `_exit`.
+//! match unsafe { fork() }? {
+//!     ForkResult::Child => {
+//! #       // A deadline: a hung child dies of SIGALRM, so the test fails instead of hanging.
+//! #       unsafe { libc::alarm(20) };
+//!         let refused = strict.get().is_err_and(|error| error.to_string().contains("crossed fork()"));
+//!         let rebuilt = rebuilding.get().is_ok();
+//!         unsafe { libc::_exit(if refused && rebuilt { 0 } else { 1 }) };
+//!     }
+//!     ForkResult::Parent { child } => {
+//!         assert_eq!(waitpid(child, None)?, WaitStatus::Exited(child, 0));
+//!         assert!(strict.get().is_ok() && rebuilding.get().is_ok(), "the parent's pools work");
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "diesel-sqlite"))]
+//! # fn main() {}
+//! ```
+//!
+//! The trade-offs, against [`Pool`]:
+//!
+//! | | [`Pool`] | [`GuardedPool`] around an `r2d2::Pool` |
+//! |---|---|---|
+//! | after a fork | rebuilds itself | rebuilds through the application's closure, or fails at once |
+//! | error type | `r2d2::Error` | `r2d2::Error` (the "crossed fork" one reads `timed out waiting for connection: forksafe-pool: ...`, r2d2's fixed prefix, and is returned without waiting) |
+//! | guard | fork-aware [`PooledConnection`] | r2d2's own `PooledConnection`, so the library's code is unchanged; one checked out *before* the fork and dropped in the child goes back through the parent's pool, so don't hold connections across `fork()` |
+//! | inherited sockets | pointed at `/dev/null` in the child | left open in the child (nothing is written on them; the parent's sessions end when the last copy closes) |
+//! | pool in the child | built on std primitives | whatever the closure builds: an r2d2 pool, with r2d2's own exposure to what a fork leaves behind in parking_lot |
+//! | forks during a connect | wait (at most 1 s) for the master's connects and closes in progress, so no driver lock is frozen held in a child | not held up: the guard never sees the master's connects, so a fork during one can leave the driver's lock held in the child |
+//!
+//! # Lifecycle hooks
+//!
+//! For servers that want control:
+//!
+//! - [`Pool::release_idle`] in the master right before forking (Unicorn's `before_fork`) closes
+//!   the idle connections now and checked-out ones when they come back; the pool reconnects on
+//!   its next use. Children inherit no connection, so they have nothing to discard, and the
+//!   master's sessions end now rather than when the last worker exits.
+//! - [`Pool::warm_up`] in a worker right after the fork (uWSGI's `@postfork`, gunicorn's
+//!   `post_fork`) builds the worker's pool and waits, at most `connection_timeout`, for its
+//!   `min_idle` connections, so the first request does not pay for connecting.
+//! - [`Builder::on_fork`]`(`[`OnFork::Fail`]`)` turns the automatic rebuild off: any use in a
+//!   forked child fails at once with an [`r2d2::Error`] saying the pool crossed `fork()` and was
+//!   built with `OnFork::Fail`. The inherited connections are still never used and their sockets
+//!   still let go of.
+//!
+//! ```
+//! # #[cfg(feature = "diesel-sqlite")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use diesel::r2d2::ConnectionManager;
+//! use diesel::SqliteConnection;
+//! use forksafe_pool::{OnFork, Pool};
+//! use nix::sys::wait::{waitpid, WaitStatus};
+//! use nix::unistd::{fork, ForkResult};
+//!
+//! let manager = || ConnectionManager::<SqliteConnection>::new(":memory:");
+//! let pool = Pool::builder().max_size(2).build(manager())?;
+//! let strict = Pool::builder().max_size(1).on_fork(OnFork::Fail).build(manager())?;
+//!
+//! assert_eq!(pool.release_idle(), 2); // before_fork: the children inherit nothing
+//! // SAFETY (for the example): the child only uses the pools and leaves with `_exit`.
+//! match unsafe { fork() }? {
+//!     ForkResult::Child => {
+//! #       // A deadline: a hung child dies of SIGALRM, so the test fails instead of hanging.
+//! #       unsafe { libc::alarm(20) };
+//!         let warmed = pool.warm_up().is_ok() && pool.state().idle_connections == 2; // postfork
+//!         let nothing_discarded = pool.fork_stats().connections_discarded == 0;
+//!         let refused = strict.get().is_err_and(|error| error.to_string().contains("OnFork::Fail"));
+//!         unsafe { libc::_exit(if warmed && nothing_discarded && refused { 0 } else { 1 }) };
+//!     }
+//!     ForkResult::Parent { child } => {
+//!         assert_eq!(waitpid(child, None)?, WaitStatus::Exited(child, 0));
+//!         assert!(pool.get().is_ok() && strict.get().is_ok(), "both still work in the master");
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "diesel-sqlite"))]
+//! # fn main() {}
+//! ```
+//!
+//! # Beyond pools: `ForkLocal`
+//!
+//! Pools are not the only per-process state: a Redis or HTTP client with an open socket, a
+//! random generator's state (two workers must not produce the same "random" tokens), a cache of
+//! prepared statements. A [`ForkLocal`] holds any such value: built lazily, once per process,
+//! with the initialiser it was given. A forked child's first `get()` builds the child's own
+//! value, and the value inherited from the parent is never dropped or touched in the child. It
+//! uses the pool's fork detection (one load and one compare), is `Sync`, and can be a `static`:
+//!
+//! ```
+//! use forksafe_pool::ForkLocal;
+//! use nix::sys::wait::{waitpid, WaitStatus};
+//! use nix::unistd::{fork, ForkResult};
+//! use std::collections::hash_map::RandomState;
+//! use std::hash::BuildHasher;
+//!
+//! /// Per-process random state: a worker never repeats its master's (or a sibling's) sequence.
+//! static TOKEN_KEY: ForkLocal<RandomState> = ForkLocal::new(RandomState::new);
+//! /// Per-process identity, built from a closure.
+//! static BUILT_BY: ForkLocal<u32> = ForkLocal::new(|| std::process::id());
+//!
+//! fn token(n: u64) -> u64 {
+//!     TOKEN_KEY.get().hash_one(n)
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let master_token = token(1);
+//! assert_eq!(token(1), master_token, "one value per process");
+//! assert_eq!(*BUILT_BY.get(), std::process::id());
+//!
+//! // SAFETY (for the example): the child only reads the statics and leaves with `_exit`.
+//! match unsafe { fork() }? {
+//!     ForkResult::Child => {
+//! #       // A deadline: a hung child dies of SIGALRM, so the test fails instead of hanging.
+//! #       unsafe { libc::alarm(20) };
+//!         let own = *BUILT_BY.get() == std::process::id() && token(1) != master_token;
+//!         unsafe { libc::_exit(if own { 0 } else { 1 }) };
+//!     }
+//!     ForkResult::Parent { child } => {
+//!         assert_eq!(waitpid(child, None)?, WaitStatus::Exited(child, 0));
+//!         assert_eq!(token(1), master_token, "the master keeps its value");
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Fallible initialisers use [`ForkLocal::try_new`] and [`ForkLocal::get_or_try`], which
+//! returns the initialiser's own error unchanged and stores nothing, so the next call tries
+//! again:
+//!
+//! ```
+//! use forksafe_pool::ForkLocal;
+//!
+//! let port = ForkLocal::try_new(|| std::env::var("APP_PORT").unwrap_or("8080".into()).parse::<u16>());
+//! assert_eq!(port.get_or_try(), Ok(&8080));
+//! ```
+//!
+//! **References taken before a fork.** A `&T` obtained in the parent and still held in the
+//! child points at the parent's value. The child never frees or drops that value (it is the
+//! child's copy-on-write image of the parent's memory), so the reference stays valid memory, but
+//! what the value refers to is the parent's: a socket shared with the parent, threads that do not
+//! exist in the child, locks that may be frozen. Don't use such a reference in the child; call
+//! `get()` again.
+//!
+//! **Initialisers are not driver sections.** A fork does not wait for a `ForkLocal` initialiser
+//! running on another thread (it may run any code for any time). If it connects through a C
+//! library, a libpq or MySQL client say, a fork in that instant can leave the library's lock held
+//! in the child; build such values before forking, or through a [`Pool`], whose connects the
+//! fork does wait for.
+//!
+//! # Feature flags
+//!
+//! No feature is on by default: without one, the pool works with every [`ManageConnection`],
+//! and [`Builder::descriptor_locator`] tells it which descriptors a connection owns (otherwise
+//! inherited sockets are left open in the child and counted in
+//! [`ForkStats::connections_leaked`]). Each backend feature adds what its manager needs:
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `diesel` | diesel's connection traits for [`PooledConnection`], so `&mut conn` and `conn.transaction(..)` work unchanged |
+//! | `diesel-postgres` | diesel `PgConnection` (links libpq); sockets of inherited TCP connections, TLS or not, released in the child |
+//! | `diesel-mysql` | diesel `MysqlConnection` (links libmysqlclient or MariaDB Connector/C); sockets of inherited TCP connections released in the child |
+//! | `diesel-sqlite` | diesel `SqliteConnection`, SQLite compiled in; an inherited connection's database descriptor released in the child when it was the only one on its file |
+//! | `redis` | `Pool<redis::Client>` through the redis crate's r2d2 support; sockets of inherited TCP connections released in the child |
+//!
+//! Which connections each backend can identify, and why the others are left open, is in
+//! [docs/backends.md](https://github.com/forksafe-pool/forksafe-pool/blob/main/docs/backends.md).
+//!
+//! # Platforms
+//!
+//! - **Linux 4.14 and later**: a fork is detected with one memory load, whatever made it (libc
+//!   `fork()`, a raw `clone`/`SYS_fork`), through a page marked `MADV_WIPEONFORK`.
+//! - **Older Linux and other Unix systems**: each check also compares `getpid()`, a system call
+//!   per check; socket identification reads `/proc/self/fd`, so elsewhere than Linux inherited
+//!   connections are never used or closed in the child but their sockets are left open (counted
+//!   as leaked). Built and tested on Linux only.
+//! - **Windows** has no `fork()`, and the crate does not build there.
+//!
+//! # How it works
+//!
+//! Every object that must not cross a fork records the *epoch* of the process that made it. A
+//! [`Pool`] keeps one inner pool per process; a forked child's first use builds its own from the
+//! saved configuration, on std's `Mutex` and `Condvar` rather than on r2d2, whose parking_lot
+//! state a fork corrupts. The inherited inner pool is never touched or dropped (dropping would
+//! run each driver's goodbye on the parent's socket); the descriptors of its connections, recorded
+//! at connect time, are pointed at `/dev/null` with `dup3`. A libc `fork()` waits, at most one
+//! second, for connects and closes running on other threads, so no driver lock is copied held
+//! into a child. The details, and the reasons for each choice, are in
+//! [docs/how-it-works.md](https://github.com/forksafe-pool/forksafe-pool/blob/main/docs/how-it-works.md)
+//! and [docs/parking-lot.md](https://github.com/forksafe-pool/forksafe-pool/blob/main/docs/parking-lot.md);
+//! measurements, each with the command that reproduces it, in
+//! [docs/measurements.md](https://github.com/forksafe-pool/forksafe-pool/blob/main/docs/measurements.md).
+//!
+//! # Unsafe code
+//!
+//! Fork detection and the child's pool need raw system calls that no safe wrapper offers:
+//! mapping and `madvise`-ing the epoch page, registering `pthread_atfork` handlers, starting the
+//! child pool's connect threads with `pthread_create`, asking a socket's protocol with
+//! `getsockopt`, and making `r2d2::Error` and `r2d2::State` values without running r2d2. Every
+//! `unsafe` block carries a `// SAFETY:` comment naming each precondition; the crate denies
+//! `clippy::undocumented_unsafe_blocks` and `unsafe_op_in_unsafe_fn`.
+//!
+//! # Minimum supported Rust version
+//!
+//! Rust 1.88 (`rust-version` in Cargo.toml): diesel 2.3 needs 1.86, redis 1.x needs 1.88.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
@@ -25,3 +450,8 @@ pub use r2d2::{
     CustomizeConnection, Error, HandleError, HandleEvent, LoggingErrorHandler, ManageConnection,
     NopConnectionCustomizer, NopErrorHandler, NopEventHandler, State,
 };
+
+/// The README's code, compiled by `cargo test --doc` so that it cannot go stale.
+#[cfg(all(doctest, feature = "diesel-postgres"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,4 +1,4 @@
-//! Fork torture (issue 4) at CI length: eight scenarios that fork for real while parent
+//! Fork torture at CI length: eight scenarios that fork for real while parent
 //! threads use the pool; every child is reaped with a deadline and a hung child fails the run.
 //!
 //! A `harness = false` binary, so that no test harness threads or atfork registrations are in

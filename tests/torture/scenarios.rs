@@ -1,4 +1,4 @@
-//! The fork torture scenarios (issue 4), shared by `tests/torture.rs` (CI length) and
+//! The fork torture scenarios, shared by `tests/torture.rs` (CI length) and
 //! `examples/fork_torture.rs` (full length).
 //!
 //! Every scenario forks for real while parent threads use the pool, reaps every child with a
@@ -637,8 +637,8 @@ enum End {
     /// stack-overflow handler → `thread_info::delete_current_info`) takes the process-global
     /// std mutex that every thread start and exit takes, so a fork while any parent thread
     /// starts or exits — the FakeServer starts one per connection — makes the child hang
-    /// there (caught with gdb: 1 child in 5000). That is std's, not the pool's; the README
-    /// reports it.
+    /// there (caught with gdb: 1 child in 5000). That is std's, not the pool's;
+    /// docs/how-it-works.md describes it.
     Exit,
     UnderscoreExit,
     Panic,
