@@ -272,22 +272,30 @@ impl<M: ManageConnection> Pool<M> {
         }
         let config = &self.shared.config;
         let wanted = config.settings.min_idle_or_max_size();
-        let deadline = Instant::now() + config.settings.connection_timeout;
+        let timeout = config.settings.connection_timeout;
+        let deadline = Instant::now() + timeout;
+        let opened_too_few = |opened: u32| {
+            r2d2_error(format!(
+                "forksafe-pool: warm_up opened {opened} of {wanted} connections within {timeout:?}"
+            ))
+        };
         if let AnyPool::Std(pool) = &generation.pool {
-            // Faster than waiting for the background (which a forked child's pool lacks).
-            pool.open_until(deadline);
+            // r2d2's own error carries the last connection error; without one (connects still
+            // running at the deadline), say how far the pool got.
+            return pool
+                .warm_up(deadline)
+                .map_err(|(last_error, opened)| match last_error {
+                    Some(error) => r2d2_error(error),
+                    None => opened_too_few(opened),
+                });
         }
+        // r2d2's pool keeps trying on its own worker threads.
         while generation.pool.state().connections < wanted {
             if Instant::now() >= deadline {
                 let opened = generation.pool.state().connections;
-                // r2d2's own error carries the last connection error, when there is no idle
-                // connection to hand out; otherwise say how far the pool got.
                 return Err(match generation.pool.get_timeout(Duration::from_nanos(1)) {
                     Err(error) => error,
-                    Ok(_) => r2d2_error(format!(
-                        "forksafe-pool: warm_up opened {opened} of {wanted} connections within {:?}",
-                        config.settings.connection_timeout
-                    )),
+                    Ok(_) => opened_too_few(opened),
                 });
             }
             std::thread::sleep(Duration::from_millis(1));

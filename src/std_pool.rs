@@ -42,6 +42,7 @@
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -107,6 +108,14 @@ struct State<M: ManageConnection> {
     failures: u32,
     /// No new attempt before this instant, after a failure.
     retry_at: Option<Instant>,
+}
+
+/// Where a new connection goes.
+enum Destination {
+    /// To the thread that connected, checked out.
+    Caller,
+    /// Into the idle list, for whichever `get` wakes.
+    Idle,
 }
 
 struct Idle<M: ManageConnection> {
@@ -176,28 +185,14 @@ impl<M: ManageConnection> StdPool<M> {
 
     /// Waits until `min_idle` connections are open (all `max_size` when `None`), at most
     /// `timeout`, as r2d2's `build` does; r2d2's error, carrying the last connection error,
-    /// when they are not. Only a pool with a thread pool opens them on its own.
+    /// when they are not.
     pub(crate) fn wait_for_initial_connections(
         &self,
         timeout: Duration,
     ) -> Result<(), r2d2::Error> {
-        let shared = &self.shared;
-        let wanted = shared.settings.min_idle_or_max_size();
-        let deadline = Instant::now() + timeout;
-        let mut state = shared.lock();
-        loop {
-            if state.open >= wanted {
-                return Ok(());
-            }
-            shared.replenish(&mut state);
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(r2d2_error(state.last_error.take()));
-            }
-            state = shared.wait_until(state, now, deadline);
-        }
+        self.fill(Instant::now() + timeout)
+            .map_err(|(last_error, _)| r2d2_error(last_error))
     }
-
     /// Checks out a connection, waiting at most `timeout`, like `r2d2::Pool::get_timeout`.
     pub(crate) fn get_timeout(&self, timeout: Duration) -> Result<Lease<M>, r2d2::Error> {
         let shared = &self.shared;
@@ -208,30 +203,46 @@ impl<M: ManageConnection> StdPool<M> {
         }
     }
 
-    /// Opens connections on this thread until `min_idle` (all `max_size` when `None`) are
-    /// open or `deadline` passes; for `Pool::warm_up`, which should not wait for the
-    /// background.
-    pub(crate) fn open_until(&self, deadline: Instant) {
+    /// Opens connections until `min_idle` (all `max_size` when `None`) are open or `deadline`
+    /// passes, trying again after each failure's back-off, as `build` does; for
+    /// `Pool::warm_up`, which also runs in a forked child. On failure, the last connection
+    /// error and how many connections were open.
+    pub(crate) fn warm_up(&self, deadline: Instant) -> Result<(), (Option<String>, u32)> {
+        self.fill(deadline)
+    }
+
+    /// `build` and `warm_up`: starts attempts until `min_idle` (all `max_size` when `None`)
+    /// connections are open or being opened, each on a thread of its own (the thread pool's in
+    /// the building process), and waits for them until `deadline`. An attempt that fails makes
+    /// way for another once the back-off has passed.
+    fn fill(&self, deadline: Instant) -> Result<(), (Option<String>, u32)> {
         let shared = &self.shared;
-        let wanted = shared.settings.min_idle_or_max_size();
+        let wanted = shared
+            .settings
+            .min_idle_or_max_size()
+            .min(shared.settings.max_size);
+        let mut state = shared.lock();
         loop {
-            let mut state = shared.lock();
+            if state.open >= wanted {
+                return Ok(());
+            }
             let now = Instant::now();
-            if state.open >= wanted || now >= deadline {
-                return;
+            if now >= deadline {
+                return Err((state.last_error.take(), state.open));
             }
-            if let Some(at) = state.retry_at.filter(|at| *at > now) {
+            while state.open + state.connecting < wanted
+                && state.retry_at.is_none_or(|at| at <= now)
+            {
+                state.connecting += 1;
                 drop(state);
-                std::thread::sleep(at.min(deadline) - now);
-                continue;
+                if !shared.start_attempt() {
+                    // No thread to be had: connect here.
+                    shared.connect_one(Destination::Idle);
+                }
+                state = shared.lock();
             }
-            if state.open + state.connecting >= shared.settings.max_size {
-                return;
-            }
-            state.connecting += 1;
-            drop(state);
-            if let Some(conn) = shared.connect_one() {
-                shared.put_back(conn);
+            if state.open < wanted {
+                state = shared.wait_until(state, Instant::now(), deadline);
             }
         }
     }
@@ -328,7 +339,7 @@ impl<M: ManageConnection> Shared<M> {
                 // `timeout` when a connect hangs (a server that never answers).
                 if !self.start_attempt() {
                     // No thread to be had: connect here; the wait is then the connect's.
-                    if let Some(conn) = self.connect_one() {
+                    if let Some(conn) = self.connect_one(Destination::Caller) {
                         return Ok(Lease {
                             pool: Arc::clone(self),
                             conn: Some(conn),
@@ -422,12 +433,14 @@ impl<M: ManageConnection> Shared<M> {
         let shared = Arc::clone(self);
         match &self.connector {
             Connector::ThreadPool { threads, .. } => {
-                threads.execute(move || shared.connect_into_idle());
+                threads.execute(move || {
+                    shared.connect_one(Destination::Idle);
+                });
                 true
             }
-            Connector::Detached => {
-                crate::fork::spawn_detached(Box::new(move || shared.connect_into_idle()))
-            }
+            Connector::Detached => crate::fork::spawn_detached(Box::new(move || {
+                shared.connect_one(Destination::Idle);
+            })),
         }
     }
 
@@ -467,52 +480,92 @@ impl<M: ManageConnection> Shared<M> {
     }
 
     /// One connection attempt on the current thread, reserved by the caller (`connecting`
-    /// counts it). The new connection counts as open and is handed to the caller.
-    fn connect_one(&self) -> Option<Pooled<M>> {
-        let result = self
-            .manager
-            .connect()
-            .and_then(|mut conn| self.customizer.on_acquire(&mut conn).map(|()| conn));
+    /// counts it). A new connection leaves `connecting` and counts as open in the same critical
+    /// section that puts it where it goes, so no one counting the pool sees it in neither
+    /// place (and starts a connect too many for `min_idle`, or finds it neither idle nor
+    /// checked out). A connect that panics counts as a failed attempt whose error is the
+    /// panic's message, so the slot it held is freed and the `get` waiting for it can say why.
+    fn connect_one(self: &Arc<Self>, destination: Destination) -> Option<Pooled<M>> {
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.manager
+                .connect()
+                .and_then(|mut conn| self.customizer.on_acquire(&mut conn).map(|()| conn))
+        }));
         let mut state = self.lock();
         state.connecting -= 1;
         state.attempts_ended += 1;
-        match result {
-            Ok(conn) => {
+        let error = match result {
+            Ok(Ok(conn)) => {
                 state.open += 1;
                 state.last_error = None;
                 state.failures = 0;
                 state.retry_at = None;
-                Some(Pooled {
+                let conn = Pooled {
                     conn,
                     extensions: r2d2::Extensions::new(),
                     birth: Instant::now(),
-                })
+                };
+                return match destination {
+                    Destination::Caller => Some(conn),
+                    Destination::Idle => {
+                        state.idle.push(Idle {
+                            since: self.settings.idle_timeout.map(|_| Instant::now()),
+                            conn,
+                        });
+                        self.wake_all(state);
+                        None
+                    }
+                };
             }
-            Err(error) => {
-                state.last_error = Some(error.to_string());
-                state.failures = state.failures.saturating_add(1);
-                let backoff = Duration::from_millis(200)
-                    .saturating_mul(1 << state.failures.saturating_sub(1).min(16))
-                    .min(self.settings.connection_timeout / 2);
-                state.retry_at = Some(Instant::now() + backoff);
-                // A waiter may take the freed slot (after the back-off).
-                self.wake_all(state);
-                self.error_handler.handle_error(error);
-                None
+            Ok(Err(error)) => {
+                self.failed(state, error.to_string());
+                error
             }
-        }
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("a panic without a message");
+                self.failed(
+                    state,
+                    format!("forksafe-pool: connecting panicked: {message}"),
+                );
+                // The panic hook has already reported it where panics go; the error of the
+                // waiting `get` names it. The error handler takes only the manager's errors.
+                return None;
+            }
+        };
+        self.error_handler.handle_error(error);
+        None
     }
 
-    /// One attempt on a thread of its own: the connection goes idle for whichever `get` wakes.
-    fn connect_into_idle(&self) {
-        if let Some(conn) = self.connect_one() {
-            let mut state = self.lock();
-            state.idle.push(Idle {
-                since: self.settings.idle_timeout.map(|_| Instant::now()),
-                conn,
+    /// Records a failed attempt: its error for the `get` calls that wait, and r2d2's back-off
+    /// (200 ms doubling, at most half of `connection_timeout`) before the next. In the building
+    /// process the pool tries again on its own once the back-off has passed, as r2d2's
+    /// workers do, so that `min_idle` is reached without any `get` (a pool used only through
+    /// `try_get` fills up). A forked child's pool has no thread to wait on; it tries again when
+    /// a `get` or `warm_up` needs a connection.
+    fn failed(self: &Arc<Self>, mut state: MutexGuard<'_, State<M>>, message: String) {
+        state.last_error = Some(message);
+        state.failures = state.failures.saturating_add(1);
+        let backoff = Duration::from_millis(200)
+            .saturating_mul(1 << state.failures.saturating_sub(1).min(16))
+            .min(self.settings.connection_timeout / 2);
+        state.retry_at = Some(Instant::now() + backoff);
+        if let Connector::ThreadPool { threads, .. } = &self.connector {
+            // Each failure schedules one retry at its own back-off; only the latest is not
+            // cut short by a later failure's, and a dropped pool or a retired generation
+            // starts none.
+            let pool = Arc::downgrade(self);
+            threads.execute_after(backoff, move || {
+                if let Some(pool) = pool.upgrade() {
+                    pool.replenish(&mut pool.lock());
+                }
             });
-            self.wake_all(state);
         }
+        // A waiter may take the freed slot (after the back-off).
+        self.wake_all(state);
     }
 
     /// Wakes every waiting `get`, if any.

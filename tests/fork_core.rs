@@ -558,6 +558,7 @@ fn a_child_that_cannot_connect_gets_a_clear_error_in_time() -> Check {
 /// for it, frees its slot (the next `get` connects once the driver behaves), and leaves the
 /// parent's pool alone.
 fn a_connect_that_panics_in_a_child_is_reported_as_the_panic() -> Check {
+    support::quiet_scripted_panics();
     let manager = support::ScriptedManager::default();
     let pool = forksafe_pool::Pool::builder()
         .max_size(1)
@@ -580,7 +581,7 @@ fn a_connect_that_panics_in_a_child_is_reported_as_the_panic() -> Check {
                 "not r2d2's error: {error}"
             );
             ensure!(
-                error.contains("the driver panicked while connecting"),
+                error.contains(support::SCRIPTED_PANIC),
                 "the error does not name the panic: {error}"
             );
             manager.script().panic_next.store(0, Ordering::SeqCst);

@@ -298,6 +298,7 @@ fn background_retries_stop_when_the_pool_is_dropped_or_released() {
 /// nothing.
 #[test]
 fn a_connect_that_panics_is_reported_and_frees_its_slot() {
+    support::quiet_scripted_panics();
     let timeout = Duration::from_millis(500);
     let manager = ScriptedManager::panicking_first(u32::MAX);
     let pool = forksafe_pool::Pool::builder()

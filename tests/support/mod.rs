@@ -463,6 +463,24 @@ impl r2d2::HandleEvent for EventCounts {
     }
 }
 
+/// The message of a [`ScriptedManager`]'s panics.
+pub const SCRIPTED_PANIC: &str = "the driver panicked while connecting";
+
+/// Keeps the panic hook quiet about [`ScriptedManager`]'s panics (and only those). The default
+/// hook prints a backtrace when `RUST_BACKTRACE` is set, and resolving its symbols can take
+/// longer than the `connection_timeout` of a test that waits for the panicked attempt to end.
+pub fn quiet_scripted_panics() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.payload().downcast_ref::<String>().map(String::as_str) != Some(SCRIPTED_PANIC) {
+                default(info);
+            }
+        }));
+    });
+}
+
 /// Connections are numbers; fails or panics on as many of the next connects as it is told to,
 /// then connects. Clones share the script and the counts.
 #[derive(Clone, Debug, Default)]
@@ -540,7 +558,7 @@ impl r2d2::ManageConnection for ScriptedManager {
             return Err(std::io::Error::other("no server yet"));
         }
         if Self::take_one(&self.0.panic_next) {
-            panic!("the driver panicked while connecting");
+            panic!("{SCRIPTED_PANIC}");
         }
         Ok(self.0.opened.fetch_add(1, Ordering::SeqCst))
     }
