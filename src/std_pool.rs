@@ -7,12 +7,20 @@
 //! pool's scheduled thread pool (the `thread_pool` setting, r2d2's three threads by default),
 //! `build` waits for `min_idle` of them, a checkout that leaves fewer than `min_idle` idle
 //! opens more in the background, and a job on the same thread pool closes idle connections
-//! past `idle_timeout` or `max_lifetime` every 30 seconds, as r2d2's reaper does. One
-//! difference: after a failed attempt r2d2 keeps retrying in the background until it
-//! succeeds; this pool retries (with r2d2's back-off) when the next `get` or checkout needs a
-//! connection. It is also cheaper than r2d2 per checkout: it reads the clock only when a
-//! setting needs the time (r2d2 reads it four times per checkout and return, for its events,
-//! whether or not anyone listens).
+//! past `idle_timeout` or `max_lifetime` every 30 seconds, as r2d2's reaper does. A failed
+//! attempt schedules a retry on the same thread pool once its back-off has passed, so the pool
+//! reaches `min_idle` on its own when the server comes back, as r2d2's does (r2d2's worker
+//! retries the very attempt that failed, until it succeeds; this pool tops up to `min_idle`,
+//! which comes to the same unless a `get` started the attempt and `min_idle` is below
+//! `max_size`). Where it differs from r2d2 on purpose is listed in `Pool`'s docs. It is also
+//! cheaper than r2d2 per checkout: it reads the clock only when a setting needs the time
+//! (r2d2 reads it four times per checkout and return, for its events, whether or not anyone
+//! listens).
+//!
+//! The counts (`open`, `connecting`, the idle list) change together: a connection leaves
+//! `connecting` and appears open and idle (or checked out) in one critical section, so a
+//! `replenish` never sees it in neither place and starts a connect too many, and `build`
+//! never returns with a connection counted open that is not yet idle.
 //!
 //! Why not a fresh r2d2 pool in a forked child? r2d2 keeps its state behind parking_lot 0.12
 //! and runs on a scheduled-thread-pool (parking_lot 0.13). Both parking_lots keep a
@@ -37,8 +45,11 @@
 //! (a server that never answers) does not hold `get` past `connection_timeout`. A connection
 //! that arrives after its caller gave up goes idle in the pool, as with r2d2's workers. Only if
 //! no thread can be made at all does `get` connect on its own thread. A child's pool keeps no
-//! `min_idle` in the background and reaps nothing (both need a long-lived thread): stale
-//! connections are closed when a checkout finds them.
+//! `min_idle` in the background, retries nothing after a failure and reaps nothing (all need a
+//! long-lived thread): it connects when a `get` or `warm_up` needs a connection, and stale
+//! connections are closed when a checkout finds them. A connect that panics, here or on the
+//! thread pool, counts as a failed attempt whose error is the panic's message, so its slot is
+//! freed and the waiting `get` says why it got nothing.
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};

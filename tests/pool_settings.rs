@@ -324,6 +324,19 @@ fn a_connect_that_panics_is_reported_and_frees_its_slot() {
     manager.script().panic_next.store(0, Ordering::SeqCst);
     pool.get_timeout(Duration::from_secs(5))
         .expect("the slot of the panicked connect was never freed");
+
+    let theirs_manager = ScriptedManager::panicking_first(1);
+    let theirs = r2d2::Pool::builder()
+        .max_size(1)
+        .min_idle(Some(0))
+        .connection_timeout(timeout)
+        .build_unchecked(theirs_manager.clone());
+    let error = theirs.get().expect_err("r2d2 connected through a panic");
+    assert_eq!(error.to_string(), "timed out waiting for connection");
+    assert!(
+        theirs.get().is_err() && theirs_manager.attempts() == 1,
+        "r2d2 freed the slot of a panicked connect: the docs of `Pool` say it does not"
+    );
 }
 
 /// Checking out below `min_idle`, and closing broken connections, make the pool open more
