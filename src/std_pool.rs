@@ -278,8 +278,9 @@ impl<M: ManageConnection> Shared<M> {
     }
 
     /// Waits on `changed`, counted as a waiter (see `wake`), until `deadline` — or, when a
-    /// failure's back-off ends sooner and no attempt is running to wake us, until then, so that
-    /// the caller can start the next attempt.
+    /// failure's back-off ends sooner and a slot is free for another attempt, until then, so
+    /// that the caller can start it (an attempt still running, which may hang, would wake us
+    /// only when it ends).
     fn wait_until<'a>(
         &'a self,
         mut state: MutexGuard<'a, State<M>>,
@@ -287,7 +288,9 @@ impl<M: ManageConnection> Shared<M> {
         deadline: Instant,
     ) -> MutexGuard<'a, State<M>> {
         let wake = match state.retry_at {
-            Some(at) if at > now && state.connecting == 0 => at.min(deadline),
+            Some(at) if at > now && state.open + state.connecting < self.settings.max_size => {
+                at.min(deadline)
+            }
             _ => deadline,
         };
         state.waiters += 1;

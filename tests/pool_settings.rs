@@ -263,6 +263,36 @@ fn failed_connects_are_retried_in_the_background_like_r2d2() {
     eprintln!("first connection after 3 failures: ours {ours_took:?}, r2d2 {theirs_took:?}");
 }
 
+/// A `get` whose own attempt failed tries again once the back-off has passed, even while
+/// another attempt hangs (a server that never answers): it does not wait for the hung one to
+/// end, which here would be after its timeout.
+#[test]
+fn get_retries_after_the_back_off_while_another_connect_hangs() {
+    let timeout = Duration::from_millis(1500);
+    let hang = Duration::from_secs(4);
+    // The first connect (the background one, for `min_idle`) hangs; the next fails.
+    let manager = ScriptedManager::failing_first(1).hanging_next(1, hang);
+    let pool = forksafe_pool::Pool::builder()
+        .max_size(2)
+        .min_idle(Some(1))
+        .connection_timeout(timeout)
+        .build_unchecked(manager.clone());
+    eventually("the background connect starts", || manager.attempts() == 1);
+    let started = Instant::now();
+    let conn = pool.get();
+    assert!(
+        conn.is_ok(),
+        "get waited for the hung connect: {:?} after {:?}",
+        conn.err(),
+        started.elapsed()
+    );
+    assert_eq!(
+        manager.attempts(),
+        3,
+        "the hung one, the failed one, the retry"
+    );
+}
+
 /// The background retries end with the pool, and with a generation `release_idle` retired.
 #[test]
 fn background_retries_stop_when_the_pool_is_dropped_or_released() {

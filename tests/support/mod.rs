@@ -488,7 +488,11 @@ pub struct ScriptedManager(Arc<Script>);
 
 #[derive(Debug, Default)]
 pub struct Script {
-    /// How many of the next connects fail with "no server yet".
+    /// How many of the next connects hang for `hang_micros`, then connect.
+    pub hang_next: std::sync::atomic::AtomicU32,
+    /// How long a hanging connect hangs, in microseconds.
+    pub hang_micros: AtomicU64,
+    /// How many of the next connects (after the hanging ones) fail with "no server yet".
     pub fail_next: std::sync::atomic::AtomicU32,
     /// How many of the next connects (after the failing ones) panic.
     pub panic_next: std::sync::atomic::AtomicU32,
@@ -513,6 +517,15 @@ impl ScriptedManager {
         let manager = ScriptedManager::default();
         manager.0.panic_next.store(panics, Ordering::SeqCst);
         manager
+    }
+
+    /// Makes the next `count` connects hang for `time` (then connect).
+    pub fn hanging_next(self, count: u32, time: Duration) -> ScriptedManager {
+        self.0
+            .hang_micros
+            .store(time.as_micros() as u64, Ordering::SeqCst);
+        self.0.hang_next.store(count, Ordering::SeqCst);
+        self
     }
 
     /// Makes every connect take `time`.
@@ -554,7 +567,11 @@ impl r2d2::ManageConnection for ScriptedManager {
         std::thread::sleep(Duration::from_micros(
             self.0.connect_micros.load(Ordering::SeqCst),
         ));
-        if Self::take_one(&self.0.fail_next) {
+        if Self::take_one(&self.0.hang_next) {
+            std::thread::sleep(Duration::from_micros(
+                self.0.hang_micros.load(Ordering::SeqCst),
+            ));
+        } else if Self::take_one(&self.0.fail_next) {
             return Err(std::io::Error::other("no server yet"));
         }
         if Self::take_one(&self.0.panic_next) {
