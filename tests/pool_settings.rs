@@ -79,11 +79,12 @@ fn quiesce(threads: &ScheduledThreadPool, size: usize) {
 }
 
 /// `build` returns once `min_idle` connections are open and idle, never with one still on its
-/// way into the idle list, and never opens more than `min_idle`: a connection counts as open
-/// and idle in the same instant, so nothing sees the pool one short and starts another. The
-/// window in which that could happen is a few instructions long, so one build proves little:
-/// the same build runs `BUILDS` times, on this pool and on r2d2's side by side, and each must
-/// end exactly at `min_idle`.
+/// way into the idle list (`try_get` right after it would find none), and never opens more
+/// than `min_idle`: a connection counts as open and idle in the same instant, so nothing sees
+/// the pool one short and starts another. The window in which that could happen is a few
+/// instructions long, so one build proves little: the same builds run `BUILDS` times, on this
+/// pool and on r2d2's side by side, and each must end exactly at `min_idle`, all idle, once
+/// the thread pool is quiet.
 #[test]
 fn build_waits_for_min_idle_connections_opened_on_the_thread_pool() {
     const BUILDS: usize = 1000;
@@ -94,52 +95,67 @@ fn build_waits_for_min_idle_connections_opened_on_the_thread_pool() {
             .thread_name_pattern("settings-test-{}")
             .build(),
     );
-    let mut wrong = Vec::new();
-    for build in 0..BUILDS {
-        let ours_manager = RecordingManager::default();
-        let ours = forksafe_pool::Pool::builder()
-            .max_size(5)
-            .min_idle(Some(3))
+    // (max_size, min_idle): a pool filled to `min_idle`, and one filled to `max_size`.
+    let settings = [(5, Some(3)), (3, None)];
+    let ours = |(max_size, min_idle): (u32, Option<u32>), manager: &RecordingManager| {
+        let pool = forksafe_pool::Pool::builder()
+            .max_size(max_size)
+            .min_idle(min_idle)
             .thread_pool(Arc::clone(&threads))
-            .build(ours_manager.clone())
+            .build(manager.clone())
             .expect("build");
-        let at_return = ours.state();
-        quiesce(&threads, THREADS);
-        let opened = ours_manager.opened.load(Ordering::SeqCst);
-        if (at_return.connections, at_return.idle_connections, opened) != (3, 3, 3) {
-            wrong.push(format!(
-                "build {build}: returned with {} open, {} idle; opened {opened} in all",
-                at_return.connections, at_return.idle_connections
-            ));
-        }
-        let names = ours_manager.threads.lock().unwrap().clone();
-        assert!(
-            names.iter().all(|name| name.starts_with("settings-test-")),
-            "connections opened elsewhere than on the given thread pool: {names:?}"
-        );
-    }
-    let mut r2d2_wrong = 0;
-    for _ in 0..BUILDS {
-        let theirs_manager = RecordingManager::default();
-        let theirs = r2d2::Pool::builder()
-            .max_size(5)
-            .min_idle(Some(3))
+        (pool.state(), Box::new(pool) as Box<dyn std::any::Any>)
+    };
+    let theirs = |(max_size, min_idle): (u32, Option<u32>), manager: &RecordingManager| {
+        let pool = r2d2::Pool::builder()
+            .max_size(max_size)
+            .min_idle(min_idle)
             .thread_pool(Arc::clone(&threads))
-            .build(theirs_manager.clone())
+            .build(manager.clone())
             .expect("r2d2 build");
-        let at_return = theirs.state();
-        quiesce(&threads, THREADS);
-        let opened = theirs_manager.opened.load(Ordering::SeqCst);
-        if (at_return.connections, at_return.idle_connections, opened) != (3, 3, 3) {
-            r2d2_wrong += 1;
+        (pool.state(), Box::new(pool) as Box<dyn std::any::Any>)
+    };
+    let mut wrong = Vec::new();
+    let mut r2d2_wrong = Vec::new();
+    for setting in settings {
+        let wanted = setting.1.unwrap_or(setting.0);
+        // All of one pool's builds, then all of the other's: interleaved, the thread pool's
+        // threads meet the builds in other states and the window is hit far less often.
+        for (which, wrong) in [(0, &mut wrong), (1, &mut r2d2_wrong)] {
+            for build in 0..BUILDS {
+                let manager = RecordingManager::default();
+                // The pool stays alive until the thread pool is quiet: r2d2's connect jobs
+                // give up once their pool is gone.
+                let (at_return, _pool) = if which == 0 {
+                    ours(setting, &manager)
+                } else {
+                    theirs(setting, &manager)
+                };
+                quiesce(&threads, THREADS);
+                let opened = manager.opened.load(Ordering::SeqCst);
+                if (at_return.connections, at_return.idle_connections, opened)
+                    != (wanted, wanted, wanted)
+                {
+                    wrong.push(format!(
+                        "build {build} (max_size {}, min_idle {:?}): returned with {} open, \
+                         {} idle; opened {opened} in all",
+                        setting.0, setting.1, at_return.connections, at_return.idle_connections
+                    ));
+                }
+                let names = manager.threads.lock().unwrap().clone();
+                assert!(
+                    names.iter().all(|name| name.starts_with("settings-test-")),
+                    "connections opened elsewhere than on the given thread pool: {names:?}"
+                );
+            }
         }
     }
-    assert_eq!(r2d2_wrong, 0, "r2d2 itself strayed from min_idle");
+    assert!(r2d2_wrong.is_empty(), "r2d2 itself strayed: {r2d2_wrong:?}");
     assert!(
         wrong.is_empty(),
-        "{} of {BUILDS} builds with min_idle 3 did not end with exactly 3 connections, all \
-         idle: {:?}",
+        "{} of {} builds did not end with exactly min_idle connections, all idle: {:?}",
         wrong.len(),
+        BUILDS * settings.len(),
         &wrong[..wrong.len().min(5)]
     );
 }
