@@ -73,9 +73,9 @@ use crate::std_pool::{AnyPool, Connector, StdPool, REAPER_RATE};
 ///   calls `try_get` gets `None` until one of those has opened one.
 /// - **A connect that panics frees its slot.** Its message becomes the error of the `get`
 ///   that waited for it ("timed out waiting for connection: forksafe-pool: connecting
-///   panicked: …") and the pool retries after the back-off; in r2d2 the panic ends a worker
-///   thread and the slot stays taken for the pool's lifetime (a `max_size(1)` pool never
-///   connects again), with `get` timing out without a message.
+///   panicked: …") and the pool retries after the back-off. In r2d2 the thread pool catches
+///   the panic, but the attempt's slot stays taken for the pool's lifetime (a `max_size(1)`
+///   pool never connects again) and `get` times out without a message.
 /// - [`warm_up`](Self::warm_up), [`release_idle`](Self::release_idle) and
 ///   [`fork_stats`](Self::fork_stats) are this crate's own.
 pub struct Pool<M: ManageConnection> {

@@ -204,6 +204,7 @@ impl<M: ManageConnection> StdPool<M> {
         self.fill(Instant::now() + timeout)
             .map_err(|(last_error, _)| r2d2_error(last_error))
     }
+
     /// Checks out a connection, waiting at most `timeout`, like `r2d2::Pool::get_timeout`.
     pub(crate) fn get_timeout(&self, timeout: Duration) -> Result<Lease<M>, r2d2::Error> {
         let shared = &self.shared;
@@ -568,9 +569,9 @@ impl<M: ManageConnection> Shared<M> {
             .min(self.settings.connection_timeout / 2);
         state.retry_at = Some(Instant::now() + backoff);
         if let Connector::ThreadPool { threads, .. } = &self.connector {
-            // Each failure schedules one retry at its own back-off; only the latest is not
-            // cut short by a later failure's, and a dropped pool or a retired generation
-            // starts none.
+            // Each failure schedules one retry at the end of its back-off; one whose time comes
+            // while a later failure's back-off still runs starts nothing (`replenish` waits for
+            // `retry_at`), and neither does one of a dropped pool or a retired generation.
             let pool = Arc::downgrade(self);
             threads.execute_after(backoff, move || {
                 if let Some(pool) = pool.upgrade() {
