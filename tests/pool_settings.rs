@@ -246,23 +246,20 @@ fn warm_up_keeps_trying_after_a_failed_connect_like_build() {
 /// used only through `try_get` recovers, as r2d2's does.
 #[test]
 fn failed_connects_are_retried_in_the_background_like_r2d2() {
+    /// From the build to the first connection `try_get` hands out, and to `min_idle`.
     fn first_try_get_after(
         try_get: &dyn Fn() -> bool,
         connections: &dyn Fn() -> u32,
         what: &str,
-    ) -> Duration {
+    ) -> (Duration, Duration) {
         let started = Instant::now();
         eventually(&format!("{what}: try_get hands out a connection"), try_get);
-        let took = started.elapsed();
+        let first = started.elapsed();
         eventually(&format!("{what}: min_idle reached"), || connections() == 2);
-        took
+        (first, started.elapsed())
     }
     let timeout = Duration::from_secs(2);
     let ours = forksafe_pool::Pool::builder()
-        .max_size(2)
-        .connection_timeout(timeout)
-        .build_unchecked(ScriptedManager::failing_first(3));
-    let theirs = r2d2::Pool::builder()
         .max_size(2)
         .connection_timeout(timeout)
         .build_unchecked(ScriptedManager::failing_first(3));
@@ -271,12 +268,20 @@ fn failed_connects_are_retried_in_the_background_like_r2d2() {
         &|| ours.state().connections,
         "ours",
     );
+    let theirs = r2d2::Pool::builder()
+        .max_size(2)
+        .connection_timeout(timeout)
+        .build_unchecked(ScriptedManager::failing_first(3));
     let theirs_took = first_try_get_after(
         &|| theirs.try_get().is_some(),
         &|| theirs.state().connections,
         "r2d2",
     );
-    eprintln!("first connection after 3 failures: ours {ours_took:?}, r2d2 {theirs_took:?}");
+    eprintln!(
+        "after 3 failed connects, first connection / max_size 2 reached: ours {:?} / {:?}, \
+         r2d2 {:?} / {:?}",
+        ours_took.0, ours_took.1, theirs_took.0, theirs_took.1
+    );
 }
 
 /// A `get` whose own attempt failed tries again once the back-off has passed, even while
