@@ -317,8 +317,9 @@ fn get_retries_after_the_back_off_while_another_connect_hangs() {
 /// The background retries end with the pool, and with a generation `release_idle` retired.
 #[test]
 fn background_retries_stop_when_the_pool_is_dropped_or_released() {
-    let timeout = Duration::from_millis(400);
-    let settle = timeout * 3;
+    // Back-off at most 100 ms: a pool still retrying would try several times per `settle`.
+    let timeout = Duration::from_millis(200);
+    let settle = Duration::from_millis(600);
     for release in [false, true] {
         let manager = ScriptedManager::failing_first(u32::MAX);
         let pool = forksafe_pool::Pool::builder()
@@ -331,8 +332,8 @@ fn background_retries_stop_when_the_pool_is_dropped_or_released() {
         } else {
             drop(pool);
         }
-        // An attempt in flight at that instant may still end.
-        std::thread::sleep(Duration::from_millis(50));
+        // An attempt already handed to the thread pool may still run in this time.
+        std::thread::sleep(settle);
         let attempts = manager.attempts();
         std::thread::sleep(settle);
         assert_eq!(
