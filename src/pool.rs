@@ -42,6 +42,42 @@ use crate::std_pool::{AnyPool, Connector, StdPool, REAPER_RATE};
 /// assert_eq!(pool.fork_stats().forks_crossed, 0);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+///
+/// # Differences from r2d2
+///
+/// The process that builds the pool runs r2d2's rules (on std's locks, see the crate docs),
+/// with r2d2's background work on the `thread_pool`: `build` waits for `min_idle`
+/// connections, checkouts and closes that leave fewer than `min_idle` idle open more, failed
+/// connects are retried after r2d2's back-off (200 ms doubling, at most half of
+/// `connection_timeout`), and stale idle connections are reaped every 30 seconds. Where it
+/// differs, it is on purpose:
+///
+/// - **A stale idle connection is not handed out.** One past `idle_timeout` or `max_lifetime`
+///   is closed when a checkout finds it, and the checkout takes (or opens) another; r2d2 hands
+///   it out until its reaper, every 30 seconds, closes it. Those limits exist because servers,
+///   proxies and firewalls drop sessions left idle too long (MySQL's `wait_timeout`, a NAT's
+///   idle timer), so r2d2 can hand out a connection that is already dead; and a forked child
+///   has no reaper thread, so without this check it would never honour them. The clock is read
+///   only when one of the two is set.
+/// - **A connection returned past `max_lifetime` is closed**, not put back: r2d2 keeps it idle
+///   (and hands it out again) until its reaper runs. The lifetime is a limit the user chose (a
+///   credential rotation, a load balancer that should rebalance), so it holds from the moment
+///   it passes.
+/// - **Failed connects are retried until `min_idle` is reached**, where r2d2 retries every
+///   failed attempt until it succeeds — including one a `get` started and then stopped waiting
+///   for. Both fill a pool whose server comes back without any `get` (one used only through
+///   `try_get` too); with `min_idle` below `max_size` this pool does not open, after the
+///   server returns, a connection nobody is waiting for. In a forked child there is no
+///   background thread to wait out a back-off (see the crate docs): a child's pool retries
+///   when a `get` or [`warm_up`](Self::warm_up) needs a connection, and a child that only
+///   calls `try_get` gets `None` until one of those has opened one.
+/// - **A connect that panics frees its slot.** Its message becomes the error of the `get`
+///   that waited for it ("timed out waiting for connection: forksafe-pool: connecting
+///   panicked: …") and the pool retries after the back-off. In r2d2 the thread pool catches
+///   the panic, but the attempt's slot stays taken for the pool's lifetime (a `max_size(1)`
+///   pool never connects again) and `get` times out without a message.
+/// - [`warm_up`](Self::warm_up), [`release_idle`](Self::release_idle) and
+///   [`fork_stats`](Self::fork_stats) are this crate's own.
 pub struct Pool<M: ManageConnection> {
     shared: Arc<Shared<M>>,
 }
@@ -272,22 +308,30 @@ impl<M: ManageConnection> Pool<M> {
         }
         let config = &self.shared.config;
         let wanted = config.settings.min_idle_or_max_size();
-        let deadline = Instant::now() + config.settings.connection_timeout;
+        let timeout = config.settings.connection_timeout;
+        let deadline = Instant::now() + timeout;
+        let opened_too_few = |opened: u32| {
+            r2d2_error(format!(
+                "forksafe-pool: warm_up opened {opened} of {wanted} connections within {timeout:?}"
+            ))
+        };
         if let AnyPool::Std(pool) = &generation.pool {
-            // Faster than waiting for the background (which a forked child's pool lacks).
-            pool.open_until(deadline);
+            // r2d2's own error carries the last connection error; without one (connects still
+            // running at the deadline), say how far the pool got.
+            return pool
+                .warm_up(deadline)
+                .map_err(|(last_error, opened)| match last_error {
+                    Some(error) => r2d2_error(error),
+                    None => opened_too_few(opened),
+                });
         }
+        // r2d2's pool keeps trying on its own worker threads.
         while generation.pool.state().connections < wanted {
             if Instant::now() >= deadline {
                 let opened = generation.pool.state().connections;
-                // r2d2's own error carries the last connection error, when there is no idle
-                // connection to hand out; otherwise say how far the pool got.
                 return Err(match generation.pool.get_timeout(Duration::from_nanos(1)) {
                     Err(error) => error,
-                    Ok(_) => r2d2_error(format!(
-                        "forksafe-pool: warm_up opened {opened} of {wanted} connections within {:?}",
-                        config.settings.connection_timeout
-                    )),
+                    Ok(_) => opened_too_few(opened),
                 });
             }
             std::thread::sleep(Duration::from_millis(1));

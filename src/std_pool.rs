@@ -7,12 +7,20 @@
 //! pool's scheduled thread pool (the `thread_pool` setting, r2d2's three threads by default),
 //! `build` waits for `min_idle` of them, a checkout that leaves fewer than `min_idle` idle
 //! opens more in the background, and a job on the same thread pool closes idle connections
-//! past `idle_timeout` or `max_lifetime` every 30 seconds, as r2d2's reaper does. One
-//! difference: after a failed attempt r2d2 keeps retrying in the background until it
-//! succeeds; this pool retries (with r2d2's back-off) when the next `get` or checkout needs a
-//! connection. It is also cheaper than r2d2 per checkout: it reads the clock only when a
-//! setting needs the time (r2d2 reads it four times per checkout and return, for its events,
-//! whether or not anyone listens).
+//! past `idle_timeout` or `max_lifetime` every 30 seconds, as r2d2's reaper does. A failed
+//! attempt schedules a retry on the same thread pool once its back-off has passed, so the pool
+//! reaches `min_idle` on its own when the server comes back, as r2d2's does (r2d2's worker
+//! retries the very attempt that failed, until it succeeds; this pool tops up to `min_idle`,
+//! which comes to the same unless a `get` started the attempt and `min_idle` is below
+//! `max_size`). Where it differs from r2d2 on purpose is listed in `Pool`'s docs. It is also
+//! cheaper than r2d2 per checkout: it reads the clock only when a setting needs the time
+//! (r2d2 reads it four times per checkout and return, for its events, whether or not anyone
+//! listens).
+//!
+//! The counts (`open`, `connecting`, the idle list) change together: a connection leaves
+//! `connecting` and appears open and idle (or checked out) in one critical section, so a
+//! `replenish` never sees it in neither place and starts a connect too many, and `build`
+//! never returns with a connection counted open that is not yet idle.
 //!
 //! Why not a fresh r2d2 pool in a forked child? r2d2 keeps its state behind parking_lot 0.12
 //! and runs on a scheduled-thread-pool (parking_lot 0.13). Both parking_lots keep a
@@ -37,11 +45,15 @@
 //! (a server that never answers) does not hold `get` past `connection_timeout`. A connection
 //! that arrives after its caller gave up goes idle in the pool, as with r2d2's workers. Only if
 //! no thread can be made at all does `get` connect on its own thread. A child's pool keeps no
-//! `min_idle` in the background and reaps nothing (both need a long-lived thread): stale
-//! connections are closed when a checkout finds them.
+//! `min_idle` in the background, retries nothing after a failure and reaps nothing (all need a
+//! long-lived thread): it connects when a `get` or `warm_up` needs a connection, and stale
+//! connections are closed when a checkout finds them. A connect that panics, here or on the
+//! thread pool, counts as a failed attempt whose error is the panic's message, so its slot is
+//! freed and the waiting `get` says why it got nothing.
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -107,6 +119,14 @@ struct State<M: ManageConnection> {
     failures: u32,
     /// No new attempt before this instant, after a failure.
     retry_at: Option<Instant>,
+}
+
+/// Where a new connection goes.
+enum Destination {
+    /// To the thread that connected, checked out.
+    Caller,
+    /// Into the idle list, for whichever `get` wakes.
+    Idle,
 }
 
 struct Idle<M: ManageConnection> {
@@ -176,26 +196,13 @@ impl<M: ManageConnection> StdPool<M> {
 
     /// Waits until `min_idle` connections are open (all `max_size` when `None`), at most
     /// `timeout`, as r2d2's `build` does; r2d2's error, carrying the last connection error,
-    /// when they are not. Only a pool with a thread pool opens them on its own.
+    /// when they are not.
     pub(crate) fn wait_for_initial_connections(
         &self,
         timeout: Duration,
     ) -> Result<(), r2d2::Error> {
-        let shared = &self.shared;
-        let wanted = shared.settings.min_idle_or_max_size();
-        let deadline = Instant::now() + timeout;
-        let mut state = shared.lock();
-        loop {
-            if state.open >= wanted {
-                return Ok(());
-            }
-            shared.replenish(&mut state);
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(r2d2_error(state.last_error.take()));
-            }
-            state = shared.wait_until(state, now, deadline);
-        }
+        self.fill(Instant::now() + timeout)
+            .map_err(|(last_error, _)| r2d2_error(last_error))
     }
 
     /// Checks out a connection, waiting at most `timeout`, like `r2d2::Pool::get_timeout`.
@@ -208,30 +215,46 @@ impl<M: ManageConnection> StdPool<M> {
         }
     }
 
-    /// Opens connections on this thread until `min_idle` (all `max_size` when `None`) are
-    /// open or `deadline` passes; for `Pool::warm_up`, which should not wait for the
-    /// background.
-    pub(crate) fn open_until(&self, deadline: Instant) {
+    /// Opens connections until `min_idle` (all `max_size` when `None`) are open or `deadline`
+    /// passes, trying again after each failure's back-off, as `build` does; for
+    /// `Pool::warm_up`, which also runs in a forked child. On failure, the last connection
+    /// error and how many connections were open.
+    pub(crate) fn warm_up(&self, deadline: Instant) -> Result<(), (Option<String>, u32)> {
+        self.fill(deadline)
+    }
+
+    /// `build` and `warm_up`: starts attempts until `min_idle` (all `max_size` when `None`)
+    /// connections are open or being opened, each on a thread of its own (the thread pool's in
+    /// the building process), and waits for them until `deadline`. An attempt that fails makes
+    /// way for another once the back-off has passed.
+    fn fill(&self, deadline: Instant) -> Result<(), (Option<String>, u32)> {
         let shared = &self.shared;
-        let wanted = shared.settings.min_idle_or_max_size();
+        let wanted = shared
+            .settings
+            .min_idle_or_max_size()
+            .min(shared.settings.max_size);
+        let mut state = shared.lock();
         loop {
-            let mut state = shared.lock();
+            if state.open >= wanted {
+                return Ok(());
+            }
             let now = Instant::now();
-            if state.open >= wanted || now >= deadline {
-                return;
+            if now >= deadline {
+                return Err((state.last_error.take(), state.open));
             }
-            if let Some(at) = state.retry_at.filter(|at| *at > now) {
+            while state.open + state.connecting < wanted
+                && state.retry_at.is_none_or(|at| at <= now)
+            {
+                state.connecting += 1;
                 drop(state);
-                std::thread::sleep(at.min(deadline) - now);
-                continue;
+                if !shared.start_attempt() {
+                    // No thread to be had: connect here.
+                    shared.connect_one(Destination::Idle);
+                }
+                state = shared.lock();
             }
-            if state.open + state.connecting >= shared.settings.max_size {
-                return;
-            }
-            state.connecting += 1;
-            drop(state);
-            if let Some(conn) = shared.connect_one() {
-                shared.put_back(conn);
+            if state.open < wanted {
+                state = shared.wait_until(state, Instant::now(), deadline);
             }
         }
     }
@@ -256,8 +279,9 @@ impl<M: ManageConnection> Shared<M> {
     }
 
     /// Waits on `changed`, counted as a waiter (see `wake`), until `deadline` — or, when a
-    /// failure's back-off ends sooner and no attempt is running to wake us, until then, so that
-    /// the caller can start the next attempt.
+    /// failure's back-off ends sooner and a slot is free for another attempt, until then, so
+    /// that the caller can start it (an attempt still running, which may hang, would wake us
+    /// only when it ends).
     fn wait_until<'a>(
         &'a self,
         mut state: MutexGuard<'a, State<M>>,
@@ -265,7 +289,9 @@ impl<M: ManageConnection> Shared<M> {
         deadline: Instant,
     ) -> MutexGuard<'a, State<M>> {
         let wake = match state.retry_at {
-            Some(at) if at > now && state.connecting == 0 => at.min(deadline),
+            Some(at) if at > now && state.open + state.connecting < self.settings.max_size => {
+                at.min(deadline)
+            }
             _ => deadline,
         };
         state.waiters += 1;
@@ -328,7 +354,7 @@ impl<M: ManageConnection> Shared<M> {
                 // `timeout` when a connect hangs (a server that never answers).
                 if !self.start_attempt() {
                     // No thread to be had: connect here; the wait is then the connect's.
-                    if let Some(conn) = self.connect_one() {
+                    if let Some(conn) = self.connect_one(Destination::Caller) {
                         return Ok(Lease {
                             pool: Arc::clone(self),
                             conn: Some(conn),
@@ -422,12 +448,14 @@ impl<M: ManageConnection> Shared<M> {
         let shared = Arc::clone(self);
         match &self.connector {
             Connector::ThreadPool { threads, .. } => {
-                threads.execute(move || shared.connect_into_idle());
+                threads.execute(move || {
+                    shared.connect_one(Destination::Idle);
+                });
                 true
             }
-            Connector::Detached => {
-                crate::fork::spawn_detached(Box::new(move || shared.connect_into_idle()))
-            }
+            Connector::Detached => crate::fork::spawn_detached(Box::new(move || {
+                shared.connect_one(Destination::Idle);
+            })),
         }
     }
 
@@ -467,52 +495,92 @@ impl<M: ManageConnection> Shared<M> {
     }
 
     /// One connection attempt on the current thread, reserved by the caller (`connecting`
-    /// counts it). The new connection counts as open and is handed to the caller.
-    fn connect_one(&self) -> Option<Pooled<M>> {
-        let result = self
-            .manager
-            .connect()
-            .and_then(|mut conn| self.customizer.on_acquire(&mut conn).map(|()| conn));
+    /// counts it). A new connection leaves `connecting` and counts as open in the same critical
+    /// section that puts it where it goes, so no one counting the pool sees it in neither
+    /// place (and starts a connect too many for `min_idle`, or finds it neither idle nor
+    /// checked out). A connect that panics counts as a failed attempt whose error is the
+    /// panic's message, so the slot it held is freed and the `get` waiting for it can say why.
+    fn connect_one(self: &Arc<Self>, destination: Destination) -> Option<Pooled<M>> {
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.manager
+                .connect()
+                .and_then(|mut conn| self.customizer.on_acquire(&mut conn).map(|()| conn))
+        }));
         let mut state = self.lock();
         state.connecting -= 1;
         state.attempts_ended += 1;
-        match result {
-            Ok(conn) => {
+        let error = match result {
+            Ok(Ok(conn)) => {
                 state.open += 1;
                 state.last_error = None;
                 state.failures = 0;
                 state.retry_at = None;
-                Some(Pooled {
+                let conn = Pooled {
                     conn,
                     extensions: r2d2::Extensions::new(),
                     birth: Instant::now(),
-                })
+                };
+                return match destination {
+                    Destination::Caller => Some(conn),
+                    Destination::Idle => {
+                        state.idle.push(Idle {
+                            since: self.settings.idle_timeout.map(|_| Instant::now()),
+                            conn,
+                        });
+                        self.wake_all(state);
+                        None
+                    }
+                };
             }
-            Err(error) => {
-                state.last_error = Some(error.to_string());
-                state.failures = state.failures.saturating_add(1);
-                let backoff = Duration::from_millis(200)
-                    .saturating_mul(1 << state.failures.saturating_sub(1).min(16))
-                    .min(self.settings.connection_timeout / 2);
-                state.retry_at = Some(Instant::now() + backoff);
-                // A waiter may take the freed slot (after the back-off).
-                self.wake_all(state);
-                self.error_handler.handle_error(error);
-                None
+            Ok(Err(error)) => {
+                self.failed(state, error.to_string());
+                error
             }
-        }
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("a panic without a message");
+                self.failed(
+                    state,
+                    format!("forksafe-pool: connecting panicked: {message}"),
+                );
+                // The panic hook has already reported it where panics go; the error of the
+                // waiting `get` names it. The error handler takes only the manager's errors.
+                return None;
+            }
+        };
+        self.error_handler.handle_error(error);
+        None
     }
 
-    /// One attempt on a thread of its own: the connection goes idle for whichever `get` wakes.
-    fn connect_into_idle(&self) {
-        if let Some(conn) = self.connect_one() {
-            let mut state = self.lock();
-            state.idle.push(Idle {
-                since: self.settings.idle_timeout.map(|_| Instant::now()),
-                conn,
+    /// Records a failed attempt: its error for the `get` calls that wait, and r2d2's back-off
+    /// (200 ms doubling, at most half of `connection_timeout`) before the next. In the building
+    /// process the pool tries again on its own once the back-off has passed, as r2d2's
+    /// workers do, so that `min_idle` is reached without any `get` (a pool used only through
+    /// `try_get` fills up). A forked child's pool has no thread to wait on; it tries again when
+    /// a `get` or `warm_up` needs a connection.
+    fn failed(self: &Arc<Self>, mut state: MutexGuard<'_, State<M>>, message: String) {
+        state.last_error = Some(message);
+        state.failures = state.failures.saturating_add(1);
+        let backoff = Duration::from_millis(200)
+            .saturating_mul(1 << state.failures.saturating_sub(1).min(16))
+            .min(self.settings.connection_timeout / 2);
+        state.retry_at = Some(Instant::now() + backoff);
+        if let Connector::ThreadPool { threads, .. } = &self.connector {
+            // Each failure schedules one retry at the end of its back-off; one whose time comes
+            // while a later failure's back-off still runs starts nothing (`replenish` waits for
+            // `retry_at`), and neither does one of a dropped pool or a retired generation.
+            let pool = Arc::downgrade(self);
+            threads.execute_after(backoff, move || {
+                if let Some(pool) = pool.upgrade() {
+                    pool.replenish(&mut pool.lock());
+                }
             });
-            self.wake_all(state);
         }
+        // A waiter may take the freed slot (after the back-off).
+        self.wake_all(state);
     }
 
     /// Wakes every waiting `get`, if any.

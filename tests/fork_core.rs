@@ -554,6 +554,52 @@ fn a_child_that_cannot_connect_gets_a_clear_error_in_time() -> Check {
     Ok(())
 }
 
+/// A connect that panics in a forked child is reported as that panic by the `get` that waited
+/// for it, frees its slot (the next `get` connects once the driver behaves), and leaves the
+/// parent's pool alone.
+fn a_connect_that_panics_in_a_child_is_reported_as_the_panic() -> Check {
+    support::quiet_scripted_panics();
+    let manager = support::ScriptedManager::default();
+    let pool = forksafe_pool::Pool::builder()
+        .max_size(1)
+        .connection_timeout(Duration::from_secs(1))
+        .build(manager.clone())
+        .map_err(|error| format!("build: {error}"))?;
+    let end = run_child(DEADLINE, || {
+        child_result((|| {
+            // The child's copy of the script: the parent's manager is unaffected.
+            manager
+                .script()
+                .panic_next
+                .store(u32::MAX, Ordering::SeqCst);
+            let error = match pool.get() {
+                Ok(_) => return Err("a connect that panics gave a connection".into()),
+                Err(error) => error.to_string(),
+            };
+            ensure!(
+                error.starts_with("timed out waiting for connection: "),
+                "not r2d2's error: {error}"
+            );
+            ensure!(
+                error.contains(support::SCRIPTED_PANIC),
+                "the error does not name the panic: {error}"
+            );
+            manager.script().panic_next.store(0, Ordering::SeqCst);
+            pool.get_timeout(Duration::from_secs(5))
+                .map_err(|error| format!("the panicked connect kept its slot: {error}"))?;
+            Ok(())
+        })())
+    });
+    expect_exit("child", end, 0)?;
+    ensure!(
+        manager.attempts() == 1,
+        "the parent connected {} times",
+        manager.attempts()
+    );
+    pool.get().map_err(|error| format!("parent get: {error}"))?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Driver locks: a C driver holds process-global locks while it connects and closes (libpq's
 // GSSAPI probe, OpenSSL's tables). A fork in that instant copies the lock, held, into a child
@@ -745,7 +791,7 @@ fn pool_get_fails_in_time(pool: &Pool<LockingDriver>) -> bool {
 }
 
 fn main() {
-    let cases: [Case; 15] = [
+    let cases: [Case; 16] = [
         (
             "inherited_idle_connections_are_discarded_never_used",
             inherited_idle_connections_are_discarded_never_used,
@@ -784,6 +830,10 @@ fn main() {
         (
             "a_child_that_cannot_connect_gets_a_clear_error_in_time",
             a_child_that_cannot_connect_gets_a_clear_error_in_time,
+        ),
+        (
+            "a_connect_that_panics_in_a_child_is_reported_as_the_panic",
+            a_connect_that_panics_in_a_child_is_reported_as_the_panic,
         ),
         (
             "a_fork_waits_for_a_connect_in_progress",

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use scheduled_thread_pool::ScheduledThreadPool;
-use support::EventCounts;
+use support::{EventCounts, ScriptedManager};
 
 /// Connections are numbers; records the thread each was opened on, and can be told to fail
 /// or to report connections broken.
@@ -65,30 +65,98 @@ fn eventually(what: &str, condition: impl Fn() -> bool) {
     }
 }
 
+/// Waits until every job queued on `threads` (which has `size` threads) before this call has
+/// finished: one blocking job per thread can only all start once nothing else runs there.
+fn quiesce(threads: &ScheduledThreadPool, size: usize) {
+    let all_busy = Arc::new(std::sync::Barrier::new(size + 1));
+    for _ in 0..size {
+        let all_busy = Arc::clone(&all_busy);
+        threads.execute(move || {
+            all_busy.wait();
+        });
+    }
+    all_busy.wait();
+}
+
+/// `build` returns once `min_idle` connections are open and idle, never with one still on its
+/// way into the idle list (`try_get` right after it would find none), and never opens more
+/// than `min_idle`: a connection counts as open and idle in the same instant, so nothing sees
+/// the pool one short and starts another. The window in which that could happen is a few
+/// instructions long, so one build proves little: the same builds run `BUILDS` times, on this
+/// pool and on r2d2's side by side, and each must end exactly at `min_idle`, all idle, once
+/// the thread pool is quiet.
 #[test]
 fn build_waits_for_min_idle_connections_opened_on_the_thread_pool() {
-    let manager = RecordingManager::default();
+    const BUILDS: usize = 1000;
+    const THREADS: usize = 3;
     let threads = Arc::new(
         ScheduledThreadPool::builder()
-            .num_threads(2)
+            .num_threads(THREADS)
             .thread_name_pattern("settings-test-{}")
             .build(),
     );
-    let pool = forksafe_pool::Pool::builder()
-        .max_size(5)
-        .min_idle(Some(3))
-        .thread_pool(threads)
-        .build(manager.clone())
-        .expect("build");
-    assert_eq!(
-        pool.state().connections,
-        3,
-        "build returned before min_idle"
-    );
-    let names = manager.threads.lock().unwrap().clone();
+    // (max_size, min_idle): a pool filled to `min_idle`, and one filled to `max_size`.
+    let settings = [(5, Some(3)), (3, None)];
+    let ours = |(max_size, min_idle): (u32, Option<u32>), manager: &RecordingManager| {
+        let pool = forksafe_pool::Pool::builder()
+            .max_size(max_size)
+            .min_idle(min_idle)
+            .thread_pool(Arc::clone(&threads))
+            .build(manager.clone())
+            .expect("build");
+        (pool.state(), Box::new(pool) as Box<dyn std::any::Any>)
+    };
+    let theirs = |(max_size, min_idle): (u32, Option<u32>), manager: &RecordingManager| {
+        let pool = r2d2::Pool::builder()
+            .max_size(max_size)
+            .min_idle(min_idle)
+            .thread_pool(Arc::clone(&threads))
+            .build(manager.clone())
+            .expect("r2d2 build");
+        (pool.state(), Box::new(pool) as Box<dyn std::any::Any>)
+    };
+    let mut wrong = Vec::new();
+    let mut r2d2_wrong = Vec::new();
+    for setting in settings {
+        let wanted = setting.1.unwrap_or(setting.0);
+        // All of one pool's builds, then all of the other's: interleaved, the thread pool's
+        // threads meet the builds in other states and the window is hit far less often.
+        for (which, wrong) in [(0, &mut wrong), (1, &mut r2d2_wrong)] {
+            for build in 0..BUILDS {
+                let manager = RecordingManager::default();
+                // The pool stays alive until the thread pool is quiet: r2d2's connect jobs
+                // give up once their pool is gone.
+                let (at_return, _pool) = if which == 0 {
+                    ours(setting, &manager)
+                } else {
+                    theirs(setting, &manager)
+                };
+                quiesce(&threads, THREADS);
+                let opened = manager.opened.load(Ordering::SeqCst);
+                if (at_return.connections, at_return.idle_connections, opened)
+                    != (wanted, wanted, wanted)
+                {
+                    wrong.push(format!(
+                        "build {build} (max_size {}, min_idle {:?}): returned with {} open, \
+                         {} idle; opened {opened} in all",
+                        setting.0, setting.1, at_return.connections, at_return.idle_connections
+                    ));
+                }
+                let names = manager.threads.lock().unwrap().clone();
+                assert!(
+                    names.iter().all(|name| name.starts_with("settings-test-")),
+                    "connections opened elsewhere than on the given thread pool: {names:?}"
+                );
+            }
+        }
+    }
+    assert!(r2d2_wrong.is_empty(), "r2d2 itself strayed: {r2d2_wrong:?}");
     assert!(
-        names.iter().all(|name| name.starts_with("settings-test-")),
-        "connections opened elsewhere than on the given thread pool: {names:?}"
+        wrong.is_empty(),
+        "{} of {} builds did not end with exactly min_idle connections, all idle: {:?}",
+        wrong.len(),
+        BUILDS * settings.len(),
+        &wrong[..wrong.len().min(5)]
     );
 }
 
@@ -131,6 +199,196 @@ fn get_after_the_server_comes_back_connects_again() {
     manager.refuse.store(false, Ordering::SeqCst);
     pool.get_timeout(Duration::from_secs(5))
         .expect("no connection once the server is back");
+}
+
+/// One failed connect right after `build_unchecked` (or `release_idle`) does not fail
+/// `warm_up`: like `build`, it tries again after the pool's back-off until `min_idle` is met.
+/// `build` and r2d2's `build` meet the same failure side by side. Each connect takes 50 ms, so
+/// `warm_up` starts while the failing one is still in flight.
+#[test]
+fn warm_up_keeps_trying_after_a_failed_connect_like_build() {
+    let timeout = Duration::from_secs(3);
+    let connect_time = Duration::from_millis(50);
+    let builder = || {
+        forksafe_pool::Pool::builder()
+            .max_size(2)
+            .min_idle(Some(2))
+            .connection_timeout(timeout)
+    };
+    let theirs = r2d2::Pool::builder()
+        .max_size(2)
+        .min_idle(Some(2))
+        .connection_timeout(timeout)
+        .build(ScriptedManager::failing_first(1).taking(connect_time));
+    assert!(theirs.is_ok(), "r2d2's build gave up: {:?}", theirs.err());
+    let built = builder().build(ScriptedManager::failing_first(1).taking(connect_time));
+    assert!(built.is_ok(), "build gave up: {:?}", built.err());
+
+    let manager = ScriptedManager::failing_first(1).taking(connect_time);
+    let pool = builder().build_unchecked(manager.clone());
+    let started = Instant::now();
+    pool.warm_up()
+        .expect("warm_up after build_unchecked gave up after one failed connect");
+    assert!(started.elapsed() < timeout, "{:?}", started.elapsed());
+    assert_eq!(pool.state().connections, 2);
+
+    manager.script().fail_next.store(1, Ordering::SeqCst);
+    pool.release_idle();
+    let started = Instant::now();
+    pool.warm_up()
+        .expect("warm_up after release_idle gave up after one failed connect");
+    assert!(started.elapsed() < timeout, "{:?}", started.elapsed());
+    assert_eq!(pool.state().connections, 2);
+    assert_eq!(manager.attempts(), 6, "two fills of two, one failure each");
+}
+
+/// A pool whose first connects fail fills itself in the background, without a `get`: a pool
+/// used only through `try_get` recovers, as r2d2's does.
+#[test]
+fn failed_connects_are_retried_in_the_background_like_r2d2() {
+    /// From the build to the first connection `try_get` hands out, and to `min_idle`.
+    fn first_try_get_after(
+        try_get: &dyn Fn() -> bool,
+        connections: &dyn Fn() -> u32,
+        what: &str,
+    ) -> (Duration, Duration) {
+        let started = Instant::now();
+        eventually(&format!("{what}: try_get hands out a connection"), try_get);
+        let first = started.elapsed();
+        eventually(&format!("{what}: min_idle reached"), || connections() == 2);
+        (first, started.elapsed())
+    }
+    let timeout = Duration::from_secs(2);
+    let ours = forksafe_pool::Pool::builder()
+        .max_size(2)
+        .connection_timeout(timeout)
+        .build_unchecked(ScriptedManager::failing_first(3));
+    let ours_took = first_try_get_after(
+        &|| ours.try_get().is_some(),
+        &|| ours.state().connections,
+        "ours",
+    );
+    let theirs = r2d2::Pool::builder()
+        .max_size(2)
+        .connection_timeout(timeout)
+        .build_unchecked(ScriptedManager::failing_first(3));
+    let theirs_took = first_try_get_after(
+        &|| theirs.try_get().is_some(),
+        &|| theirs.state().connections,
+        "r2d2",
+    );
+    eprintln!(
+        "after 3 failed connects, first connection / max_size 2 reached: ours {:?} / {:?}, \
+         r2d2 {:?} / {:?}",
+        ours_took.0, ours_took.1, theirs_took.0, theirs_took.1
+    );
+}
+
+/// A `get` whose own attempt failed tries again once the back-off has passed, even while
+/// another attempt hangs (a server that never answers): it does not wait for the hung one to
+/// end, which here would be after its timeout.
+#[test]
+fn get_retries_after_the_back_off_while_another_connect_hangs() {
+    let timeout = Duration::from_millis(1500);
+    let hang = Duration::from_secs(4);
+    // The first connect (the background one, for `min_idle`) hangs; the next fails.
+    let manager = ScriptedManager::failing_first(1).hanging_next(1, hang);
+    let pool = forksafe_pool::Pool::builder()
+        .max_size(2)
+        .min_idle(Some(1))
+        .connection_timeout(timeout)
+        .build_unchecked(manager.clone());
+    eventually("the background connect starts", || manager.attempts() == 1);
+    let started = Instant::now();
+    let conn = pool.get();
+    assert!(
+        conn.is_ok(),
+        "get waited for the hung connect: {:?} after {:?}",
+        conn.err(),
+        started.elapsed()
+    );
+    assert_eq!(
+        manager.attempts(),
+        3,
+        "the hung one, the failed one, the retry"
+    );
+}
+
+/// The background retries end with the pool, and with a generation `release_idle` retired.
+#[test]
+fn background_retries_stop_when_the_pool_is_dropped_or_released() {
+    // Back-off at most 100 ms: a pool still retrying would try several times per `settle`.
+    let timeout = Duration::from_millis(200);
+    let settle = Duration::from_millis(600);
+    for release in [false, true] {
+        let manager = ScriptedManager::failing_first(u32::MAX);
+        let pool = forksafe_pool::Pool::builder()
+            .max_size(1)
+            .connection_timeout(timeout)
+            .build_unchecked(manager.clone());
+        eventually("the background retries", || manager.attempts() >= 3);
+        if release {
+            pool.release_idle();
+        } else {
+            drop(pool);
+        }
+        // An attempt already handed to the thread pool may still run in this time.
+        std::thread::sleep(settle);
+        let attempts = manager.attempts();
+        std::thread::sleep(settle);
+        assert_eq!(
+            manager.attempts(),
+            attempts,
+            "retried after the pool was {}",
+            if release { "released" } else { "dropped" }
+        );
+    }
+}
+
+/// A connect that panics on the thread pool gives its slot back and names the panic in the
+/// error of the `get` that waited for it; r2d2 loses the slot for good and times out saying
+/// nothing.
+#[test]
+fn a_connect_that_panics_is_reported_and_frees_its_slot() {
+    support::quiet_scripted_panics();
+    let timeout = Duration::from_millis(500);
+    let manager = ScriptedManager::panicking_first(u32::MAX);
+    let pool = forksafe_pool::Pool::builder()
+        .max_size(1)
+        .min_idle(Some(0))
+        .connection_timeout(timeout)
+        .build_unchecked(manager.clone());
+    let error = pool
+        .get()
+        .expect_err("a connect that panics gave a connection");
+    assert!(
+        error
+            .to_string()
+            .starts_with("timed out waiting for connection: "),
+        "{error}"
+    );
+    assert!(
+        error
+            .to_string()
+            .contains("the driver panicked while connecting"),
+        "the error does not name the panic: {error}"
+    );
+    manager.script().panic_next.store(0, Ordering::SeqCst);
+    pool.get_timeout(Duration::from_secs(5))
+        .expect("the slot of the panicked connect was never freed");
+
+    let theirs_manager = ScriptedManager::panicking_first(1);
+    let theirs = r2d2::Pool::builder()
+        .max_size(1)
+        .min_idle(Some(0))
+        .connection_timeout(timeout)
+        .build_unchecked(theirs_manager.clone());
+    let error = theirs.get().expect_err("r2d2 connected through a panic");
+    assert_eq!(error.to_string(), "timed out waiting for connection");
+    assert!(
+        theirs.get().is_err() && theirs_manager.attempts() == 1,
+        "r2d2 freed the slot of a panicked connect: the docs of `Pool` say it does not"
+    );
 }
 
 /// Checking out below `min_idle`, and closing broken connections, make the pool open more
