@@ -103,8 +103,11 @@
 //! - The pool is not r2d2's own but follows its rules on std's `Mutex` and `Condvar`, because
 //!   r2d2 cannot run safely in a forked child. In the process that built it, it does r2d2's
 //!   background work on the builder's thread pool (opening connections, keeping `min_idle`,
-//!   reaping idle and expired connections every 30 s). A pool with an `event_handler` is an
-//!   `r2d2::Pool` in that process, since only r2d2 can make r2d2's events.
+//!   retrying failed connects after r2d2's back-off, reaping idle and expired connections every
+//!   30 s). A pool with an `event_handler` is an `r2d2::Pool` in that process, since only r2d2
+//!   can make r2d2's events. Where its behaviour differs from r2d2's on purpose (stale
+//!   connections closed at checkout, panicking connects), [`Pool`'s docs](Pool#differences-from-r2d2)
+//!   say why.
 //! - In a forked child the `event_handler` receives no events, a `thread_pool` you passed is not
 //!   used (its threads do not exist in the child), and the pool keeps no threads: a `get()` that
 //!   needs a connection opens one on a short-lived thread and waits for it no longer than its
