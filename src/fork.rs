@@ -33,8 +33,8 @@
 //! the `pthread_atfork` registration, the `extern "C"` handlers, the pointer handling of
 //! `PerProcess`, and the `ManuallyDrop` of [`ForkWaitsForDrop`]; and, so that no other file
 //! needs `unsafe`, the raw calls the rest of the crate makes: `pthread_create` for the child
-//! pool's connect threads, `getsockopt` for the backends' socket lookup, and making r2d2's
-//! `Error` and `State` without r2d2.
+//! pool's connect threads, `getsockopt` for the backends' socket lookup and the connect
+//! window, and making r2d2's `Error` and `State` without r2d2.
 
 use std::cell::Cell;
 use std::fmt;
@@ -763,6 +763,34 @@ pub(crate) fn socket_protocol(fd: std::os::fd::RawFd) -> Option<libc::c_int> {
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 pub(crate) fn socket_protocol(_fd: std::os::fd::RawFd) -> Option<libc::c_int> {
+    None
+}
+
+/// The kernel's cookie of the socket `fd` refers to now (`SO_COOKIE`, Linux 4.12+): a 64-bit
+/// number no other socket gets while the system runs. `None` for a descriptor that is closed or
+/// not a socket, or where the kernel has no cookies. For telling the sockets a connect created
+/// from those that were there before it (`connect_window`).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn socket_cookie(fd: std::os::fd::RawFd) -> Option<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are live locals and `len` is the size of `cookie`; the kernel
+    // checks `fd` itself (a closed descriptor or one that is not a socket is an error return,
+    // nothing more), and nothing is borrowed from the descriptor.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            ptr::addr_of_mut!(cookie).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && len as usize == std::mem::size_of::<u64>()).then_some(cookie)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn socket_cookie(_fd: std::os::fd::RawFd) -> Option<u64> {
     None
 }
 

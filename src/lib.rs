@@ -4,6 +4,7 @@
 
 mod backends;
 mod config;
+mod connect_window;
 mod connection;
 mod descriptors;
 mod fork;

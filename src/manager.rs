@@ -1,7 +1,7 @@
 //! The connection manager the inner r2d2 pool runs on: the user's manager plus a record of
 //! each connection's descriptors, so a forked child can let go of them.
 
-use std::any::Any;
+use std::any::{Any, TypeId};
 use std::error::Error as StdError;
 use std::fmt;
 use std::os::fd::RawFd;
@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use r2d2::{CustomizeConnection, HandleError, ManageConnection};
 
+use crate::connect_window::{ConnectWindow, CreatedSockets};
 use crate::descriptors::{DescriptorTable, Registration};
 use crate::fork::{DriverSection, ForkWaitsForDrop};
 
@@ -117,11 +118,21 @@ impl<M: ManageConnection> ForkSafeManager<M> {
         }
     }
 
-    fn locate(&self, conn: &mut M::Connection) -> Option<Vec<RawFd>> {
+    fn locate(
+        &self,
+        conn: &mut M::Connection,
+        created: Option<&CreatedSockets>,
+    ) -> Option<Vec<RawFd>> {
         match &self.locator {
             Some(locator) => locator(conn),
-            None => crate::backends::locate(conn as &mut dyn Any),
+            None => crate::backends::locate(conn as &mut dyn Any, created),
         }
+    }
+
+    /// Whether each connect is watched for the sockets it creates: for the backends that may
+    /// need that to name a connection's socket (see `connect_window`).
+    fn watches_connects(&self) -> bool {
+        self.locator.is_none() && crate::backends::watches_connects(TypeId::of::<M::Connection>())
     }
 }
 
@@ -135,8 +146,11 @@ impl<M: ManageConnection> ManageConnection for ForkSafeManager<M> {
         }
         // The section spans the locator too: it may query the server on the new session.
         let section = DriverSection::enter();
-        let mut conn = self.inner.connect().map_err(|error| self.wrap(error))?;
-        let fds = self.locate(&mut conn);
+        let window = self.watches_connects().then(ConnectWindow::open);
+        let connected = self.inner.connect();
+        let created = window.map(ConnectWindow::close);
+        let mut conn = connected.map_err(|error| self.wrap(error))?;
+        let fds = self.locate(&mut conn, created.as_ref());
         let conn = ForkWaitsForDrop::new(conn);
         drop(section);
         let registration = Box::new(self.table.register(fds));

@@ -1,21 +1,56 @@
 //! diesel `PgConnection`: finding each connection's socket, which diesel (and libpq through
-//! it) does not expose.
+//! it) does not expose. Two ways, each certain on its own; the first that names a socket wins.
 //!
-//! Right after connecting, the server is asked how it sees this session:
-//! `inet_client_addr()`/`inet_client_port()` (our end) and `inet_server_addr()`/
-//! `inet_server_port()` (its end). The connection's socket is the one TCP socket of this
-//! process whose own address is the client end and whose peer is the server end: a TCP address
-//! pair names at most one connection in a network namespace. That costs one round trip per new
-//! connection (not per checkout), on the connection itself, before anyone else sees it.
+//! 1. The server's view. Right after connecting, the server is asked how it sees this session:
+//!    `inet_client_addr()`/`inet_client_port()` (our end) and `inet_server_addr()`/
+//!    `inet_server_port()` (its end). The connection's socket is the one TCP socket of this
+//!    process whose own address is the client end and whose peer is the server end: a TCP
+//!    address pair names at most one connection in a network namespace. One round trip per new
+//!    connection (not per checkout), on the connection itself, before anyone else sees it.
+//! 2. The connect window (see `connect_window`), for connections through PgBouncer or another
+//!    proxy, where the server's view names the proxy's socket and fits no socket of ours: the
+//!    one TCP socket that appeared in this process while libpq connected, if exactly one did.
+//!    This works in every PgBouncer pooling mode, since it asks nothing of the session.
 //!
 //! What is left unidentified (the socket leaks in a forked child, counted in
 //! `ForkStats::connections_leaked`; the child still never writes on it):
 //! - Unix-socket connections (`host=/var/run/postgresql`): the server reports no client
-//!   address, and nothing the server or the socket API offers ties a session to one of our
-//!   descriptors without guessing among the process's connections to the same socket path.
-//! - Anything in between that changes addresses or ports (pgbouncer, a proxy, NAT, a Docker
-//!   port mapping): the server's view then fits no socket of ours, or not one alone.
+//!   address, and the window only takes TCP sockets here.
+//! - A proxied connection whose connect overlapped another socket's creation in this process
+//!   (a connect outside this crate's pools, say): two sockets are new, and neither is taken.
 //! - A socket that was duplicated (two descriptors fit), and servers where the query fails.
+//!
+//! # Transaction pooling
+//!
+//! PgBouncer before 1.21 (Debian 12 ships 1.18) does not carry named prepared statements from
+//! one server connection to the next, and in `pool_mode = transaction` consecutive statements of
+//! one client can run on different server connections. diesel prepares every query it can
+//! cache as a named statement (`__diesel_stmt_N`) once per connection and reuses the name, so
+//! through such a PgBouncer it fails with "prepared statement \"__diesel_stmt_0\" does not
+//! exist" (or "already exists"). Turn diesel's statement cache off on every new connection;
+//! diesel then sends each query as an unnamed statement, which PgBouncer keeps on one server
+//! connection from Parse to Sync:
+//!
+//! ```ignore
+//! use diesel::connection::{CacheSize, Connection};
+//!
+//! #[derive(Debug)]
+//! struct NoStatementCache;
+//!
+//! impl r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for NoStatementCache {
+//!     fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
+//!         conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let pool = forksafe_pool::Pool::builder()
+//!     .connection_customizer(Box::new(NoStatementCache))
+//!     .build(ConnectionManager::<PgConnection>::new(url))?;
+//! ```
+//!
+//! Session state (`SET`, advisory locks, `LISTEN`, temporary tables) does not survive between
+//! transactions in that mode either; that is PgBouncer's rule, not this crate's.
 
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -24,6 +59,7 @@ use diesel::sql_types::{Integer, Nullable, Text};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl};
 
 use super::tcp;
+use crate::connect_window::CreatedSockets;
 
 /// How the server sees this session's two ends; all `NULL` over a Unix socket.
 #[derive(QueryableByName)]
@@ -41,14 +77,23 @@ struct SessionEnds {
 const SESSION_ENDS: &str = "SELECT host(inet_client_addr()) AS client_addr, inet_client_port() AS client_port, \
                             host(inet_server_addr()) AS server_addr, inet_server_port() AS server_port";
 
-/// The socket of a freshly opened `PgConnection`, when it can be told for certain.
-pub(crate) fn locate(conn: &mut PgConnection) -> Option<Vec<RawFd>> {
+/// The socket of a freshly opened `PgConnection`, when it can be told for certain; `created`
+/// is what the connect window saw.
+pub(crate) fn locate(
+    conn: &mut PgConnection,
+    created: Option<&CreatedSockets>,
+) -> Option<Vec<RawFd>> {
+    let fd = seen_by_server(conn).or_else(|| created?.only_socket(libc::IPPROTO_TCP))?;
+    Some(vec![fd])
+}
+
+/// The one socket of this process that fits the server's view of the session's two ends.
+fn seen_by_server(conn: &mut PgConnection) -> Option<RawFd> {
     let rows: Vec<SessionEnds> = diesel::sql_query(SESSION_ENDS).load(conn).ok()?;
     let [ends] = rows.as_slice() else { return None };
     let client = socket_addr(ends.client_addr.as_deref()?, ends.client_port?)?;
     let server = socket_addr(ends.server_addr.as_deref()?, ends.server_port?)?;
-    let fd = tcp::unique_socket(|local, peer| local == client && peer == server)?;
-    Some(vec![fd])
+    tcp::unique_socket(|local, peer| local == client && peer == server)
 }
 
 /// `host()` prints a bare address (no `/32`); ports come as `int4`. Bracketed, so that an IPv6
