@@ -27,10 +27,15 @@
 //! be stuck connecting to a host that does not answer); after that it connects without the
 //! turn, which can only make windows ambiguous, never wrong.
 //!
-//! Connects made outside this crate's pools (another library connecting on another thread) do
-//! not take turns; when one overlaps a watched connect, both sockets are new and the pool's
+//! Watching costs two listings of `/proc/self/fd` per connect and the turns, so a pool stops
+//! watching once the server's view has named one of its connections' sockets (a direct
+//! connection: the server's view is enough), and starts again if that view then fails.
+//!
+//! Connects that do not take turns (another library connecting on another thread, a pool that
+//! stopped watching) can overlap a watched connect; then both sockets are new, and the watched
 //! connection is counted as unidentified.
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::fs;
 use std::os::fd::RawFd;
@@ -77,25 +82,30 @@ impl ConnectWindow {
             )
         });
         drop(turn);
-        CreatedSockets(created)
+        CreatedSockets(created, Cell::new(false))
     }
 }
 
-/// The sockets that appeared during one connect: descriptor and cookie. `None` when the
-/// listing failed.
+/// The sockets that appeared during one connect: descriptor and cookie (`None` when the
+/// listing failed), and whether the backend asked for them.
 #[derive(Debug)]
-pub(crate) struct CreatedSockets(Option<Vec<(RawFd, u64)>>);
+pub(crate) struct CreatedSockets(Option<Vec<(RawFd, u64)>>, Cell<bool>);
 
 impl CreatedSockets {
-    /// The connection's socket: the one socket the connect window saw appear, if it saw exactly
-    /// one and that one is still in place, and it is a socket of `protocol` (`IPPROTO_TCP`, say;
-    /// a caller that cannot release other kinds passes the one it can).
-    pub(crate) fn only_socket(&self, protocol: libc::c_int) -> Option<RawFd> {
+    /// Whether the backend asked for the connection's socket: false when it named the socket
+    /// another way (the server's view) or found nothing to ask about.
+    pub(crate) fn consulted(&self) -> bool {
+        self.1.get()
+    }
+
+    /// The connection's socket (TCP or Unix): the one socket the connect window saw appear, if
+    /// it saw exactly one and that one is still in place.
+    pub(crate) fn only_socket(&self) -> Option<RawFd> {
+        self.1.set(true);
         let [(fd, cookie)] = self.0.as_deref()? else {
             return None;
         };
-        let unchanged = socket_cookie(*fd) == Some(*cookie);
-        (unchanged && crate::fork::socket_protocol(*fd) == Some(protocol)).then_some(*fd)
+        (socket_cookie(*fd) == Some(*cookie)).then_some(*fd)
     }
 }
 
@@ -182,11 +192,8 @@ mod tests {
         // Other tests of this binary may open sockets on other threads meanwhile; then the
         // window must not name anything.
         match created.0.as_deref().map(<[_]>::len) {
-            Some(1) => assert_eq!(
-                created.only_socket(libc::IPPROTO_TCP),
-                Some(stream.as_raw_fd())
-            ),
-            _ => assert_eq!(created.only_socket(libc::IPPROTO_TCP), None),
+            Some(1) => assert_eq!(created.only_socket(), Some(stream.as_raw_fd())),
+            _ => assert_eq!(created.only_socket(), None),
         }
     }
 
@@ -196,17 +203,18 @@ mod tests {
         let window = ConnectWindow::open();
         let _ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let _someone_elses = UnixStream::pair().unwrap();
-        assert_eq!(window.close().only_socket(libc::IPPROTO_TCP), None);
+        assert_eq!(window.close().only_socket(), None);
     }
 
     #[test]
-    fn a_socket_of_another_protocol_is_not_taken() {
+    fn a_unix_socket_is_named_too() {
         let window = ConnectWindow::open();
         let (ours, theirs) = UnixStream::pair().unwrap();
         drop(theirs);
         let created = window.close();
-        assert_eq!(created.only_socket(libc::IPPROTO_TCP), None);
-        let _ = ours;
+        if created.0.as_deref().map(<[_]>::len) == Some(1) {
+            assert_eq!(created.only_socket(), Some(ours.as_raw_fd()));
+        }
     }
 
     #[test]
@@ -218,7 +226,7 @@ mod tests {
         // Same number, another socket: the cookie no longer fits.
         let other = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         nix::unistd::dup2(other.as_raw_fd(), stream.as_raw_fd()).unwrap();
-        assert_eq!(created.only_socket(libc::IPPROTO_TCP), None);
+        assert_eq!(created.only_socket(), None);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use diesel::sql_types::Text;
 use diesel::{QueryableByName, RunQueryDsl};
 use forksafe_pool::{ManageConnection, Pool, PooledConnection};
 use support::backend::{self, Backend};
-use support::runner::{require_server, run_cases, Check};
+use support::runner::{require_server, run_cases, Case, Check};
 use support::spawn_child;
 
 /// A PgBouncer database, one per pooling mode.
@@ -251,9 +251,54 @@ fn an_ambiguous_connect_is_left_open_and_counted<M: Mode>() -> Check {
     Ok(())
 }
 
+/// Why `Pool`'s docs tell diesel users to turn the statement cache off for transaction pooling:
+/// two clients take turns running one cacheable query. With the cache on, each prepares
+/// `__diesel_stmt_0` on whichever server connection PgBouncer lends it, and the name collides
+/// or is missing; with it off, every query succeeds.
+fn transaction_pooling_needs_the_statement_cache_off() -> Check {
+    use diesel::{IntoSql, QueryResult};
+    let url = Bounced::<TransactionPooling>::url();
+    let run = |cache: CacheSize| -> Result<Vec<String>, String> {
+        let mut clients = (0..2)
+            .map(|_| PgConnection::establish(&url))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| format!("connect: {error}"))?;
+        let mut errors = Vec::new();
+        for client in &mut clients {
+            client.set_prepared_statement_cache_size(cache);
+        }
+        for round in 0..10 {
+            for client in &mut clients {
+                let answer: QueryResult<i32> =
+                    diesel::select(round.into_sql::<diesel::sql_types::Integer>())
+                        .get_result(client);
+                match answer {
+                    Ok(answer) if answer == round => {}
+                    Ok(answer) => return Err(format!("asked for {round}, got {answer}")),
+                    Err(error) => errors.push(error.to_string()),
+                }
+            }
+        }
+        Ok(errors)
+    };
+    let with_cache = run(CacheSize::Unbounded)?;
+    ensure!(
+        with_cache
+            .iter()
+            .any(|error| error.contains("prepared statement")),
+        "with diesel's statement cache on, transaction pooling gave no prepared-statement error: {with_cache:?}"
+    );
+    let without_cache = run(CacheSize::Disabled)?;
+    ensure!(
+        without_cache.is_empty(),
+        "with the cache off: {without_cache:?}"
+    );
+    Ok(())
+}
+
 /// The shared scenarios and this file's own, for one pooling mode.
 fn cases<M: Mode>() -> Vec<(String, fn() -> Check)> {
-    let own: [(&str, fn() -> Check); 1] = [(
+    let own: [Case; 1] = [(
         "an_ambiguous_connect_is_left_open_and_counted",
         an_ambiguous_connect_is_left_open_and_counted::<M>,
     )];
@@ -281,9 +326,14 @@ fn main() {
         "run scripts/test, which starts it, or set FORKSAFE_PGBOUNCER_URL",
     );
     backend::become_subreaper();
+    let statement_cache: (String, fn() -> Check) = (
+        String::from("transaction::pooling_needs_the_statement_cache_off"),
+        transaction_pooling_needs_the_statement_cache_off,
+    );
     run_cases(
         cases::<SessionPooling>()
             .into_iter()
-            .chain(cases::<TransactionPooling>()),
+            .chain(cases::<TransactionPooling>())
+            .chain([statement_cache]),
     );
 }

@@ -7,50 +7,20 @@
 //!    process whose own address is the client end and whose peer is the server end: a TCP
 //!    address pair names at most one connection in a network namespace. One round trip per new
 //!    connection (not per checkout), on the connection itself, before anyone else sees it.
-//! 2. The connect window (see `connect_window`), for connections through PgBouncer or another
-//!    proxy, where the server's view names the proxy's socket and fits no socket of ours: the
-//!    one TCP socket that appeared in this process while libpq connected, if exactly one did.
-//!    This works in every PgBouncer pooling mode, since it asks nothing of the session.
+//! 2. The connect window (see `connect_window`), when the server's view names no socket of
+//!    ours: through PgBouncer or another proxy (the server sees the proxy's socket), and over a
+//!    Unix socket (the server sees no address). The one socket that appeared in this process
+//!    while libpq connected, if exactly one did. It asks nothing of the session, so it works in
+//!    every PgBouncer pooling mode.
 //!
 //! What is left unidentified (the socket leaks in a forked child, counted in
 //! `ForkStats::connections_leaked`; the child still never writes on it):
-//! - Unix-socket connections (`host=/var/run/postgresql`): the server reports no client
-//!   address, and the window only takes TCP sockets here.
-//! - A proxied connection whose connect overlapped another socket's creation in this process
-//!   (a connect outside this crate's pools, say): two sockets are new, and neither is taken.
-//! - A socket that was duplicated (two descriptors fit), and servers where the query fails.
+//! - A connection whose connect overlapped another socket's creation in this process (a
+//!   connect outside this crate's pools, say) and that the server's view cannot name: two
+//!   sockets are new, and neither is taken.
+//! - A socket that was duplicated (two descriptors fit the server's view).
 //!
-//! # Transaction pooling
-//!
-//! PgBouncer before 1.21 (Debian 12 ships 1.18) does not carry named prepared statements from
-//! one server connection to the next, and in `pool_mode = transaction` consecutive statements of
-//! one client can run on different server connections. diesel prepares every query it can
-//! cache as a named statement (`__diesel_stmt_N`) once per connection and reuses the name, so
-//! through such a PgBouncer it fails with "prepared statement \"__diesel_stmt_0\" does not
-//! exist" (or "already exists"). Turn diesel's statement cache off on every new connection;
-//! diesel then sends each query as an unnamed statement, which PgBouncer keeps on one server
-//! connection from Parse to Sync:
-//!
-//! ```ignore
-//! use diesel::connection::{CacheSize, Connection};
-//!
-//! #[derive(Debug)]
-//! struct NoStatementCache;
-//!
-//! impl r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for NoStatementCache {
-//!     fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
-//!         conn.set_prepared_statement_cache_size(CacheSize::Disabled);
-//!         Ok(())
-//!     }
-//! }
-//!
-//! let pool = forksafe_pool::Pool::builder()
-//!     .connection_customizer(Box::new(NoStatementCache))
-//!     .build(ConnectionManager::<PgConnection>::new(url))?;
-//! ```
-//!
-//! Session state (`SET`, advisory locks, `LISTEN`, temporary tables) does not survive between
-//! transactions in that mode either; that is PgBouncer's rule, not this crate's.
+//! Transaction pooling needs diesel's statement cache off; see `Pool`'s docs.
 
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -83,7 +53,7 @@ pub(crate) fn locate(
     conn: &mut PgConnection,
     created: Option<&CreatedSockets>,
 ) -> Option<Vec<RawFd>> {
-    let fd = seen_by_server(conn).or_else(|| created?.only_socket(libc::IPPROTO_TCP))?;
+    let fd = seen_by_server(conn).or_else(|| created?.only_socket())?;
     Some(vec![fd])
 }
 
