@@ -886,6 +886,44 @@ mod tests {
     }
 
     #[test]
+    fn a_child_never_waits_for_a_connect_turn_its_parent_held() {
+        // The turn held, as a raw fork (or a libc fork that gave up waiting for the sections)
+        // can find it.
+        let window = crate::connect_window::ConnectWindow::open();
+        assert!(window.holds_turn());
+        // SAFETY: a raw fork; the child only lists its own descriptors (glibc's allocator works
+        // in the child of a fork) and leaves with `_exit`, touching nothing other threads of
+        // the parent may have been changing.
+        let pid = unsafe { libc::syscall(libc::SYS_fork) };
+        if pid == 0 {
+            let started = Instant::now();
+            let child_window = crate::connect_window::ConnectWindow::open();
+            let at_once = started.elapsed() < Duration::from_millis(500);
+            let code = i32::from(!(child_window.holds_turn() && at_once));
+            drop(child_window.close());
+            // SAFETY: `_exit` has no preconditions and ends the child at once.
+            unsafe { libc::_exit(code) };
+        }
+        drop(window.close());
+        assert!(pid > 0, "fork failed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut status = 0;
+        // SAFETY: `status` is a live local; `pid` is our child.
+        while unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) } == 0 {
+            if Instant::now() > deadline {
+                // SAFETY: our own child, still unreaped.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                panic!("the raw-fork child hung");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child waited for its parent's turn (status {status})"
+        );
+    }
+
+    #[test]
     fn r2d2_values_made_outside_r2d2() {
         let error = r2d2_error("rebuilt after fork: refused".to_string());
         assert_eq!(
