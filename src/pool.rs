@@ -78,6 +78,51 @@ use crate::std_pool::{AnyPool, Connector, StdPool, REAPER_RATE};
 ///   pool never connects again) and `get` times out without a message.
 /// - [`warm_up`](Self::warm_up), [`release_idle`](Self::release_idle) and
 ///   [`fork_stats`](Self::fork_stats) are this crate's own.
+///
+/// # Behind PgBouncer
+///
+/// diesel's `PgConnection` through PgBouncer works in session and in transaction pooling mode,
+/// and a forked child releases its copies of the parent's sockets as with a direct connection:
+/// PostgreSQL cannot name them then (it sees PgBouncer's socket), so each connect is watched
+/// for the one socket that appears in this process while libpq connects. Connects of diesel
+/// `PgConnection`s in one process take turns for that; a connect made meanwhile outside this
+/// crate's pools makes the socket uncertain, and it is then left open in the child and counted
+/// in [`ForkStats::connections_leaked`].
+///
+/// In `pool_mode = transaction`, PgBouncer before 1.21 (Debian 12 ships 1.18) runs a client's
+/// statements on whichever server connection is free, and does not carry named prepared
+/// statements along. diesel caches its queries as named prepared statements per connection,
+/// which then fail with errors such as "prepared statement \"__diesel_stmt_1\" already
+/// exists" (or "does not exist"). Turn diesel's cache off on every new connection; diesel 2.3
+/// then sends each query as one unnamed parse-bind-execute, which PgBouncer keeps on one server
+/// connection:
+///
+/// ```
+/// # #[cfg(feature = "diesel-postgres")] {
+/// use diesel::connection::{CacheSize, Connection};
+/// use diesel::r2d2::ConnectionManager;
+/// use diesel::PgConnection;
+///
+/// #[derive(Debug)]
+/// struct NoStatementCache;
+///
+/// impl forksafe_pool::CustomizeConnection<PgConnection, diesel::r2d2::Error> for NoStatementCache {
+///     fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
+///         conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+///         Ok(())
+///     }
+/// }
+///
+/// let url = "postgres://app@127.0.0.1:6432/app";
+/// let pool = forksafe_pool::Pool::builder()
+///     .connection_customizer(Box::new(NoStatementCache))
+///     .build_unchecked(ConnectionManager::<PgConnection>::new(url));
+/// # drop(pool);
+/// # }
+/// ```
+///
+/// Session state (`SET`, advisory locks, `LISTEN`, temporary tables) does not last past a
+/// transaction in that mode; that is PgBouncer's rule.
 pub struct Pool<M: ManageConnection> {
     shared: Arc<Shared<M>>,
 }
