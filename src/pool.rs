@@ -315,21 +315,49 @@ impl<M: ManageConnection> Pool<M> {
     /// # Ok::<(), forksafe_pool::Error>(())
     /// ```
     ///
-    /// How: this process's inner pool (its *generation*) is retired, and the next use builds a
-    /// new one. A retired generation opens no connection and closes every connection that
-    /// comes back to it. It stays allocated until the `Pool` is dropped, because another thread
-    /// may be using it at that instant; it starts no connection attempt of its own (an r2d2
-    /// generation, that of a pool with an event handler, has its worker threads keep trying,
-    /// backing off to one attempt per missing connection every `connection_timeout / 2`, which
-    /// it refuses). Calling `release_idle` again before the pool is used retires nothing.
-    /// A thread that was waiting in `get` on the retired generation waits out its timeout and
-    /// then tries the new one. In a forked child of a pool built with
+    /// How: the pool tells connections apart by the `release_idle` call they were opened
+    /// after. Every connection opened, or still being opened, before this call is closed when
+    /// it is returned or when its connect finishes — never pooled — so once the work in flight
+    /// has ended the released connections are all closed; each close runs inside a driver
+    /// section, so a concurrent `fork()` waits for it. Until the pool is next used (`get`,
+    /// `try_get`, `warm_up`) nothing is opened in the background, so a released pool stays
+    /// empty; a `get` already waiting goes on waiting, for a new connection. The pool stays the
+    /// same object: a call leaves no memory and no background job behind, and old and new
+    /// connections together stay within `max_size`. In a forked child of a pool built with
     /// [`OnFork::Fail`](crate::OnFork::Fail) it does nothing and returns 0.
+    ///
+    /// A pool with an event handler runs on r2d2 in the process that built it, and r2d2
+    /// reopens `min_idle` connections as soon as any are closed. There this process's r2d2 pool
+    /// (its *generation*) is retired instead, and the next use builds a new one. A retired
+    /// generation opens no connection and closes every connection that comes back to it; it
+    /// stays allocated until the `Pool` is dropped, because another thread may be using it at
+    /// that instant, and its worker threads keep trying to reopen `min_idle` connections,
+    /// backing off to one attempt per missing connection every `connection_timeout / 2`, which
+    /// it refuses. A thread that was waiting in `get` on it waits out its timeout and then
+    /// tries the new generation.
     pub fn release_idle(&self) -> u32 {
-        match self.shared.generation.get() {
-            Some(generation) if generation.refusal.is_none() => {}
+        let closed = match self.shared.generation.get() {
+            Some(Generation {
+                pool: AnyPool::Std(pool),
+                ..
+            }) => pool.release_idle(),
+            Some(Generation {
+                pool: AnyPool::R2d2(_),
+                ..
+            }) => self.retire_r2d2_generation(),
             _ => return 0,
-        }
+        };
+        tracing::debug!(
+            pid = std::process::id(),
+            closed,
+            "forksafe-pool: idle connections released; the pool reconnects on next use"
+        );
+        closed
+    }
+
+    /// `release_idle` for a pool on r2d2, which would open `min_idle` connections again at
+    /// once: its generation is retired and the next use builds another.
+    fn retire_r2d2_generation(&self) -> u32 {
         let Some(retired) = self.shared.generation.retire() else {
             return 0;
         };
@@ -340,13 +368,7 @@ impl<M: ManageConnection> Pool<M> {
         while let Some(conn) = retired.pool.try_get() {
             drop(conn);
         }
-        let closed = idle_before.saturating_sub(retired.pool.state().idle_connections);
-        tracing::debug!(
-            pid = std::process::id(),
-            closed,
-            "forksafe-pool: idle connections released; the pool reconnects on next use"
-        );
-        closed
+        idle_before.saturating_sub(retired.pool.state().idle_connections)
     }
 
     /// The connection counts of this process's pool, like [`r2d2::Pool::state`].
