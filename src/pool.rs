@@ -15,14 +15,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use r2d2::event::{AcquireEvent, CheckinEvent, CheckoutEvent, ReleaseEvent, TimeoutEvent};
-use r2d2::{HandleEvent, ManageConnection};
+use r2d2::{CustomizeConnection, HandleEvent, ManageConnection};
 use scheduled_thread_pool::ScheduledThreadPool;
 
 use crate::config::{Builder, Config, OnFork};
 use crate::connection::{Checkout, PooledConnection};
 use crate::descriptors::DescriptorTable;
 use crate::fork::{current_epoch, r2d2_error, Epoch, PerProcess};
-use crate::manager::{CustomizerAdapter, ErrorHandlerAdapter, ForkSafeManager};
+use crate::manager::{
+    ConnectError, CustomizerAdapter, ErrorHandlerAdapter, ForkSafeManager, Tracked,
+};
 use crate::stats::{Counters, ForkStats};
 use crate::std_pool::{AnyPool, Connector, StdPool, REAPER_RATE};
 
@@ -58,6 +60,11 @@ struct Shared<M: ManageConnection> {
     built_in: Epoch,
     /// The process that built the latest generation (inherited, so a child sees its parent's).
     latest_generation_in: AtomicU64,
+    /// The descriptor table of every generation of the building process, retired ones
+    /// included. A child releases it whatever generation it finds: one the parent retired
+    /// may still hold connections (leased, or connecting when it was retired), and a parent
+    /// that released its pool before forking leaves the child no generation at all.
+    building_descriptors: Arc<DescriptorTable>,
 }
 
 struct Generation<M: ManageConnection> {
@@ -65,8 +72,12 @@ struct Generation<M: ManageConnection> {
     /// `Pool` with an event handler, since only r2d2 can make r2d2's events.
     pool: AnyPool<M>,
     descriptors: Arc<DescriptorTable>,
-    /// Set by `release_idle`: the generation opens no connections and closes returned ones.
+    /// Set by `release_idle` on a generation on r2d2: it opens no connections and closes
+    /// returned ones.
     retired: Arc<AtomicBool>,
+    /// The open connections of a generation on r2d2, counted by its customizer
+    /// (`R2d2GenerationCustomizer`); once retired, it is swept until none is left.
+    r2d2_connections: Arc<AtomicU64>,
     /// With `OnFork::Fail`, in a forked child: the message every `get` fails with.
     refusal: Option<String>,
 }
@@ -121,10 +132,16 @@ impl<M: ManageConnection> Pool<M> {
         }
         let counters = Arc::new(Counters::default());
         let manager = Arc::new(manager);
+        // On r2d2, retired generations' connections live beside the current one's.
+        let generations_at_once = if config.event_handler.is_some() { 2 } else { 1 };
+        let building_descriptors = DescriptorTable::new(
+            config.settings.max_size.saturating_mul(generations_at_once),
+            Arc::clone(&counters),
+        );
         let generation = Generation::build(
             &config,
             Arc::clone(&manager),
-            &counters,
+            Arc::clone(&building_descriptors),
             None,
             None,
             false,
@@ -138,6 +155,7 @@ impl<M: ManageConnection> Pool<M> {
                 counters,
                 built_in: current_epoch(),
                 latest_generation_in: AtomicU64::new(current_epoch().get()),
+                building_descriptors,
             }),
         })
     }
@@ -361,14 +379,31 @@ impl<M: ManageConnection> Pool<M> {
         let Some(retired) = self.shared.generation.retire() else {
             return 0;
         };
-        retired.retired.store(true, Ordering::Release);
+        // Sequentially consistent with the customizer's count and check: a connection either
+        // is counted before the sweep below reads the count, or sees the generation retired.
+        retired.retired.store(true, Ordering::SeqCst);
         let idle_before = retired.pool.state().idle_connections;
-        // With `test_on_check_out`, r2d2 closes each refused connection inside `try_get`; without
-        // it, the guard comes back and closes its connection on return (`has_broken` is true).
-        while let Some(conn) = retired.pool.try_get() {
-            drop(conn);
+        close_idle(&retired.pool);
+        let closed = idle_before.saturating_sub(retired.pool.state().idle_connections);
+        // Connections still leased, or past the customizer but not yet in r2d2's idle list,
+        // come back later: r2d2 parks the latter as idle, so a job on the thread pool keeps
+        // closing idle ones until the generation has none open, then ends.
+        if let (AnyPool::R2d2(pool), Some(threads)) =
+            (&retired.pool, &self.shared.config.thread_pool)
+        {
+            let pool = AnyPool::R2d2(pool.clone());
+            let open = Arc::clone(&retired.r2d2_connections);
+            let mut pause = Duration::from_millis(1);
+            threads.execute_at_dynamic_rate(pause, move || {
+                close_idle(&pool);
+                if open.load(Ordering::SeqCst) == 0 {
+                    return None;
+                }
+                pause = (pause * 2).min(Duration::from_secs(1));
+                Some(pause)
+            });
         }
-        idle_before.saturating_sub(retired.pool.state().idle_connections)
+        closed
     }
 
     /// The connection counts of this process's pool, like [`r2d2::Pool::state`].
@@ -435,12 +470,13 @@ impl<M: ManageConnection> Pool<M> {
             // False after `release_idle` in this same process: then nothing crossed a fork.
             let crossed_fork =
                 shared.latest_generation_in.swap(here.get(), Ordering::AcqRel) != here.get();
-            if crossed_fork && inherited.is_none() {
-                // The parent had released its connections before forking: nothing to discard.
-                shared.counters.record_rebuild(Default::default());
-            }
-            if let Some(inherited) = inherited {
-                let discarded = inherited.descriptors.release_inherited();
+            // A parent that released its pool before forking left no generation; what its
+            // retired generations still held is in the building process's table.
+            let inherited_descriptors = inherited
+                .map(|inherited| &inherited.descriptors)
+                .or(crossed_fork.then_some(&shared.building_descriptors));
+            if let Some(inherited) = inherited_descriptors {
+                let discarded = inherited.release_inherited();
                 shared.counters.record_rebuild(discarded);
                 tracing::info!(
                     pid = std::process::id(),
@@ -459,10 +495,15 @@ impl<M: ManageConnection> Pool<M> {
                         std::process::id()
                     )
                 });
+            let descriptors = if here == shared.built_in {
+                Arc::clone(&shared.building_descriptors)
+            } else {
+                DescriptorTable::new(shared.config.settings.max_size, Arc::clone(&shared.counters))
+            };
             let generation = Generation::build(
                 &shared.config,
                 Arc::clone(&shared.manager),
-                &shared.counters,
+                descriptors,
                 crossed_fork.then(std::process::id),
                 refusal,
                 here != shared.built_in,
@@ -485,13 +526,12 @@ impl<M: ManageConnection> Generation<M> {
     fn build(
         config: &Config<M>,
         manager: Arc<M>,
-        counters: &Arc<Counters>,
+        descriptors: Arc<DescriptorTable>,
         rebuilt_after_fork_in: Option<u32>,
         refusal: Option<String>,
         in_forked_child: bool,
         wait: bool,
     ) -> Result<Generation<M>, r2d2::Error> {
-        let descriptors = DescriptorTable::new(config.settings.max_size, Arc::clone(counters));
         let retired = Arc::new(AtomicBool::new(refusal.is_some()));
         let manager = ForkSafeManager::new(
             manager,
@@ -505,6 +545,7 @@ impl<M: ManageConnection> Generation<M> {
                 pool: AnyPool::Refusing,
                 descriptors,
                 retired,
+                r2d2_connections: Arc::default(),
                 refusal,
             });
         }
@@ -532,6 +573,7 @@ impl<M: ManageConnection> Generation<M> {
             pool: AnyPool::Std(pool),
             descriptors,
             retired,
+            r2d2_connections: Arc::default(),
             refusal,
         })
     }
@@ -544,6 +586,7 @@ impl<M: ManageConnection> Generation<M> {
         retired: Arc<AtomicBool>,
         wait: bool,
     ) -> Result<Generation<M>, r2d2::Error> {
+        let r2d2_connections = Arc::default();
         let mut builder = r2d2::Pool::builder()
             .max_size(config.settings.max_size)
             .min_idle(config.settings.min_idle)
@@ -554,9 +597,11 @@ impl<M: ManageConnection> Generation<M> {
             .error_handler(Box::new(ErrorHandlerAdapter(Arc::clone(
                 &config.error_handler,
             ))))
-            .connection_customizer(Box::new(CustomizerAdapter(Arc::clone(
-                &config.connection_customizer,
-            ))));
+            .connection_customizer(Box::new(R2d2GenerationCustomizer {
+                user: CustomizerAdapter(Arc::clone(&config.connection_customizer)),
+                retired: Arc::clone(&retired),
+                open: Arc::clone(&r2d2_connections),
+            }));
         if let Some(event_handler) = &config.event_handler {
             builder =
                 builder.event_handler(Box::new(EventHandlerAdapter(Arc::clone(event_handler))));
@@ -573,6 +618,7 @@ impl<M: ManageConnection> Generation<M> {
             pool: AnyPool::R2d2(pool),
             descriptors,
             retired,
+            r2d2_connections,
             refusal: None,
         })
     }
@@ -582,16 +628,72 @@ impl<M: ManageConnection> Generation<M> {
     }
 }
 
+/// Closes a retired generation's idle connections: each comes back as broken and is closed.
+/// (With `test_on_check_out`, r2d2 closes each one inside `try_get` already.)
+fn close_idle<M: ManageConnection>(retired: &AnyPool<M>) {
+    while let Some(conn) = retired.try_get() {
+        drop(conn);
+    }
+}
+
+/// The customizer of a generation on r2d2: counts its open connections, so that once retired
+/// it can be swept until none is left, and closes every connection that arrives after its
+/// retirement (r2d2 drops a connection its customizer refuses; the drop runs in a driver
+/// section).
+struct R2d2GenerationCustomizer<C, E> {
+    user: CustomizerAdapter<C, E>,
+    retired: Arc<AtomicBool>,
+    open: Arc<AtomicU64>,
+}
+
+impl<C, E> fmt::Debug for R2d2GenerationCustomizer<C, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.user, f)
+    }
+}
+
+impl<C, E> CustomizeConnection<Tracked<C>, ConnectError<E>> for R2d2GenerationCustomizer<C, E>
+where
+    C: Send + 'static,
+    E: 'static,
+{
+    fn on_acquire(&self, conn: &mut Tracked<C>) -> Result<(), ConnectError<E>> {
+        // Counted before the retirement check (see `retire_r2d2_generation`).
+        self.open.fetch_add(1, Ordering::SeqCst);
+        let accepted = self.user.on_acquire(conn).and_then(|()| {
+            if self.retired.load(Ordering::SeqCst) {
+                Err(ConnectError::retired())
+            } else {
+                Ok(())
+            }
+        });
+        if accepted.is_err() {
+            self.open.fetch_sub(1, Ordering::SeqCst);
+        }
+        accepted
+    }
+
+    fn on_release(&self, conn: Tracked<C>) {
+        self.user.on_release(conn);
+        self.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl<M: ManageConnection> Drop for Shared<M> {
     /// A pool dropped in a child that never used it still lets go of the inherited sockets;
     /// `PerProcess` then leaks the inherited generation instead of dropping it.
     fn drop(&mut self) {
-        if self.generation.get().is_none() {
-            if let Some(inherited) = self.generation.get_even_inherited() {
-                self.counters
-                    .record_rebuild(inherited.descriptors.release_inherited());
-            }
+        if self.generation.get().is_some() {
+            return;
         }
+        let inherited = match self.generation.get_even_inherited() {
+            Some(inherited) => &inherited.descriptors,
+            // Released before the fork (see `building_descriptors`); in the building process
+            // itself there is nothing inherited.
+            None if current_epoch() != self.built_in => &self.building_descriptors,
+            None => return,
+        };
+        self.counters.record_rebuild(inherited.release_inherited());
     }
 }
 

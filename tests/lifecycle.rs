@@ -211,10 +211,29 @@ fn release_idle_in_a_worker_before_it_forks() -> Check {
     Ok(())
 }
 
+/// Which inner pool the building process runs on: this crate's own, or r2d2's (a pool with an
+/// event handler).
+#[derive(Clone, Copy, Debug)]
+enum Inner {
+    Std,
+    R2d2,
+}
+
+impl Inner {
+    fn builder<M: r2d2::ManageConnection>(self) -> forksafe_pool::Builder<M> {
+        let builder = Pool::builder();
+        match self {
+            Inner::Std => builder,
+            Inner::R2d2 => builder.event_handler(Box::new(forksafe_pool::NopEventHandler)),
+        }
+    }
+}
+
 /// A pool whose every `get` after `release_idle` races the background connects that bring it
 /// back to `min_idle`.
-fn counting_pool(manager: &CountingManager) -> Result<Pool<CountingManager>, String> {
-    Pool::builder()
+fn counting_pool(inner: Inner, manager: &CountingManager) -> Result<Pool<CountingManager>, String> {
+    inner
+        .builder()
         .max_size(3)
         .connection_timeout(Duration::from_secs(5))
         .build(manager.clone())
@@ -223,9 +242,9 @@ fn counting_pool(manager: &CountingManager) -> Result<Pool<CountingManager>, Str
 
 /// Connects still running when `release_idle` is called (the background top-ups to `min_idle`
 /// a `get` started, a lease held across the call) end up closed, not parked in the pool.
-fn release_idle_leaves_nothing_open_once_connects_in_flight_end() -> Check {
+fn release_idle_leaves_nothing_open_once_connects_in_flight_end(inner: Inner) -> Check {
     let manager = CountingManager::default();
-    let pool = counting_pool(&manager)?;
+    let pool = counting_pool(inner, &manager)?;
     let mut held = None;
     for cycle in 0..200 {
         pool.release_idle();
@@ -268,7 +287,7 @@ fn release_idle_cycles_keep_memory_bounded() -> Check {
     // or a few connections kept per cycle, far more than allocator noise.
     const ALLOWED_GROWTH: u64 = 4 << 20;
     let manager = CountingManager::default();
-    let pool = counting_pool(&manager)?;
+    let pool = counting_pool(Inner::Std, &manager)?;
     let cycle = |cycle: usize| -> Check {
         pool.release_idle();
         pool.get()
@@ -299,11 +318,19 @@ fn release_idle_cycles_keep_memory_bounded() -> Check {
     Ok(())
 }
 
-/// Connections from before several `release_idle` calls, still leased at the fork: the child
-/// lets go of every one of their sockets and counts them, and the parent keeps using them.
-fn a_child_releases_connections_leased_across_release_idle() -> Check {
+/// Connections from before several `release_idle` calls, still leased at the fork (the last
+/// call right before it): the child lets go of every one of their sockets and counts them, and
+/// the parent keeps using them.
+fn a_child_releases_connections_leased_across_release_idle(inner: Inner) -> Check {
     let server = FakeServer::start();
-    let pool = fake_pool(server.manager(), 3);
+    let pool = inner
+        .builder()
+        .max_size(3)
+        .min_idle(Some(3))
+        .connection_timeout(Duration::from_secs(5))
+        .descriptor_locator(|conn: &mut FakeConnection| Some(vec![conn.fd()]))
+        .build(server.manager())
+        .map_err(|error| format!("build: {error}"))?;
     let mut leases = Vec::new();
     for round in 0..3 {
         leases.push(
@@ -542,7 +569,7 @@ fn on_fork_fail_refuses_in_a_child_at_once() -> Check {
 }
 
 fn main() {
-    let cases: [Case; 9] = [
+    let cases: [Case; 11] = [
         (
             "release_idle_before_fork_leaves_children_nothing_to_discard",
             release_idle_before_fork_leaves_children_nothing_to_discard,
@@ -557,7 +584,11 @@ fn main() {
         ),
         (
             "release_idle_leaves_nothing_open_once_connects_in_flight_end",
-            release_idle_leaves_nothing_open_once_connects_in_flight_end,
+            || release_idle_leaves_nothing_open_once_connects_in_flight_end(Inner::Std),
+        ),
+        (
+            "release_idle_leaves_nothing_open_once_connects_in_flight_end_on_r2d2",
+            || release_idle_leaves_nothing_open_once_connects_in_flight_end(Inner::R2d2),
         ),
         (
             "release_idle_cycles_keep_memory_bounded",
@@ -565,7 +596,11 @@ fn main() {
         ),
         (
             "a_child_releases_connections_leased_across_release_idle",
-            a_child_releases_connections_leased_across_release_idle,
+            || a_child_releases_connections_leased_across_release_idle(Inner::Std),
+        ),
+        (
+            "a_child_releases_connections_leased_across_release_idle_on_r2d2",
+            || a_child_releases_connections_leased_across_release_idle(Inner::R2d2),
         ),
         (
             "warm_up_after_fork_opens_the_connections_before_the_first_request",
