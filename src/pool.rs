@@ -347,12 +347,15 @@ impl<M: ManageConnection> Pool<M> {
     /// A pool with an event handler runs on r2d2 in the process that built it, and r2d2
     /// reopens `min_idle` connections as soon as any are closed. There this process's r2d2 pool
     /// (its *generation*) is retired instead, and the next use builds a new one. A retired
-    /// generation opens no connection and closes every connection that comes back to it; it
-    /// stays allocated until the `Pool` is dropped, because another thread may be using it at
-    /// that instant, and its worker threads keep trying to reopen `min_idle` connections,
-    /// backing off to one attempt per missing connection every `connection_timeout / 2`, which
-    /// it refuses. A thread that was waiting in `get` on it waits out its timeout and then
-    /// tries the new generation.
+    /// generation opens no connection and closes every connection that comes back to it or
+    /// whose connect ends after the call, and a job on the thread pool closes what r2d2 parks
+    /// in its idle list until none of its connections is open. A forked child releases what
+    /// every retired generation still holds. A retired generation itself stays allocated
+    /// until the `Pool` is dropped, because another thread may be using it at that instant,
+    /// and r2d2's worker threads keep trying to reopen its `min_idle` connections, backing off
+    /// to one attempt per missing connection every `connection_timeout / 2`, which it refuses;
+    /// so on such a pool call `release_idle` before forking, not in a loop. A thread that was
+    /// waiting in `get` on it waits out its timeout and then tries the new generation.
     pub fn release_idle(&self) -> u32 {
         let closed = match self.shared.generation.get() {
             Some(Generation {
