@@ -46,6 +46,16 @@ pub(crate) struct ConnectError<E> {
     rebuilt_after_fork_in: Option<u32>,
 }
 
+impl<E> ConnectError<E> {
+    /// The refusal of a retired generation.
+    pub(crate) fn retired() -> Self {
+        ConnectError {
+            source: None,
+            rebuilt_after_fork_in: None,
+        }
+    }
+}
+
 impl<E: fmt::Display> fmt::Display for ConnectError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let Some(source) = &self.source else {
@@ -120,10 +130,7 @@ impl<M: ManageConnection> ForkSafeManager<M> {
     }
 
     fn refuse(&self) -> ConnectError<M::Error> {
-        ConnectError {
-            source: None,
-            rebuilt_after_fork_in: None,
-        }
+        ConnectError::retired()
     }
 
     fn locate(

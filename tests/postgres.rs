@@ -692,6 +692,72 @@ fn forks_while_the_master_connects() -> Check {
     echo(&mut conn, "master").map(drop)
 }
 
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    count: i64,
+}
+
+/// Sessions the server has open under `application_name`, seen from a fresh connection (which
+/// goes by another name).
+fn sessions_named(application_name: &str) -> Result<i64, String> {
+    let mut conn = PgConnection::establish(&Transport::Plain.url())
+        .map_err(|error| format!("observer: {error}"))?;
+    let row: Count = diesel::sql_query(
+        "SELECT count(*) AS count FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind::<Text, _>(application_name)
+    .get_result(&mut conn)
+    .map_err(|error| format!("pg_stat_activity: {error}"))?;
+    Ok(row.count)
+}
+
+/// `release_idle` between checkouts while the pool reopens `min_idle` in the background: once
+/// the last release's connects in flight have ended, the server has no session of the pool's
+/// left.
+fn release_idle_cycles_leave_no_session_open() -> Check {
+    let application_name = format!("forksafe-release-idle-{}", std::process::id());
+    let url = with_param(
+        &Transport::Plain.url(),
+        &format!("application_name={application_name}"),
+    );
+    let pool = Pool::builder()
+        .max_size(3)
+        .connection_timeout(Duration::from_secs(10))
+        .build(ConnectionManager::<PgConnection>::new(url))
+        .map_err(|error| format!("pool: {error}"))?;
+    ensure!(
+        sessions_named(&application_name)? == 3,
+        "the pool's sessions are not named {application_name}"
+    );
+    for cycle in 0..10 {
+        pool.release_idle();
+        let mut conn = pool
+            .get()
+            .map_err(|error| format!("cycle {cycle}: get: {error}"))?;
+        let value = format!("cycle-{cycle}");
+        let (answer, _) = echo(&mut conn, &value)?;
+        ensure!(answer == value, "asked {value:?}, got {answer:?}");
+    }
+    pool.release_idle();
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let open = sessions_named(&application_name)?;
+        if open == 0 {
+            break;
+        }
+        ensure!(
+            Instant::now() < until,
+            "{open} sessions still open 10 s after the last release_idle; pool {:?}",
+            pool.state()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The pool still serves.
+    let mut conn = pool.get().map_err(|error| format!("get after: {error}"))?;
+    echo(&mut conn, "after").map(drop)
+}
+
 /// Gets a connection, retrying until `within`: the pool must recover once the server is back.
 fn get_within(pool: &PgPool, within: Duration) -> Result<PgConn, String> {
     let until = Instant::now() + within;
@@ -939,6 +1005,10 @@ fn main() {
     cases.push((
         "bad_input_is_a_clear_error_in_time".into(),
         Box::new(bad_input_is_a_clear_error_in_time),
+    ));
+    cases.push((
+        "release_idle_cycles_leave_no_session_open".into(),
+        Box::new(release_idle_cycles_leave_no_session_open),
     ));
     cases.push((
         "forks_while_the_master_connects".into(),
