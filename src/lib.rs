@@ -6,9 +6,12 @@ mod backends;
 mod config;
 mod connection;
 mod descriptors;
+#[cfg(feature = "diesel")]
+mod diesel;
 mod fork;
 mod fork_local;
 mod guarded;
+pub mod locate;
 mod manager;
 mod pool;
 mod stats;
