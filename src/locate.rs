@@ -273,7 +273,10 @@ mod tests {
             tcp_socket(mapped(client_end), mapped(server_end)),
             Some(client.as_raw_fd())
         );
-        assert_eq!(tcp_socket(server_end, client_end), Some(_accepted.as_raw_fd()));
+        assert_eq!(
+            tcp_socket(server_end, client_end),
+            Some(_accepted.as_raw_fd())
+        );
     }
 
     #[test]
@@ -293,10 +296,8 @@ mod tests {
 
     #[test]
     fn a_file_is_found_only_while_one_descriptor_is_open_on_it() {
-        let path = std::env::temp_dir().join(format!(
-            "forksafe-locate-unit-{}-file",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("forksafe-locate-unit-{}-file", std::process::id()));
         let file = fs::File::create(&path).unwrap();
         let meta = fs::metadata(&path).unwrap();
         assert_eq!(super::file(&path), Some(file.as_raw_fd()));

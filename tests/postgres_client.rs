@@ -14,12 +14,13 @@
 mod support;
 
 use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use forksafe_pool::{Pool, PooledConnection};
+use forksafe_pool::{HandleError, Pool, PooledConnection};
 use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
 use postgres_openssl::MakeTlsConnector;
-use r2d2_postgres::postgres::{Client, Config, NoTls};
+use r2d2_postgres::postgres::{self, Client, Config, NoTls};
 use r2d2_postgres::PostgresConnectionManager;
 use support::backend::{self, Backend, SLACK};
 use support::runner::Check;
@@ -141,32 +142,65 @@ impl Backend for Tls {
     }
 }
 
+/// The server's message of every connect error the pool reports to its error handler.
+#[derive(Clone, Debug, Default)]
+struct ServerMessages(Arc<Mutex<Vec<String>>>);
+
+impl HandleError<postgres::Error> for ServerMessages {
+    fn handle_error(&self, error: postgres::Error) {
+        let message = match error.as_db_error() {
+            Some(db) => db.message().to_string(),
+            None => error.to_string(),
+        };
+        self.0.lock().unwrap().push(message);
+    }
+}
+
 /// Bad configuration gives the driver's error within the timeout, in the building process and
 /// in a forked child (wrong database, unknown user, a closed port, a server that never
 /// answers); a string that is no URL is refused by the driver before there is a pool.
+/// The driver's `Display` of a server error is only "db error"; the server's own message
+/// reaches the pool's error handler.
 fn bad_input_gives_the_drivers_error_in_time() -> Check {
     let base = Plain::url();
     let not_a_url = Plain::manager("not a url at all").err();
     ensure!(
-        not_a_url.as_deref().is_some_and(|error| error.contains("invalid")),
+        not_a_url
+            .as_deref()
+            .is_some_and(|error| error.contains("invalid")),
         "a string that is no URL gave {not_a_url:?}"
+    );
+    let messages = ServerMessages::default();
+    let no_database = with_param(&base, "dbname=forksafe_no_such_database");
+    let error = Pool::builder()
+        .max_size(1)
+        .connection_timeout(Duration::from_millis(1500))
+        .error_handler(Box::new(messages.clone()))
+        .build(Plain::manager(&no_database)?)
+        .err()
+        .ok_or("a pool on a database that does not exist was built")?;
+    let seen = messages.0.lock().unwrap().clone();
+    ensure!(
+        seen.iter()
+            .any(|message| message.contains("forksafe_no_such_database")),
+        "the error handler did not get the server's message (pool error {error}): {seen:?}"
     );
     backend::bad_input_fails_within_connection_timeout::<Plain>(|silent_port| {
         vec![
             (
                 "unknown database",
-                with_param(&base, "dbname=forksafe_no_such_database"),
-                "forksafe_no_such_database",
+                no_database.clone(),
+                "db error",
             ),
             (
                 "unknown user",
                 with_param(&base, "user=forksafe_no_such_user"),
-                "forksafe_no_such_user",
+                "db error",
             ),
             (
                 "closed port",
                 String::from("postgres://postgres@127.0.0.1:1/test?sslmode=disable"),
-                "onnection refused",
+                "error connecting to server",
             ),
             (
                 "a server that never answers",
@@ -182,9 +216,8 @@ fn bad_input_gives_the_drivers_error_in_time() -> Check {
 /// Over a Unix socket the server names no client address, so the inherited sockets are left
 /// open in the child and counted as leaked; the child still gets its own sessions.
 fn unix_socket_connections_are_counted_as_leaked() -> Check {
-    let socket_url = std::env::var("FORKSAFE_PG_SOCKET_URL").unwrap_or_else(|_| {
-        String::from("host=/var/run/postgresql user=postgres dbname=test")
-    });
+    let socket_url = std::env::var("FORKSAFE_PG_SOCKET_URL")
+        .unwrap_or_else(|_| String::from("host=/var/run/postgresql user=postgres dbname=test"));
     if let Err(error) = Client::connect(&socket_url, NoTls) {
         return support::runner::skip_unless_ci(
             &format!("the server's Unix socket is unreachable: {error}"),
@@ -266,5 +299,10 @@ fn main() {
         .into_iter()
         .chain(backend::scenarios::<Tls>("tls::"))
         .chain(own.map(|(name, case)| (name.to_string(), case)));
-    backend::run_all("PostgreSQL (postgres::Client)", reachable, "set FORKSAFE_PG_URL", cases);
+    backend::run_all(
+        "PostgreSQL (postgres::Client)",
+        reachable,
+        "set FORKSAFE_PG_URL",
+        cases,
+    );
 }

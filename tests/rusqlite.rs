@@ -90,9 +90,7 @@ fn manager(path: &str, mode: &'static str) -> SqliteConnectionManager {
 
 /// This connection's own id, made on first use.
 fn session(conn: &rusqlite::Connection) -> rusqlite::Result<i64> {
-    conn.execute_batch(
-        "CREATE TEMP TABLE IF NOT EXISTS session AS SELECT abs(random()) AS id",
-    )?;
+    conn.execute_batch("CREATE TEMP TABLE IF NOT EXISTS session AS SELECT abs(random()) AS id")?;
     conn.query_row("SELECT id FROM temp.session", [], |row| row.get(0))
 }
 

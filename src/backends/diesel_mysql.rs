@@ -43,7 +43,8 @@ pub(crate) fn locate(conn: &mut MysqlConnection) -> Option<Vec<RawFd>> {
     let [end] = rows.as_slice() else { return None };
     let client = ClientHost::parse(&end.host)?;
     let server_port: u16 = end.server_port.trim().parse().ok()?;
-    let fd = locate::tcp_socket_matching(|local, peer| client.is(local) && peer.port() == server_port)?;
+    let fd =
+        locate::tcp_socket_matching(|local, peer| client.is(local) && peer.port() == server_port)?;
     Some(vec![fd])
 }
 

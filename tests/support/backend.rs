@@ -107,9 +107,7 @@ pub fn run<B: Backend>(
     hint: &str,
     own: impl IntoIterator<Item = Case>,
 ) {
-    let own = own
-        .into_iter()
-        .map(|(name, case)| (name.to_string(), case));
+    let own = own.into_iter().map(|(name, case)| (name.to_string(), case));
     run_all(
         tests,
         reachable,
