@@ -16,7 +16,7 @@
 //!   one such socket: the connection's. No match, two descriptors for one socket, a proxy or
 //!   NAT in between (the server then sees other addresses) or a non-TCP socket all give
 //!   `None`. [`socket_addr`] parses the addresses servers print.
-//! - [`file`]: an embedded database's file, when exactly one descriptor of this process is
+//! - [`file()`]: an embedded database's file, when exactly one descriptor of this process is
 //!   open on it.
 //!
 //! A locator that returns `None` leaves the connection's descriptors open in a forked child
@@ -166,7 +166,7 @@ fn only_descriptor_of(dev: u64, ino: u64) -> Option<RawFd> {
         let Ok(stat) = fstat(fd) else { continue };
         let regular =
             SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG;
-        if regular && stat.st_dev as u64 == dev && stat.st_ino as u64 == ino {
+        if regular && stat.st_dev == dev && stat.st_ino == ino {
             if found.is_some() {
                 return None;
             }

@@ -21,7 +21,7 @@ use r2d2_mysql::mysql::prelude::Queryable;
 use r2d2_mysql::mysql::{Conn, Opts, OptsBuilder};
 use r2d2_mysql::MySqlConnectionManager;
 use support::backend::{self, At, Backend, Variant};
-use support::runner::Check;
+use support::runner::{Case, Check};
 
 /// TCP, for real: the driver's `prefer_socket` would otherwise move a local TCP connection to
 /// the server's Unix socket.
@@ -170,7 +170,7 @@ fn main() {
         .and_then(|opts| Conn::new(opts).map_err(|error| error.to_string()))
         .map(drop)
         .map_err(|error| format!("MariaDB/MySQL at {} is unreachable: {error}", Tcp::url()));
-    let own: [(&str, fn() -> Check); 2] = [
+    let own: [Case; 2] = [
         (
             "each_variant_uses_its_transport",
             each_variant_uses_its_transport,

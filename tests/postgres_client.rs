@@ -23,7 +23,7 @@ use postgres_openssl::MakeTlsConnector;
 use r2d2_postgres::postgres::{self, Client, Config, NoTls};
 use r2d2_postgres::PostgresConnectionManager;
 use support::backend::{self, Backend, SLACK};
-use support::runner::Check;
+use support::runner::{Case, Check};
 use support::spawn_child;
 
 type Plain = PostgresConnectionManager<NoTls>;
@@ -281,7 +281,7 @@ fn main() {
     let reachable = Client::connect(&Plain::url(), NoTls)
         .map(drop)
         .map_err(|error| format!("PostgreSQL at {} is unreachable: {error}", url()));
-    let own: [(&str, fn() -> Check); 3] = [
+    let own: [Case; 3] = [
         (
             "bad_input_gives_the_drivers_error_in_time",
             bad_input_gives_the_drivers_error_in_time,

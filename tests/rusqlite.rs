@@ -22,7 +22,7 @@ use forksafe_pool::{Pool, PooledConnection};
 use r2d2_sqlite::rusqlite::{self, OptionalExtension};
 use r2d2_sqlite::SqliteConnectionManager;
 use support::backend::{self, At, Backend, Variant};
-use support::runner::Check;
+use support::runner::{Case, Check};
 use support::{points_at_dev_null, spawn_child};
 
 /// A journal mode, with the database file its cases share (one per mode and test process;
@@ -251,7 +251,7 @@ fn main() {
     for file in &files {
         remove_database(file.to_str().expect("UTF-8"));
     }
-    let own: [(&str, fn() -> Check); 3] = [
+    let own: [Case; 3] = [
         (
             "wal::the_only_descriptor_is_released",
             the_only_descriptor_is_released::<Wal>,

@@ -52,10 +52,7 @@ mod tests {
         assert_eq!(fds.len(), 1);
         let meta = fs::metadata(&path).unwrap();
         let stat = fstat(fds[0]).unwrap();
-        assert_eq!(
-            (stat.st_dev as u64, stat.st_ino as u64),
-            (meta.dev(), meta.ino())
-        );
+        assert_eq!((stat.st_dev, stat.st_ino), (meta.dev(), meta.ino()));
         // A second descriptor on the same file makes it uncertain, for both connections.
         let other = fs::File::open(&path).unwrap();
         assert_eq!(locate(&mut conn), None);

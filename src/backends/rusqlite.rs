@@ -43,10 +43,7 @@ mod tests {
         };
         let meta = std::fs::metadata(&path).unwrap();
         let stat = fstat(fd).unwrap();
-        assert_eq!(
-            (stat.st_dev as u64, stat.st_ino as u64),
-            (meta.dev(), meta.ino())
-        );
+        assert_eq!((stat.st_dev, stat.st_ino), (meta.dev(), meta.ino()));
         // An attached file is located too.
         let attached = path.with_extension("attached.db");
         let _ = std::fs::remove_file(&attached);

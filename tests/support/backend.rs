@@ -15,7 +15,7 @@ use forksafe_pool::{ForkStats, ManageConnection, Pool, PooledConnection};
 use nix::sys::signal::{kill, raise, Signal};
 use nix::unistd::Pid;
 
-use super::runner::{require_server, run_cases, Case, Check};
+use super::runner::{require_server, run_cases, Case, Check, NamedCase};
 use super::{fork_while_connecting, reap, spawn_child, ChildEnd};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -122,7 +122,7 @@ pub fn run_all(
     tests: &str,
     reachable: Result<(), String>,
     hint: &str,
-    cases: impl IntoIterator<Item = (String, fn() -> Check)>,
+    cases: impl IntoIterator<Item = NamedCase>,
 ) {
     require_server(tests, reachable, hint);
     // Workers of a SIGKILLed master are reparented to this process, so it can reap them.
@@ -133,8 +133,8 @@ pub fn run_all(
 /// The shared scenarios for backend `B`, their names prefixed with `prefix` (e.g. `"tls::"`).
 /// A backend without server sessions ([`Backend::SERVER_SESSIONS`] false) skips the one that
 /// watches the server's sessions.
-pub fn scenarios<B: Backend>(prefix: &str) -> Vec<(String, fn() -> Check)> {
-    let mut shared: Vec<(&str, fn() -> Check)> = vec![
+pub fn scenarios<B: Backend>(prefix: &str) -> Vec<NamedCase> {
+    let mut shared: Vec<Case> = vec![
         (
             "four_workers_get_their_own_answers",
             four_workers_get_their_own_answers::<B>,
