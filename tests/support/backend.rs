@@ -360,7 +360,13 @@ pub fn forks_while_the_master_connects<B: Backend>() -> Check {
         || B::manager(&B::url()),
         FORKS,
         DEADLINE,
-        || i32::from(run_requests(&pool, 1, &master).is_err()),
+        || match run_requests(&pool, 1, &master) {
+            Ok(_) => 0,
+            Err(message) => {
+                eprintln!("fork child {}: {message}", std::process::id());
+                1
+            }
+        },
     )?;
     check_master_intact(&pool, &master)
 }
