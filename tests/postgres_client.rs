@@ -14,7 +14,7 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use forksafe_pool::{HandleError, Pool, PooledConnection};
@@ -47,10 +47,22 @@ fn config(url: &str) -> Result<Config, String> {
 }
 
 /// TLS without certificate checks: the test server has Debian's snakeoil certificate.
+///
+/// Built once per test process, as an application builds its connector once: making an
+/// OpenSSL context (`SSL_CTX_new`) takes OpenSSL's global locks, and a fork while another thread
+/// holds one leaves it held in the child, whose own TLS handshakes then wait forever (1 child in
+/// ~300 of `forks_while_the_master_connects` when every pool made its own). The pool guards its
+/// connects and closes against that; code outside them is the application's.
 fn tls_connector() -> Result<MakeTlsConnector, String> {
-    let mut builder = SslConnector::builder(SslMethod::tls()).map_err(|error| error.to_string())?;
-    builder.set_verify(SslVerifyMode::NONE);
-    Ok(MakeTlsConnector::new(builder.build()))
+    static CONNECTOR: OnceLock<Result<MakeTlsConnector, String>> = OnceLock::new();
+    CONNECTOR
+        .get_or_init(|| {
+            let mut builder =
+                SslConnector::builder(SslMethod::tls()).map_err(|error| error.to_string())?;
+            builder.set_verify(SslVerifyMode::NONE);
+            Ok(MakeTlsConnector::new(builder.build()))
+        })
+        .clone()
 }
 
 /// Echoes `value` and names the session (its backend pid); checks the echo, and that the
