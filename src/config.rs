@@ -295,13 +295,114 @@ impl<M: ManageConnection> Builder<M> {
     }
 
     /// Tells the pool which file descriptors a connection owns, for a connection type that
-    /// none of this crate's backend features knows. In a forked child those descriptors are
-    /// pointed at `/dev/null` (never closed through the driver) so the parent's server sessions
-    /// end when the parent does. Return `None` when unsure: a descriptor that is left open is
-    /// harmless, replacing the wrong one is not.
+    /// none of this crate's backend features knows (or to replace what a feature does). In a
+    /// forked child those descriptors are pointed at `/dev/null` (never closed through the
+    /// driver, which would say goodbye on the parent's session), so the parent's server sessions
+    /// end when the parent does. [`locate`](crate::locate) has the building blocks: a socket the
+    /// driver names (`AsRawFd`), a TCP socket from the server's view of the session, a file.
+    ///
+    /// # The contract
+    ///
+    /// Return the descriptors only when you are certain; return `None` when unsure. A
+    /// descriptor that is left open is harmless (the child never writes on it; the parent's
+    /// session merely outlives the parent while the child lives, counted in
+    /// [`ForkStats::connections_leaked`](crate::ForkStats)); replacing a descriptor that belongs
+    /// to something else breaks that something.
+    ///
+    /// **`Some(vec![])` is an answer, not a shrug**: it says "this connection owns no
+    /// descriptor" and counts the connection as identified. Return it only for connections
+    /// that really own none (an in-memory database); for a socket you could not find, it hides
+    /// the leak that `None` would have counted.
+    ///
+    /// # When and where it runs
+    ///
+    /// - Right after each successful connect, before the connection is handed to
+    ///   `on_acquire` or to anyone else: never on checkout, never on a connection the pool
+    ///   already has.
+    /// - On the thread that opened the connection: one of the pool's connector threads in the
+    ///   building process (r2d2's, or [`thread_pool`](Builder::thread_pool)'s), and in a forked
+    ///   child the thread whose `get` opened it (the child's pool runs no long-lived threads).
+    ///   So it must be `Send + Sync`, and must not panic.
+    /// - In children too: every connection a child opens is located, so a grandchild forked
+    ///   from a worker releases the worker's sockets in turn.
+    /// - It may query the session: the connection is its own until the locator returns (the
+    ///   crate's PostgreSQL, MariaDB and Redis backends ask the server how it sees the
+    ///   session). A query error should give `None`. A libc `fork()` on another thread waits
+    ///   (up to a second) while a locator runs, as it waits for every connect, so keep it to a
+    ///   round trip.
+    ///
+    /// # Example
+    ///
+    /// A client that hides its socket but can ask the server for the session's two ends (as
+    /// `SELECT inet_client_addr(), inet_client_port(), inet_server_addr(), inet_server_port()`
+    /// does on PostgreSQL); a client whose connection is `AsRawFd` needs only
+    /// `|conn| Some(vec![locate::as_raw_fd(conn)?])`.
+    ///
+    /// ```
+    /// use std::net::{SocketAddr, TcpListener, TcpStream};
+    /// use forksafe_pool::{locate, ManageConnection, Pool};
+    ///
+    /// /// Some client library's connection: the socket is private.
+    /// pub struct Client {
+    ///     stream: TcpStream,
+    /// }
+    ///
+    /// impl Client {
+    ///     /// The session's two ends as the server reports them: ours, then its own.
+    ///     pub fn session_ends(&mut self) -> std::io::Result<(SocketAddr, SocketAddr)> {
+    ///         // (A real client asks the server; this one reads its socket.)
+    ///         Ok((self.stream.local_addr()?, self.stream.peer_addr()?))
+    ///     }
+    /// }
+    ///
+    /// struct Manager(SocketAddr);
+    ///
+    /// impl ManageConnection for Manager {
+    ///     type Connection = Client;
+    ///     type Error = std::io::Error;
+    ///     fn connect(&self) -> std::io::Result<Client> {
+    ///         Ok(Client { stream: TcpStream::connect(self.0)? })
+    ///     }
+    ///     fn is_valid(&self, _: &mut Client) -> std::io::Result<()> {
+    ///         Ok(())
+    ///     }
+    ///     fn has_broken(&self, _: &mut Client) -> bool {
+    ///         false
+    ///     }
+    /// }
+    ///
+    /// let server = TcpListener::bind("127.0.0.1:0")?;
+    /// let pool = Pool::builder()
+    ///     .max_size(2)
+    ///     .descriptor_locator(|client: &mut Client| {
+    ///         let (ours, theirs) = client.session_ends().ok()?;
+    ///         Some(vec![locate::tcp_socket(ours, theirs)?])
+    ///     })
+    ///     .build(Manager(server.local_addr()?))
+    ///     .expect("pool");
+    /// assert_eq!(pool.state().connections, 2);
+    ///
+    /// // A worker: its first `get` discards the 2 inherited connections and releases their
+    /// // sockets, because the locator named them; none is left open.
+    /// use nix::sys::wait::{waitpid, WaitStatus};
+    /// use nix::unistd::{fork, ForkResult};
+    /// // SAFETY: the child uses nothing but the pool, made for use after fork(), and exits.
+    /// match unsafe { fork() }.expect("fork") {
+    ///     ForkResult::Child => {
+    ///         let own = pool.get().is_ok();
+    ///         let stats = pool.fork_stats();
+    ///         let released = stats.sockets_released == 2 && stats.connections_leaked == 0;
+    ///         std::process::exit(if own && released { 0 } else { 1 });
+    ///     }
+    ///     ForkResult::Parent { child } => {
+    ///         assert_eq!(waitpid(child, None)?, WaitStatus::Exited(child, 0));
+    ///     }
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     ///
     /// Defaults to the built-in backends (see the crate's feature flags); connections of other
-    /// types are counted in [`ForkStats::connections_leaked`](crate::ForkStats).
+    /// types are counted in [`ForkStats::connections_leaked`](crate::ForkStats) in a child.
     pub fn descriptor_locator<F>(mut self, locator: F) -> Self
     where
         F: Fn(&mut M::Connection) -> Option<Vec<RawFd>> + Send + Sync + 'static,

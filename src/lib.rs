@@ -435,9 +435,12 @@ mod config;
 mod connect_window;
 mod connection;
 mod descriptors;
+#[cfg(feature = "diesel")]
+mod diesel;
 mod fork;
 mod fork_local;
 mod guarded;
+pub mod locate;
 mod manager;
 mod pool;
 mod stats;

@@ -35,6 +35,8 @@ use crate::std_pool::{AnyPool, Connector, StdPool, REAPER_RATE};
 /// and the master keeps its connections.
 ///
 /// ```
+/// # // `&mut conn` as a diesel connection needs the `diesel` feature.
+/// # #[cfg(feature = "diesel")] {
 /// use diesel::r2d2::ConnectionManager;
 /// use diesel::{RunQueryDsl, SqliteConnection};
 ///
@@ -42,6 +44,7 @@ use crate::std_pool::{AnyPool, Connector, StdPool, REAPER_RATE};
 /// let mut conn = pool.get()?;
 /// diesel::sql_query("CREATE TABLE t (x INTEGER)").execute(&mut conn)?;
 /// assert_eq!(pool.fork_stats().forks_crossed, 0);
+/// # }
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 ///

@@ -32,7 +32,7 @@ use diesel::sql_types::Text;
 use diesel::{QueryableByName, RunQueryDsl};
 use forksafe_pool::{ManageConnection, Pool, PooledConnection};
 use support::backend::{self, Backend};
-use support::runner::{require_server, run_cases, Case, Check};
+use support::runner::{Check, NamedCase};
 use support::spawn_child;
 
 /// A PgBouncer database, one per pooling mode.
@@ -297,16 +297,15 @@ fn transaction_pooling_needs_the_statement_cache_off() -> Check {
 }
 
 /// The shared scenarios and this file's own, for one pooling mode.
-fn cases<M: Mode>() -> Vec<(String, fn() -> Check)> {
-    let own: [Case; 1] = [(
-        "an_ambiguous_connect_is_left_open_and_counted",
+fn cases<M: Mode>() -> Vec<NamedCase> {
+    let prefix = format!("{}::", M::NAME);
+    let own: NamedCase = (
+        format!("{prefix}an_ambiguous_connect_is_left_open_and_counted"),
         an_ambiguous_connect_is_left_open_and_counted::<M>,
-    )];
-    backend::shared_cases::<Bounced<M>>()
-        .into_iter()
-        .chain(own)
-        .map(|(name, case)| (format!("{}::{name}", M::NAME), case))
-        .collect()
+    );
+    let mut cases = backend::scenarios::<Bounced<M>>(&prefix);
+    cases.push(own);
+    cases
 }
 
 fn main() {
@@ -320,17 +319,14 @@ fn main() {
                 )
             })
     });
-    require_server(
-        "PgBouncer",
-        reachable,
-        "run scripts/test, which starts it, or set FORKSAFE_PGBOUNCER_URL",
-    );
-    backend::become_subreaper();
-    let statement_cache: (String, fn() -> Check) = (
+    let statement_cache: NamedCase = (
         String::from("transaction::pooling_needs_the_statement_cache_off"),
         transaction_pooling_needs_the_statement_cache_off,
     );
-    run_cases(
+    backend::run_all(
+        "PgBouncer",
+        reachable,
+        "run scripts/test, which starts it, or set FORKSAFE_PGBOUNCER_URL",
         cases::<SessionPooling>()
             .into_iter()
             .chain(cases::<TransactionPooling>())

@@ -1,28 +1,44 @@
-//! What each backend feature adds: the connection traits of its client library for
-//! [`PooledConnection`](crate::PooledConnection), and a way to find the descriptors each of its
-//! connections owns, so a forked child can let go of them.
+//! The descriptor locators of the backend features: for each connection type a feature names,
+//! which descriptors a freshly opened connection owns, so a forked child can let go of them.
+//! Each is built on [`crate::locate`] and follows its rule: certain, or `None` (left open in a
+//! child and counted in `ForkStats::connections_leaked`).
+//!
+//! | feature | connection | what is released in a child |
+//! |---|---|---|
+//! | `diesel-postgres` | `diesel::PgConnection` | its socket, TCP (TLS or not) or Unix, direct or through PgBouncer: the server's view, else the connect window |
+//! | `postgres` | `postgres::Client` (r2d2_postgres) | its socket, TCP (TLS or not) or Unix, direct or through PgBouncer: the server's view, else the connect window |
+//! | `diesel-mysql` | `diesel::MysqlConnection` | TCP socket, found from the server's view |
+//! | `mysql` | `mysql::Conn` (r2d2_mysql) | its socket, TCP or Unix, named by the driver |
+//! | `diesel-sqlite` | `diesel::SqliteConnection` | database file descriptors, when one per file |
+//! | `rusqlite` | `rusqlite::Connection` (r2d2_sqlite) | database file descriptors, when one per file |
+//! | `redis` | `redis::Connection` | TCP socket, found from `CLIENT INFO` |
+//!
+//! Connections are recognised by type (`Any` downcast), so a user's own
+//! [`descriptor_locator`](crate::Builder::descriptor_locator) replaces this dispatch entirely.
 
 use std::any::{Any, TypeId};
 use std::os::fd::RawFd;
 
 use crate::connect_window::CreatedSockets;
 
-#[cfg(feature = "diesel")]
-mod diesel;
 #[cfg(feature = "diesel-mysql")]
-mod mysql;
+mod diesel_mysql;
 #[cfg(feature = "diesel-postgres")]
+mod diesel_postgres;
+#[cfg(feature = "diesel-sqlite")]
+mod diesel_sqlite;
+#[cfg(feature = "mysql")]
+mod mysql;
+#[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(any(feature = "diesel-postgres", feature = "postgres"))]
+mod postgres_session;
 #[cfg(feature = "redis")]
 mod redis;
-#[cfg(feature = "diesel-sqlite")]
-mod sqlite;
-#[cfg(any(
-    feature = "diesel-mysql",
-    feature = "diesel-postgres",
-    feature = "redis"
-))]
-mod tcp;
+#[cfg(feature = "rusqlite")]
+mod rusqlite;
+#[cfg(any(feature = "diesel-sqlite", feature = "rusqlite"))]
+mod sqlite_files;
 
 /// Whether connects of `connection` (a connection type) are watched for the sockets they
 /// create (`connect_window`), because its backend may need that to name the socket: a driver
@@ -30,6 +46,10 @@ mod tcp;
 pub(crate) fn watches_connects(connection: TypeId) -> bool {
     #[cfg(feature = "diesel-postgres")]
     if connection == TypeId::of::<::diesel::PgConnection>() {
+        return true;
+    }
+    #[cfg(feature = "postgres")]
+    if connection == TypeId::of::<::postgres::Client>() {
         return true;
     }
     let _ = connection;
@@ -40,9 +60,27 @@ pub(crate) fn watches_connects(connection: TypeId) -> bool {
 /// `None` for any other type or when the backend cannot tell for certain. `created` is what the
 /// connect window saw when [`watches_connects`] asked for one.
 pub(crate) fn locate(conn: &mut dyn Any, created: Option<&CreatedSockets>) -> Option<Vec<RawFd>> {
+    #[cfg(feature = "mysql")]
+    if let Some(conn) = conn.downcast_mut::<::mysql::Conn>() {
+        return mysql::locate(conn);
+    }
+    #[cfg(feature = "postgres")]
+    if let Some(conn) = conn.downcast_mut::<::postgres::Client>() {
+        return postgres::locate(conn, created);
+    }
+    // Both SQLite connection types are the ones a fork must not copy mid-write: a per-type
+    // "fork waits while checked out" mark belongs beside these two arms.
+    #[cfg(feature = "rusqlite")]
+    if let Some(conn) = conn.downcast_mut::<::rusqlite::Connection>() {
+        return rusqlite::locate(conn);
+    }
+    #[cfg(feature = "diesel-sqlite")]
+    if let Some(conn) = conn.downcast_mut::<::diesel::SqliteConnection>() {
+        return diesel_sqlite::locate(conn);
+    }
     #[cfg(feature = "diesel-mysql")]
     if let Some(conn) = conn.downcast_mut::<::diesel::MysqlConnection>() {
-        return mysql::locate(conn);
+        return diesel_mysql::locate(conn);
     }
     #[cfg(feature = "redis")]
     if let Some(conn) = conn.downcast_mut::<::redis::Connection>() {
@@ -50,11 +88,7 @@ pub(crate) fn locate(conn: &mut dyn Any, created: Option<&CreatedSockets>) -> Op
     }
     #[cfg(feature = "diesel-postgres")]
     if let Some(conn) = conn.downcast_mut::<::diesel::PgConnection>() {
-        return postgres::locate(conn, created);
-    }
-    #[cfg(feature = "diesel-sqlite")]
-    if let Some(conn) = conn.downcast_mut::<::diesel::SqliteConnection>() {
-        return sqlite::locate(conn);
+        return diesel_postgres::locate(conn, created);
     }
     let _ = (conn, created);
     None

@@ -16,13 +16,13 @@
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
-use super::tcp;
+use crate::locate;
 
 /// The socket of a freshly opened `redis::Connection`, when it can be told for certain.
 pub(crate) fn locate(conn: &mut redis::Connection) -> Option<Vec<RawFd>> {
     let info: String = redis::cmd("CLIENT").arg("INFO").query(conn).ok()?;
     let (client, server) = ends(&info)?;
-    let fd = tcp::unique_socket(|local, peer| local == client && peer == server)?;
+    let fd = locate::tcp_socket(client, server)?;
     Some(vec![fd])
 }
 
@@ -33,8 +33,8 @@ fn ends(info: &str) -> Option<(SocketAddr, SocketAddr)> {
             .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
     };
     Some((
-        tcp::parse_addr(field("addr")?)?,
-        tcp::parse_addr(field("laddr")?)?,
+        locate::socket_addr(field("addr")?)?,
+        locate::socket_addr(field("laddr")?)?,
     ))
 }
 

@@ -11,6 +11,8 @@ use super::ChildEnd;
 pub type Check = Result<(), String>;
 /// A named test case.
 pub type Case = (&'static str, fn() -> Check);
+/// A test case whose name is made at run time (e.g. a backend variant's prefix).
+pub type NamedCase = (String, fn() -> Check);
 
 /// Runs the cases whose names contain one of the command-line filters (all without filters),
 /// prints a line per case and then `test result: ok. N passed; M failed` (`FAILED` when any

@@ -1,0 +1,69 @@
+//! SQLite, whatever the client (diesel's `SqliteConnection`, `rusqlite::Connection`): finding
+//! the descriptors of a connection's database files.
+//!
+//! SQLite's own advice for a connection inherited across `fork()` (howtocorrupt §2.6) is never
+//! to `sqlite3_close` it in the child — that would run its cleanup against shared state — while
+//! closing its file descriptors is safe. So a forked child leaks the inherited connection
+//! objects and points their database descriptors at `/dev/null`.
+//!
+//! Right after connecting, the connection is asked which files it has open
+//! (`pragma_database_list`: `main` and anything attached). For each file, the descriptor is
+//! [`locate::file`](crate::locate::file): the one descriptor of this process that refers to
+//! that file (same device and inode). A file held open by *two* descriptors — a second
+//! connection of the pool, another pool, the application's own connection, a descriptor SQLite
+//! keeps open for a closed connection while locks are held — cannot be told apart from ours, so the connection is left unidentified
+//! (`None`: its descriptors leak in a forked child and it is counted in
+//! `ForkStats::connections_leaked`). In practice a pool of one connection per file is
+//! identified; in a larger pool at most the connection that opened while no other was open is,
+//! and since r2d2 opens `min_idle` connections on several threads at once, often none is. A
+//! leaked SQLite descriptor is harmless (there is no shared stream, and POSIX locks are not
+//! inherited by a child). Telling the connections of one file apart would need a record of
+//! the descriptors held by every live connection of the process, dropped *before* each
+//! connection closes; the descriptor table has one per pool generation only.
+//!
+//! Files that are deliberately never recorded:
+//! - `-shm` (WAL index): SQLite's Unix VFS shares one descriptor per database among all
+//!   connections of a process, and a child's *new* connections reuse the inherited one for
+//!   their WAL locks. Pointing it at `/dev/null` would silently drop their locking.
+//! - `-wal` and `-journal`: opened later than connect time (at the first read or write
+//!   transaction), so they are not open when the connection is located.
+//!
+//! Releasing a database descriptor has one side effect to know: closing (or replacing) any
+//! descriptor of a file drops *all* of this process's POSIX locks on that file. A child holds
+//! no locks after the fork (they are not inherited), and the pool releases the inherited
+//! descriptors when it is rebuilt, before its own new connections open the file, so the pool's
+//! own connections never lose a lock. A child that opens the same database through *another*
+//! pool or connection first, and holds a transaction open while this pool's first `get()` runs,
+//! would lose that transaction's locks: make the first `get()` of every pool right after the
+//! fork (or before any other use of the same file). `:memory:` and temporary databases own no
+//! descriptor at connect time and are reported as owning none.
+//!
+//! Why not ask SQLite for the descriptor: its public API has no call that names a Unix
+//! descriptor. `sqlite3_file_control(db, "main", SQLITE_FCNTL_FILE_POINTER, &p)` hands back the
+//! `sqlite3_file*`, whose only public member is its method table; the descriptor is a field of
+//! the Unix VFS's private `unixFile` struct, at an offset that is no part of any interface and
+//! changes with compile options. (The one descriptor-naming file control,
+//! `SQLITE_FCNTL_WIN32_GET_HANDLE`, is Windows-only.) A VFS shim that wraps `unix` and watches its
+//! `open` calls through `xSetSystemCall` would see every descriptor SQLite opens — but that
+//! replaces a process-global hook shared by every SQLite user of the process, which a pool
+//! library must not do. So the several-descriptors-per-file case stays open, and counted.
+
+use std::os::fd::RawFd;
+
+use crate::locate;
+
+/// The descriptors of a freshly opened connection's database files (`files` as
+/// `pragma_database_list` names them; empty for memory and temporary databases), when each
+/// can be told for certain; `Some(vec![])` for a connection that has no database file.
+pub(crate) fn database_descriptors<S: AsRef<str>>(
+    files: impl IntoIterator<Item = S>,
+) -> Option<Vec<RawFd>> {
+    files
+        .into_iter()
+        .filter(|file| !file.as_ref().is_empty())
+        .map(|file| locate::file(file.as_ref()))
+        .collect()
+}
+
+/// Lists a connection's database files: `main` and anything attached.
+pub(crate) const DATABASE_FILES: &str = "SELECT file FROM pragma_database_list";
