@@ -742,6 +742,11 @@ pub(crate) fn spawn_detached(job: Box<dyn FnOnce() + Send>) -> bool {
 /// a connection's socket by its addresses, which name one connection only for TCP. (The other
 /// way to ask, this network namespace's `/proc/self/net/tcp`, walks every bucket of the
 /// kernel's TCP hash tables: about 4 ms per connect here.)
+#[cfg(any(
+    feature = "diesel-mysql",
+    feature = "diesel-postgres",
+    feature = "redis"
+))]
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub(crate) fn socket_protocol(fd: std::os::fd::RawFd) -> Option<libc::c_int> {
     let mut protocol: libc::c_int = 0;
@@ -761,6 +766,11 @@ pub(crate) fn socket_protocol(fd: std::os::fd::RawFd) -> Option<libc::c_int> {
     (rc == 0 && len as usize == std::mem::size_of::<libc::c_int>()).then_some(protocol)
 }
 
+#[cfg(any(
+    feature = "diesel-mysql",
+    feature = "diesel-postgres",
+    feature = "redis"
+))]
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 pub(crate) fn socket_protocol(_fd: std::os::fd::RawFd) -> Option<libc::c_int> {
     None
