@@ -16,9 +16,11 @@
 //!   `posix_spawn` and `vfork` share the parent's memory and exec straight away; they never
 //!   wipe the page, and the parent sees nothing.
 //!
-//! Where `MADV_WIPEONFORK` is missing, the cell is an ordinary page and the check also compares
-//! `getpid()` with the pid that owns the epoch — a syscall, but still correct for forks that
-//! bypass the atfork handlers.
+//! Where `MADV_WIPEONFORK` is missing, the cell is an ordinary static that holds the owner's pid
+//! beside the epoch, and the check also compares `getpid()` with that pid — a syscall, but
+//! still correct for forks that bypass the atfork handlers. Epoch and pid share one word so that
+//! a process claims its epoch and its ownership in one compare-and-swap: no racing thread can
+//! see the new epoch beside the parent's pid, judge it stale and claim a second one.
 //!
 //! [`PerProcess`] builds on the epoch: it holds a value per process and is what the pool and
 //! `ForkLocal` keep their per-process state in.
@@ -41,7 +43,7 @@ use std::fmt;
 use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
 use std::ptr;
-use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Identifies one process of a fork lineage; see the module docs.
@@ -62,14 +64,13 @@ static EPOCH_SOURCE: AtomicU64 = AtomicU64::new(0);
 /// Points at this process's epoch cell once [`init`] has run; null before.
 static EPOCH_CELL: AtomicPtr<AtomicU64> = AtomicPtr::new(ptr::null_mut());
 
-/// The pid that owns the current epoch; only consulted when the cell does not wipe on fork.
-static EPOCH_OWNER_PID: AtomicU32 = AtomicU32::new(0);
-
 /// Forks noticed by the atfork child handler in this lineage (inherited, so it counts every
 /// libc `fork()` between the first process and this one).
 static ATFORK_CHILD_CALLS: AtomicU64 = AtomicU64::new(0);
 
-/// Fallback cell, used when the wipe-on-fork page cannot be mapped.
+/// Fallback cell, used when the wipe-on-fork page cannot be mapped. It holds the owner's pid
+/// beside the epoch (see [`pack_owned_epoch`]), so that claiming an epoch and owning it are one
+/// compare-and-swap: no thread can see a new epoch with the previous owner's pid.
 static FALLBACK_CELL: AtomicU64 = AtomicU64::new(0);
 
 /// Always 0: where [`FAST_CELL`] points until the wipe-on-fork page is set up, and forever
@@ -129,34 +130,76 @@ fn cell_wipes_on_fork(cell: &AtomicU64) -> bool {
     !ptr::eq(cell, &FALLBACK_CELL)
 }
 
-#[cold]
-fn owner_pid_matches() -> bool {
-    EPOCH_OWNER_PID.load(Ordering::Relaxed) == std::process::id()
-}
-
 /// Slow path: set up the cell if nobody has, then give this process an epoch if it has none.
 #[cold]
 #[inline(never)]
 fn claim_epoch() -> Epoch {
     let cell = cell();
-    let wipes = cell_wipes_on_fork(cell);
+    if cell_wipes_on_fork(cell) {
+        claim_wiped_epoch(cell)
+    } else {
+        claim_owned_epoch(cell, std::process::id())
+    }
+}
+
+/// The epoch in a wipe-on-fork cell: every fork child finds the cell zeroed, so any other value
+/// is this process's.
+fn claim_wiped_epoch(cell: &AtomicU64) -> Epoch {
     loop {
         let seen = cell.load(Ordering::Acquire);
-        let stale = seen != 0 && !wipes && !owner_pid_matches();
-        if seen != 0 && !stale {
+        if seen != 0 {
             return Epoch(seen);
         }
         let fresh = EPOCH_SOURCE.fetch_add(1, Ordering::AcqRel) + 1;
         // Racing threads of the same new process: one wins, the others adopt its epoch, so
         // nothing created in this process is ever mistaken for an inherited object.
         if cell
-            .compare_exchange(seen, fresh, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(0, fresh, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            EPOCH_OWNER_PID.store(std::process::id(), Ordering::Relaxed);
             return Epoch(fresh);
         }
     }
+}
+
+/// The epoch in the fallback cell, which a raw fork child inherits unchanged: it is this
+/// process's only while the pid packed beside it is `pid`.
+fn claim_owned_epoch(cell: &AtomicU64, pid: u32) -> Epoch {
+    loop {
+        let seen = cell.load(Ordering::Acquire);
+        if let Some(epoch) = owned_epoch(seen, pid) {
+            return epoch;
+        }
+        let fresh = EPOCH_SOURCE.fetch_add(1, Ordering::AcqRel) + 1;
+        // One step: a thread that loses sees the winner's word, whose pid is ours.
+        if cell
+            .compare_exchange(
+                seen,
+                pack_owned_epoch(pid, fresh),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+        {
+            return Epoch(fresh & OWNED_EPOCH_MASK);
+        }
+    }
+}
+
+/// The low bits of a fallback word hold the epoch. Epochs count the processes of one lineage
+/// that claimed one, so 2^32 of them is out of reach (the driver-section counts already assume
+/// fewer than 2^44).
+const OWNED_EPOCH_MASK: u64 = u32::MAX as u64;
+
+/// A fallback word: `pid` in the high half, the epoch in the low half (never 0).
+fn pack_owned_epoch(pid: u32, epoch: u64) -> u64 {
+    (u64::from(pid) << 32) | (epoch & OWNED_EPOCH_MASK)
+}
+
+/// The epoch of a fallback word, if `pid` owns it.
+fn owned_epoch(word: u64, pid: u32) -> Option<Epoch> {
+    let epoch = word & OWNED_EPOCH_MASK;
+    (epoch != 0 && word >> 32 == u64::from(pid)).then_some(Epoch(epoch))
 }
 
 /// The epoch cell, mapping it and registering the atfork handler on first use.
@@ -202,6 +245,10 @@ const PAGE: usize = 4096;
 /// Maps one private anonymous page and asks the kernel to zero it in every fork child.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 fn map_wipe_on_fork_page() -> Option<*mut AtomicU64> {
+    #[cfg(test)]
+    if std::env::var_os(tests::NO_WIPE_ON_FORK).is_some() {
+        return None;
+    }
     // SAFETY: an anonymous private mapping with a null hint has no preconditions; the result is
     // checked against MAP_FAILED before use.
     let page = unsafe {
@@ -817,6 +864,127 @@ mod tests {
         assert_eq!(DROPS.load(Ordering::SeqCst), 2);
     }
 
+    /// Set in the environment of a test process whose epoch cell must be the fallback.
+    pub(super) const NO_WIPE_ON_FORK: &str = "FORKSAFE_POOL_TEST_NO_WIPE_ON_FORK";
+
+    /// Runs the test `name` again in a process of its own whose epoch cell is the fallback,
+    /// and checks it passed there.
+    fn rerun_without_wipe_on_fork(name: &str) {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--test-threads=1"])
+            .env(NO_WIPE_ON_FORK, "1")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run the test binary again");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{name} hung without wipe-on-fork");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let mut output = String::new();
+        std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut output).unwrap();
+        assert!(
+            status.success() && output.contains("1 passed"),
+            "{name} without wipe-on-fork: {status}\n{output}"
+        );
+    }
+
+    /// What a raw fork child (which runs no atfork handler) finds in the fallback cell: the
+    /// parent's epoch, owned by the parent's pid.
+    fn make_the_fallback_epoch_stale(parent_pid: u32, parent_epoch: u64) {
+        let cell = cell();
+        assert!(!cell_wipes_on_fork(cell));
+        cell.store(pack_owned_epoch(parent_pid, parent_epoch), Ordering::SeqCst);
+    }
+
+    #[test]
+    fn without_wipe_on_fork_racing_threads_claim_one_epoch() {
+        const NAME: &str = "fork::tests::without_wipe_on_fork_racing_threads_claim_one_epoch";
+        if std::env::var_os(NO_WIPE_ON_FORK).is_none() {
+            return rerun_without_wipe_on_fork(NAME);
+        }
+        assert!(
+            !fork_detection().wipe_on_fork,
+            "the test hook did not apply"
+        );
+        const THREADS: usize = 4;
+        const ROUNDS: usize = 20_000;
+        let barrier = std::sync::Barrier::new(THREADS + 1);
+        let claimed: Vec<std::sync::Mutex<Vec<Epoch>>> =
+            (0..THREADS).map(|_| Default::default()).collect();
+        let mut settled = Vec::with_capacity(ROUNDS);
+        std::thread::scope(|scope| {
+            for claimed in &claimed {
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    for _ in 0..ROUNDS {
+                        barrier.wait();
+                        let epoch = current_epoch();
+                        claimed.lock().unwrap().push(epoch);
+                        barrier.wait();
+                    }
+                });
+            }
+            let me = std::process::id();
+            for round in 0..ROUNDS {
+                let previous = current_epoch();
+                // A pid that is not ours and an epoch this process has not used.
+                make_the_fallback_epoch_stale(me.wrapping_add(1), previous.get() + 1);
+                barrier.wait();
+                barrier.wait();
+                settled.push((round, current_epoch()));
+            }
+        });
+        let claimed: Vec<Vec<Epoch>> = claimed
+            .into_iter()
+            .map(|claimed| claimed.into_inner().unwrap())
+            .collect();
+        for (round, epoch) in settled {
+            for (thread, claimed) in claimed.iter().enumerate() {
+                assert_eq!(
+                    claimed[round], epoch,
+                    "round {round}: thread {thread} claimed another epoch than the process kept"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn without_wipe_on_fork_a_raw_fork_child_claims_an_epoch_of_its_own() {
+        const NAME: &str =
+            "fork::tests::without_wipe_on_fork_a_raw_fork_child_claims_an_epoch_of_its_own";
+        if std::env::var_os(NO_WIPE_ON_FORK).is_none() {
+            return rerun_without_wipe_on_fork(NAME);
+        }
+        assert!(
+            !fork_detection().wipe_on_fork,
+            "the test hook did not apply"
+        );
+        let parent = current_epoch();
+        // SAFETY: a raw fork; the child allocates nothing, takes no lock, and leaves with
+        // `_exit`.
+        let pid = unsafe { libc::syscall(libc::SYS_fork) };
+        if pid == 0 {
+            let child = current_epoch();
+            let code = i32::from(!(child > parent && current_epoch() == child));
+            // SAFETY: `_exit` has no preconditions and ends the child at once.
+            unsafe { libc::_exit(code) };
+        }
+        let status = reap_raw_child(pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the raw-fork child kept its parent's epoch (status {status})"
+        );
+        assert_eq!(current_epoch(), parent);
+    }
+
     #[test]
     fn this_kernel_wipes_on_fork() {
         // The CI machine runs Linux >= 4.14; a fallback here would mean a getpid() per checkout.
@@ -849,6 +1017,16 @@ mod tests {
         }
         FORKS_PENDING.sub(here);
         drop(section);
+        let status = reap_raw_child(pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child saw its parent's section or pending fork (status {status})"
+        );
+    }
+
+    /// Waits for the child of a raw fork (`pid` as `syscall` returned it) at most 10 s, and
+    /// returns its wait status; a hung child is killed and fails the test.
+    fn reap_raw_child(pid: libc::c_long) -> libc::c_int {
         assert!(pid > 0, "fork failed");
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut status = 0;
@@ -861,10 +1039,7 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        assert!(
-            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-            "the child saw its parent's section or pending fork (status {status})"
-        );
+        status
     }
 
     #[test]
