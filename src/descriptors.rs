@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use nix::fcntl::OFlag;
 
+use crate::fork::ForkWaitingLease;
 use crate::stats::Counters;
 
 /// One descriptor and the identity it had when its connection was opened.
@@ -105,6 +106,8 @@ impl DescriptorTable {
             table: Arc::clone(self),
             slots,
             identified,
+            fork_waits_while_checked_out: false,
+            lease: None,
         }
     }
 
@@ -171,6 +174,11 @@ pub(crate) struct Registration {
     table: Arc<DescriptorTable>,
     slots: Vec<usize>,
     identified: bool,
+    /// Set when the backend says a fork must not copy the connection while it is in use (see
+    /// `backends::fork_waits_while_checked_out`): its checkouts are [`ForkWaitingLease`]s.
+    fork_waits_while_checked_out: bool,
+    /// Present while such a connection is checked out.
+    lease: Option<ForkWaitingLease>,
 }
 
 impl Drop for Registration {
@@ -215,6 +223,29 @@ impl Registration {
 
     pub(crate) fn counters(&self) -> &Counters {
         &self.table.counters
+    }
+
+    /// Makes every checkout of this connection a [`ForkWaitingLease`].
+    pub(crate) fn fork_waits_while_checked_out(&mut self) {
+        self.fork_waits_while_checked_out = true;
+    }
+
+    /// The connection is being checked out: for a connection marked with
+    /// [`fork_waits_while_checked_out`](Self::fork_waits_while_checked_out), a lease that a
+    /// libc `fork()` waits for (this may wait for a pending fork).
+    #[inline]
+    pub(crate) fn begin_checkout(&mut self) {
+        if self.fork_waits_while_checked_out {
+            self.lease = Some(ForkWaitingLease::take());
+        }
+    }
+
+    /// The checkout is over, in the process that made it.
+    #[inline]
+    pub(crate) fn end_checkout(&mut self) {
+        if self.lease.is_some() {
+            self.lease = None;
+        }
     }
 }
 

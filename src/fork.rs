@@ -44,6 +44,7 @@ use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Identifies one process of a fork lineage; see the module docs.
@@ -301,13 +302,19 @@ extern "C" fn atfork_child() {
 extern "C" fn atfork_prepare() {
     let here = current_epoch();
     FORKS_PENDING.add(here);
-    // A fork from inside a section (a customizer that forks) must not wait for itself.
-    let own = SECTIONS_ON_THIS_THREAD.try_with(Cell::get).unwrap_or(0);
-    if DRIVER_SECTIONS.get(here) <= own {
+    // A fork from inside a section (a customizer that forks), or from a thread that holds a
+    // lease, must not wait for itself: those cannot end while this thread forks.
+    let own_sections = SECTIONS_ON_THIS_THREAD.try_with(Cell::get).unwrap_or(0);
+    let own_leases = LEASES_TAKEN_ON_THIS_THREAD
+        .try_with(|taken| taken.get(here))
+        .unwrap_or(0);
+    let others_busy =
+        || DRIVER_SECTIONS.get(here) > own_sections || FORK_WAITING_LEASES.get(here) > own_leases;
+    if !others_busy() {
         return;
     }
     let deadline = Instant::now() + FORK_WAITS_FOR_DRIVERS_AT_MOST;
-    while DRIVER_SECTIONS.get(here) > own && Instant::now() < deadline {
+    while others_busy() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_micros(50));
     }
 }
@@ -349,6 +356,9 @@ pub(crate) const FORK_WAITS_FOR_DRIVERS_AT_MOST: Duration = Duration::from_secs(
 
 /// Threads of this process inside a [`DriverSection`].
 static DRIVER_SECTIONS: ProcessCount = ProcessCount::new();
+
+/// Connections checked out as [`ForkWaitingLease`]s in this process.
+static FORK_WAITING_LEASES: ProcessCount = ProcessCount::new();
 
 /// libc `fork()`s of this process between their prepare and parent handlers.
 static FORKS_PENDING: ProcessCount = ProcessCount::new();
@@ -401,6 +411,42 @@ impl ProcessCount {
 thread_local! {
     /// Sections the current thread is inside (0 or 1 unless a customizer nests them).
     static SECTIONS_ON_THIS_THREAD: Cell<u64> = const { Cell::new(0) };
+
+    /// The leases this thread took that are still out. Each lease holds a handle to it, since
+    /// a guard may be dropped on another thread; a `ProcessCount`, so that a forked child
+    /// does not take its parent's leases for its own.
+    static LEASES_TAKEN_ON_THIS_THREAD: Arc<ProcessCount> = Arc::new(ProcessCount::new());
+}
+
+/// Counts this thread into `count` once no libc `fork()` of this process is pending, waiting
+/// for a pending one at most [`FORK_WAITS_FOR_DRIVERS_AT_MOST`]. A thread that already holds a
+/// section or a lease does not wait: the pending fork is waiting for that one, and would only
+/// time out.
+fn count_in_unless_fork_pending(count: &ProcessCount, epoch: Epoch) {
+    let holds_some = SECTIONS_ON_THIS_THREAD.try_with(Cell::get).unwrap_or(0) > 0
+        || LEASES_TAKEN_ON_THIS_THREAD
+            .try_with(|taken| taken.get(epoch))
+            .unwrap_or(0)
+            > 0;
+    let mut deadline = None;
+    loop {
+        if holds_some || FORKS_PENDING.get(epoch) == 0 {
+            count.add(epoch);
+            // Seen by a prepare handler that raised FORKS_PENDING before this increment, or
+            // this load sees its raise: one side always waits for the other.
+            if holds_some || FORKS_PENDING.get(epoch) == 0 {
+                return;
+            }
+            count.sub(epoch);
+        }
+        let deadline =
+            *deadline.get_or_insert_with(|| Instant::now() + FORK_WAITS_FOR_DRIVERS_AT_MOST);
+        if Instant::now() >= deadline {
+            count.add(epoch);
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
 }
 
 /// A stretch of driver code (a connect, a close) that a libc `fork()` waits for.
@@ -423,25 +469,7 @@ impl DriverSection {
     pub(crate) fn enter() -> Self {
         // Also registers the atfork handlers, if no pool has yet.
         let epoch = current_epoch();
-        let mut deadline = None;
-        loop {
-            if FORKS_PENDING.get(epoch) == 0 {
-                DRIVER_SECTIONS.add(epoch);
-                // Seen by a prepare handler that raised FORKS_PENDING before this increment,
-                // or this load sees its raise: one side always waits for the other.
-                if FORKS_PENDING.get(epoch) == 0 {
-                    break;
-                }
-                DRIVER_SECTIONS.sub(epoch);
-            }
-            let deadline =
-                *deadline.get_or_insert_with(|| Instant::now() + FORK_WAITS_FOR_DRIVERS_AT_MOST);
-            if Instant::now() >= deadline {
-                DRIVER_SECTIONS.add(epoch);
-                break;
-            }
-            std::thread::sleep(Duration::from_micros(50));
-        }
+        count_in_unless_fork_pending(&DRIVER_SECTIONS, epoch);
         // `try_with`: a close may run in a thread-local's destructor, after this one is gone.
         let _ = SECTIONS_ON_THIS_THREAD.try_with(|sections| sections.set(sections.get() + 1));
         DriverSection { epoch }
@@ -458,6 +486,65 @@ impl Drop for DriverSection {
         if here == self.epoch {
             DRIVER_SECTIONS.sub(here);
         }
+    }
+}
+
+/// A checkout of a connection whose library keeps per-process state that a fork must not copy
+/// while the connection is in use: a libc `fork()` waits until no such lease is out on another
+/// thread, and a lease taken while a fork is pending waits for the fork — each at most
+/// [`FORK_WAITS_FOR_DRIVERS_AT_MOST`], like a [`DriverSection`].
+///
+/// SQLite is the case in point. Its Unix VFS keeps one lock record per database file per
+/// process, shared by every connection of the process. A fork while another thread is inside
+/// a write copies the record mid-write, and the child's *new* connections join the copy: they
+/// meet locks no process holds ("database is locked", or a busy handler that waits for ever).
+/// Writes can only happen while a connection is checked out (connects and closes are driver
+/// sections), so a fork that waits for checkouts never copies a write in progress.
+///
+/// Waiting for checkouts rather than for writes: SQLite reports no "a write is running" that
+/// another thread could read without taking the connection's own mutex, and a transaction
+/// holds its locks between statements too. A checkout is the one boundary the pool sees.
+pub(crate) struct ForkWaitingLease {
+    /// The process that took the lease, whose count it is in.
+    epoch: Epoch,
+    /// The count of the thread that took it (`None` if it was taken while that thread's
+    /// locals were being destroyed).
+    taker: Option<Arc<ProcessCount>>,
+}
+
+impl ForkWaitingLease {
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn take() -> Self {
+        let epoch = current_epoch();
+        count_in_unless_fork_pending(&FORK_WAITING_LEASES, epoch);
+        let taker = LEASES_TAKEN_ON_THIS_THREAD.try_with(Arc::clone).ok();
+        if let Some(taker) = &taker {
+            taker.add(epoch);
+        }
+        ForkWaitingLease { epoch, taker }
+    }
+}
+
+impl Drop for ForkWaitingLease {
+    fn drop(&mut self) {
+        // A lease inherited by a child is never dropped there (its guard is forgotten); the
+        // check keeps a child's counts its own regardless.
+        let here = current_epoch();
+        if here == self.epoch {
+            if let Some(taker) = &self.taker {
+                taker.sub(here);
+            }
+            FORK_WAITING_LEASES.sub(here);
+        }
+    }
+}
+
+impl fmt::Debug for ForkWaitingLease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ForkWaitingLease")
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
     }
 }
 

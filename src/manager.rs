@@ -145,9 +145,13 @@ impl<M: ManageConnection> ManageConnection for ForkSafeManager<M> {
         let section = DriverSection::enter();
         let mut conn = self.inner.connect().map_err(|error| self.wrap(error))?;
         let fds = self.locate(&mut conn);
+        let fork_waits = crate::backends::fork_waits_while_checked_out(&conn as &dyn Any);
         let conn = ForkWaitsForDrop::new(conn);
         drop(section);
-        let registration = Box::new(self.table.register(fds));
+        let mut registration = Box::new(self.table.register(fds));
+        if fork_waits {
+            registration.fork_waits_while_checked_out();
+        }
         Ok(Tracked { registration, conn })
     }
 

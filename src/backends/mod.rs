@@ -44,3 +44,15 @@ pub(crate) fn locate(conn: &mut dyn Any) -> Option<Vec<RawFd>> {
     let _ = conn;
     None
 }
+
+/// Whether a libc `fork()` must wait while a connection like `conn` is checked out, because
+/// its library keeps per-process state that a fork copies mid-use (see `ForkWaitingLease`).
+/// A backend opts in with one line for its connection type.
+pub(crate) fn fork_waits_while_checked_out(conn: &dyn Any) -> bool {
+    #[cfg(feature = "diesel-sqlite")]
+    if conn.is::<::diesel::SqliteConnection>() {
+        return true;
+    }
+    let _ = conn;
+    false
+}
