@@ -100,8 +100,12 @@ fn profile(which: &str, iterations: u64) {
             alternate(
                 iterations,
                 "",
-                || black_box(*r2d2_pool.get().expect("checkout")),
-                || black_box(*forksafe_pool.get().expect("checkout")),
+                || {
+                    black_box(*r2d2_pool.get().expect("checkout"));
+                },
+                || {
+                    black_box(*forksafe_pool.get().expect("checkout"));
+                },
             );
         }
         "ab-sqlite" => {

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use nix::fcntl::OFlag;
 
 use crate::fork::ForkWaitingLease;
-use crate::stats::Counters;
+use crate::stats::{Counters, Discarded};
 
 /// One descriptor and the identity it had when its connection was opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,14 +159,6 @@ impl DescriptorTable {
         self.unidentified_connections.store(0, Ordering::Release);
         discarded
     }
-}
-
-/// What a child found when it let go of an inherited generation.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Discarded {
-    pub(crate) connections: u64,
-    pub(crate) sockets_released: u64,
-    pub(crate) connections_unidentified: u64,
 }
 
 /// A connection's entries in its generation's [`DescriptorTable`].

@@ -1,5 +1,11 @@
 #![doc = include_str!("../README.md")]
-#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+// `unsafe` only in the modules that allow it for themselves: `fork`'s files, `sys` and
+// `r2d2_compat`.
+#![deny(
+    unsafe_code,
+    unsafe_op_in_unsafe_fn,
+    clippy::undocumented_unsafe_blocks
+)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 mod backends;
@@ -11,8 +17,10 @@ mod fork_local;
 mod guarded;
 mod manager;
 mod pool;
+mod r2d2_compat;
 mod stats;
 mod std_pool;
+mod sys;
 
 pub use crate::config::{Builder, OnFork};
 pub use crate::connection::PooledConnection;
