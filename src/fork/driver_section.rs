@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use super::epoch::{current_epoch, Epoch};
 
 /// The atfork prepare handler's work, in the forking thread before every libc `fork()`:
-/// marks a fork pending, then waits until no other thread of this
-/// process is inside a [`DriverSection`], for at most [`FORK_WAITS_FOR_DRIVERS_AT_MOST`]. An
-/// ordinary (not async-signal) context, so it may read the clock and sleep.
+/// marks a fork pending, then waits until no other thread of this process is inside a
+/// [`DriverSection`] or holds a [`ForkWaitingLease`], for at most
+/// [`FORK_WAITS_FOR_DRIVERS_AT_MOST`]. An ordinary (not async-signal) context, so it may read
+/// the clock and sleep.
 pub(super) fn wait_for_other_threads_before_fork() {
     let here = current_epoch();
     FORKS_PENDING.add(here);
@@ -41,7 +42,8 @@ pub(super) fn fork_done_in_parent() {
     FORKS_PENDING.sub(current_epoch());
 }
 
-/// How long a libc `fork()` waits for connects and closes in progress on other threads. Long
+/// How long a libc `fork()` waits for connects and closes in progress on other threads (and for
+/// fork-waiting leases to be returned). Long
 /// enough for a TLS (and GSSAPI) connect to a distant server; short enough that a master
 /// whose pool keeps retrying a dead server still forks. A connect that outlasts it is
 /// forked through, as without this wait: a child whose driver then hangs on a lock the fork

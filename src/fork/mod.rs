@@ -29,7 +29,9 @@
 //! (boundedly) for connects and closes running on other threads, because database drivers'
 //! C libraries hold process-global locks while they connect and close, and a fork in that
 //! instant leaves the lock held forever in the child (measured here: libpq's GSSAPI probe,
-//! `gss_acquire_cred`, hung every later connect of 2 children within 300 forks).
+//! `gss_acquire_cred`, hung every later connect of 2 children within 300 forks). The same wait
+//! covers [`ForkWaitingLease`]s: checkouts of connections whose library keeps per-process state
+//! a fork must not copy mid-use (SQLite's lock records).
 //!
 //! One concept per file: `epoch` (the epoch and fork detection), `atfork` (the handlers),
 //! `per_process` ([`PerProcess`] and its install lock), `driver_section` ([`DriverSection`],
