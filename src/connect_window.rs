@@ -42,7 +42,8 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::fork::{current_epoch, socket_cookie};
+use crate::fork::current_epoch;
+use crate::sys::socket_cookie;
 
 /// How long a connect waits for its turn before it connects without one.
 pub(crate) const TURN_WAIT_AT_MOST: Duration = Duration::from_secs(2);
@@ -95,7 +96,14 @@ impl ConnectWindow {
 /// The sockets that appeared during one connect: descriptor and cookie (`None` when the
 /// listing failed), and whether the backend asked for them.
 #[derive(Debug)]
-pub(crate) struct CreatedSockets(Option<Vec<(RawFd, u64)>>, Cell<bool>);
+pub(crate) struct CreatedSockets(
+    #[cfg_attr(
+        not(any(feature = "diesel-postgres", feature = "postgres")),
+        allow(dead_code)
+    )]
+    Option<Vec<(RawFd, u64)>>,
+    Cell<bool>,
+);
 
 impl CreatedSockets {
     /// Whether the backend asked for the connection's socket: false when it named the socket
@@ -105,7 +113,11 @@ impl CreatedSockets {
     }
 
     /// The connection's socket (TCP or Unix): the one socket the connect window saw appear, if
-    /// it saw exactly one and that one is still in place.
+    /// it saw exactly one and that one is still in place. Only the PostgreSQL backends ask.
+    #[cfg_attr(
+        not(any(feature = "diesel-postgres", feature = "postgres")),
+        allow(dead_code)
+    )]
     pub(crate) fn only_socket(&self) -> Option<RawFd> {
         self.1.set(true);
         let [(fd, cookie)] = self.0.as_deref()? else {
@@ -186,6 +198,37 @@ impl Drop for Turn {
 mod tests {
     use super::*;
     use std::net::{TcpListener, TcpStream};
+
+    // A raw fork needs `unsafe`; the child only lists its own descriptors and leaves with
+    // `_exit`.
+    #[allow(unsafe_code)]
+    #[test]
+    fn a_child_never_waits_for_a_connect_turn_its_parent_held() {
+        use std::time::{Duration, Instant};
+        // The turn held, as a raw fork (or a libc fork that gave up waiting for the sections)
+        // can find it.
+        let window = ConnectWindow::open();
+        assert!(window.holds_turn());
+        // SAFETY: a raw fork; the child only lists its own descriptors (glibc's allocator works
+        // in the child of a fork) and leaves with `_exit`, touching nothing other threads of
+        // the parent may have been changing.
+        let pid = unsafe { libc::syscall(libc::SYS_fork) };
+        if pid == 0 {
+            let started = Instant::now();
+            let child_window = ConnectWindow::open();
+            let at_once = started.elapsed() < Duration::from_millis(500);
+            let code = i32::from(!(child_window.holds_turn() && at_once));
+            drop(child_window.close());
+            // SAFETY: `_exit` has no preconditions and ends the child at once.
+            unsafe { libc::_exit(code) };
+        }
+        drop(window.close());
+        let status = crate::sys::reap_raw_child(pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child waited for its parent's turn (status {status})"
+        );
+    }
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
 

@@ -57,6 +57,21 @@ impl<M: ManageConnection> From<Lease<M>> for Checkout<M> {
 /// `diesel-*` feature it also implements diesel's connection traits, so `&mut conn` and
 /// `conn.transaction(..)` work unchanged.
 ///
+/// # SQLite and `fork()`
+///
+/// While a SQLite connection (diesel's `SqliteConnection`) is checked out, a libc `fork()` on
+/// another thread waits until it is returned, and a checkout that starts while a fork is
+/// pending waits for the fork; each waits one second at most. SQLite keeps one lock record per
+/// database file per process, shared by all its connections, and a fork copies it as it is:
+/// copied in the middle of a write, it makes the child's own connections meet locks nobody
+/// holds ("database is locked", or a busy handler that waits for ever). Limits: a fork that
+/// skips the atfork handlers (a raw `clone`/`SYS_fork` syscall, glibc's `_Fork`) does not
+/// wait; a connection kept checked out for longer than a second (a long transaction, a
+/// connection held for a thread's whole life) delays each fork by that second and is then
+/// forked through, mid-write or not; so are SQLite connections the pool does not hand out.
+/// The thread that forks never waits for connections it checked out itself: drop them (or
+/// end their transactions) before forking.
+///
 /// # Panics
 ///
 /// Dereferencing a guard in a process other than the one that checked it out — a connection
@@ -73,8 +88,10 @@ impl<M: ManageConnection> PooledConnection<M> {
     /// `epoch` is the calling process's, as the pool just checked it.
     #[inline]
     pub(crate) fn new(inner: impl Into<Checkout<M>>, epoch: Epoch) -> Self {
+        let mut inner = inner.into();
+        inner.tracked_mut().registration.begin_checkout();
         PooledConnection {
-            inner: Some(inner.into()),
+            inner: Some(inner),
             epoch,
         }
     }
@@ -174,6 +191,8 @@ impl<M: ManageConnection> Drop for PooledConnection<M> {
             if let Some(inner) = self.inner.take() {
                 forget_across_fork(inner);
             }
+        } else if let Some(inner) = &mut self.inner {
+            inner.tracked_mut().registration.end_checkout();
         }
     }
 }

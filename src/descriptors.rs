@@ -22,7 +22,8 @@ use std::sync::Arc;
 
 use nix::fcntl::OFlag;
 
-use crate::stats::Counters;
+use crate::fork::ForkWaitingLease;
+use crate::stats::{Counters, Discarded};
 
 /// One descriptor and the identity it had when its connection was opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +106,8 @@ impl DescriptorTable {
             table: Arc::clone(self),
             slots,
             identified,
+            fork_waits_while_checked_out: false,
+            lease: None,
         }
     }
 
@@ -158,19 +161,16 @@ impl DescriptorTable {
     }
 }
 
-/// What a child found when it let go of an inherited generation.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Discarded {
-    pub(crate) connections: u64,
-    pub(crate) sockets_released: u64,
-    pub(crate) connections_unidentified: u64,
-}
-
 /// A connection's entries in its generation's [`DescriptorTable`].
 pub(crate) struct Registration {
     table: Arc<DescriptorTable>,
     slots: Vec<usize>,
     identified: bool,
+    /// Set when the backend says a fork must not copy the connection while it is in use (see
+    /// `backends::fork_waits_while_checked_out`): its checkouts are [`ForkWaitingLease`]s.
+    fork_waits_while_checked_out: bool,
+    /// Present while such a connection is checked out.
+    lease: Option<ForkWaitingLease>,
 }
 
 impl Drop for Registration {
@@ -215,6 +215,29 @@ impl Registration {
 
     pub(crate) fn counters(&self) -> &Counters {
         &self.table.counters
+    }
+
+    /// Makes every checkout of this connection a [`ForkWaitingLease`].
+    pub(crate) fn fork_waits_while_checked_out(&mut self) {
+        self.fork_waits_while_checked_out = true;
+    }
+
+    /// The connection is being checked out: for a connection marked with
+    /// [`fork_waits_while_checked_out`](Self::fork_waits_while_checked_out), a lease that a
+    /// libc `fork()` waits for (this may wait for a pending fork).
+    #[inline]
+    pub(crate) fn begin_checkout(&mut self) {
+        if self.fork_waits_while_checked_out {
+            self.lease = Some(ForkWaitingLease::take());
+        }
+    }
+
+    /// The checkout is over, in the process that made it.
+    #[inline]
+    pub(crate) fn end_checkout(&mut self) {
+        if self.lease.is_some() {
+            self.lease = None;
+        }
     }
 }
 

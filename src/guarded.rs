@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use r2d2::ManageConnection;
 
-use crate::fork::{r2d2_error, r2d2_state, PerProcess};
+use crate::fork::PerProcess;
+use crate::r2d2_compat::{r2d2_error, r2d2_state};
 
 /// Makes a new r2d2 pool in a forked child.
 type Rebuild<M> = Box<dyn Fn() -> Result<r2d2::Pool<M>, r2d2::Error> + Send + Sync>;

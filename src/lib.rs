@@ -427,7 +427,13 @@
 //! # Minimum supported Rust version
 //!
 //! Rust 1.88 (`rust-version` in Cargo.toml): diesel 2.3 needs 1.86, redis 1.x needs 1.88.
-#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+// `unsafe` only in the modules that allow it for themselves: `fork`'s files, `sys` and
+// `r2d2_compat`.
+#![deny(
+    unsafe_code,
+    unsafe_op_in_unsafe_fn,
+    clippy::undocumented_unsafe_blocks
+)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 mod backends;
@@ -443,8 +449,10 @@ mod guarded;
 pub mod locate;
 mod manager;
 mod pool;
+mod r2d2_compat;
 mod stats;
 mod std_pool;
+mod sys;
 
 pub use crate::config::{Builder, OnFork};
 pub use crate::connection::PooledConnection;

@@ -87,7 +87,7 @@ pub fn tcp_socket_matching(fits: impl Fn(SocketAddr, SocketAddr) -> bool) -> Opt
     let (fd, inode) = found?;
     // The address pair only names one connection for TCP, so make sure it is a TCP socket;
     // then that the descriptor was not closed and its number reused while we looked.
-    let tcp = crate::fork::socket_protocol(fd) == Some(libc::IPPROTO_TCP);
+    let tcp = crate::sys::socket_protocol(fd) == Some(libc::IPPROTO_TCP);
     (tcp && socket_inode(fd) == Some(inode)).then_some(fd)
 }
 

@@ -21,10 +21,11 @@ use scheduled_thread_pool::ScheduledThreadPool;
 use crate::config::{Builder, Config, OnFork};
 use crate::connection::{Checkout, PooledConnection};
 use crate::descriptors::DescriptorTable;
-use crate::fork::{current_epoch, r2d2_error, Epoch, PerProcess};
+use crate::fork::{current_epoch, Epoch, PerProcess};
 use crate::manager::{
     ConnectError, CustomizerAdapter, ErrorHandlerAdapter, ForkSafeManager, Tracked,
 };
+use crate::r2d2_compat::r2d2_error;
 use crate::stats::{Counters, ForkStats};
 use crate::std_pool::{AnyPool, Connector, StdPool, REAPER_RATE};
 

@@ -2,8 +2,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::descriptors::Discarded;
-
 /// Fork statistics of one pool, as seen by the calling process.
 ///
 /// The counts are inherited across `fork()` like the rest of the pool, so a worker's numbers
@@ -25,6 +23,15 @@ pub struct ForkStats {
     /// Inherited connections whose descriptors could not be identified with certainty and were
     /// therefore left open (leaked) in the child rather than risk touching the wrong one.
     pub connections_leaked: u64,
+}
+
+/// What a child found when it let go of an inherited generation (or of one connection leased
+/// across the fork): the record the descriptor table hands to [`Counters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Discarded {
+    pub(crate) connections: u64,
+    pub(crate) sockets_released: u64,
+    pub(crate) connections_unidentified: u64,
 }
 
 /// The live counters behind [`ForkStats`]; atomics, because the child may read them at any

@@ -41,7 +41,7 @@
 //! closure (measured: children whose connect threads never started, in the torture scenario
 //! that forks during a rebuild). So in a child a `get` that needs a connection starts one
 //! attempt on a short-lived thread made with `pthread_create` directly
-//! (`fork::spawn_detached`), and waits for it no longer than its timeout: a connect that hangs
+//! (`sys::spawn_detached`), and waits for it no longer than its timeout: a connect that hangs
 //! (a server that never answers) does not hold `get` past `connection_timeout`. A connection
 //! that arrives after its caller gave up goes idle in the pool, as with r2d2's workers. Only if
 //! no thread can be made at all does `get` connect on its own thread. A child's pool keeps no
@@ -62,8 +62,8 @@ use scheduled_thread_pool::ScheduledThreadPool;
 
 use crate::config::Settings;
 use crate::connection::Checkout;
-use crate::fork::{r2d2_error, r2d2_state};
 use crate::manager::{ConnectError, ForkSafeManager, Tracked};
+use crate::r2d2_compat::{r2d2_error, r2d2_state};
 
 type Conn<M> = Tracked<<M as ManageConnection>::Connection>;
 type Error<M> = ConnectError<<M as ManageConnection>::Error>;
@@ -509,7 +509,7 @@ impl<M: ManageConnection> Shared<M> {
                 });
                 true
             }
-            Connector::Detached => crate::fork::spawn_detached(Box::new(move || {
+            Connector::Detached => crate::sys::spawn_detached(Box::new(move || {
                 shared.connect_one(Destination::Idle, releases);
             })),
         }

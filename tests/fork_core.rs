@@ -790,8 +790,156 @@ fn pool_get_fails_in_time(pool: &Pool<LockingDriver>) -> bool {
     }
 }
 
+// A connection's descriptor number is freed when its driver closes it, and the application may
+// be given it by its very next `open`. The pool must have forgotten the number by then: a child
+// forked in that instant would otherwise find it registered, on the same file, and point the
+// application's descriptor at /dev/null.
+
+/// Runs once, right after a [`FileConnection`] closed its file, with the freed number.
+type AfterClose = Box<dyn FnOnce(RawFd) + Send>;
+static AFTER_CLOSE: std::sync::Mutex<Option<AfterClose>> = std::sync::Mutex::new(None);
+
+/// A "connection" that is an open file, like an SQLite connection's database descriptor.
+#[derive(Debug)]
+struct FileConnection {
+    file: Option<std::fs::File>,
+}
+
+impl FileConnection {
+    fn fd(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.file.as_ref().map_or(-1, |file| file.as_raw_fd())
+    }
+}
+
+impl Drop for FileConnection {
+    fn drop(&mut self) {
+        let fd = self.fd();
+        drop(self.file.take());
+        let after_close = AFTER_CLOSE
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(after_close) = after_close {
+            after_close(fd);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct FileManager {
+    path: std::path::PathBuf,
+}
+
+impl r2d2::ManageConnection for FileManager {
+    type Connection = FileConnection;
+    type Error = std::io::Error;
+
+    fn connect(&self) -> std::io::Result<FileConnection> {
+        let file = std::fs::File::options().append(true).open(&self.path)?;
+        Ok(FileConnection { file: Some(file) })
+    }
+
+    fn is_valid(&self, _: &mut FileConnection) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn has_broken(&self, _: &mut FileConnection) -> bool {
+        false
+    }
+}
+
+/// Fails `on_acquire` once, so the pool drops that new connection directly.
+#[derive(Debug)]
+struct FailFirstAcquire(AtomicBool);
+
+impl r2d2::CustomizeConnection<FileConnection, std::io::Error> for FailFirstAcquire {
+    fn on_acquire(&self, _: &mut FileConnection) -> std::io::Result<()> {
+        if self.0.swap(false, Ordering::SeqCst) {
+            return Err(std::io::Error::other("first on_acquire fails"));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `fd` is open on the file at `path`.
+fn is_open_on(fd: RawFd, path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(file), Ok(stat)) = (std::fs::metadata(path), nix::sys::stat::fstat(fd)) else {
+        return false;
+    };
+    (stat.st_dev, stat.st_ino) == (file.dev(), file.ino())
+}
+
+fn a_descriptor_number_reused_by_the_application_is_never_released() -> Check {
+    let path = std::env::temp_dir().join(format!("forksafe-reuse-{}.log", std::process::id()));
+    std::fs::write(&path, b"").map_err(|error| format!("create {path:?}: {error}"))?;
+    let pool = Pool::builder()
+        .max_size(1)
+        .min_idle(Some(0))
+        .connection_timeout(Duration::from_secs(5))
+        .descriptor_locator(|conn: &mut FileConnection| Some(vec![conn.fd()]))
+        .connection_customizer(Box::new(FailFirstAcquire(AtomicBool::new(true))))
+        .build(FileManager { path: path.clone() })
+        .map_err(|error| format!("build: {error}"))?;
+    let (report, reported) = std::sync::mpsc::channel();
+    let child_pool = pool.clone();
+    let app_path = path.clone();
+    *AFTER_CLOSE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Box::new(move |freed: RawFd| {
+        // The application opens the same file and is given the number just freed.
+        let opened = std::fs::File::options().append(true).open(&app_path);
+        let app = match opened {
+            Ok(file) => std::os::fd::IntoRawFd::into_raw_fd(file),
+            Err(error) => return drop(report.send(Err(format!("reopen: {error}")))),
+        };
+        if app != freed {
+            let moved = nix::unistd::dup2(app, freed);
+            let _ = nix::unistd::close(app);
+            if let Err(error) = moved {
+                return drop(report.send(Err(format!("dup2: {error}"))));
+            }
+        }
+        let end = run_child(DEADLINE, move || {
+            child_result((|| {
+                // The rebuild lets go of every descriptor the parent's generation registered.
+                drop(
+                    child_pool
+                        .get()
+                        .map_err(|error| format!("child get: {error}"))?,
+                );
+                ensure!(
+                    !points_at_dev_null(freed),
+                    "the child pointed the application's descriptor {freed} at /dev/null"
+                );
+                ensure!(
+                    is_open_on(freed, &app_path),
+                    "descriptor {freed} no longer refers to the application's file"
+                );
+                Ok(())
+            })())
+        });
+        let _ = report.send(Ok((freed, end)));
+    }));
+    // The first connect fails in `on_acquire`, and its connection is dropped on a thread of the
+    // pool; the retry, after the pool's back-off, gives us this one.
+    drop(pool.get().map_err(|error| format!("get: {error}"))?);
+    let outcome = reported
+        .recv_timeout(DEADLINE)
+        .map_err(|_| "no connection was closed after a failed on_acquire".to_string())?;
+    let checked = outcome.and_then(|(fd, end)| {
+        let parent_kept = is_open_on(fd, &path);
+        let _ = nix::unistd::close(fd);
+        ensure!(parent_kept, "the parent's descriptor {fd} changed");
+        expect_exit("child", end, 0)
+    });
+    let _ = std::fs::remove_file(&path);
+    checked
+}
+
 fn main() {
-    let cases: [Case; 16] = [
+    let cases: [Case; 17] = [
         (
             "inherited_idle_connections_are_discarded_never_used",
             inherited_idle_connections_are_discarded_never_used,
@@ -846,6 +994,10 @@ fn main() {
         (
             "a_fork_waits_for_a_slow_connect_a_second_at_most",
             a_fork_waits_for_a_slow_connect_a_second_at_most,
+        ),
+        (
+            "a_descriptor_number_reused_by_the_application_is_never_released",
+            a_descriptor_number_reused_by_the_application_is_never_released,
         ),
     ];
     run_cases(cases);

@@ -12,7 +12,7 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -471,6 +471,160 @@ fn descriptors_of(path: &Path) -> Vec<RawFd> {
     fds
 }
 
+// SQLite's Unix VFS keeps one lock record per database file per process, shared by all of the
+// process's connections. A fork while another thread is inside a write copies that record
+// mid-write, and the child's *new* connections join it: they meet locks nobody holds.
+
+const WRITERS: i32 = 2;
+const FORKS_WHILE_WRITING: usize = 20;
+/// `answers.worker` of the master's writer threads are `0..WRITERS`; a child's is this plus
+/// its number.
+const CHILD_WORKER: i32 = 1000;
+/// How long a statement waits for another connection's lock: writers hold theirs for
+/// milliseconds, so a statement that waits this long met a lock nobody will release.
+const BUSY_TIMEOUT_MS: u32 = 5000;
+
+/// A pool whose connections wait `busy_ms` for another connection's lock.
+fn pool_waiting(url: &str, size: u32, busy_ms: u32) -> Result<SqlitePool, String> {
+    #[derive(Debug)]
+    struct Busy(u32);
+    impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for Busy {
+        fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
+            diesel::sql_query(format!("PRAGMA busy_timeout = {}", self.0))
+                .execute(conn)
+                .map(drop)
+                .map_err(diesel::r2d2::Error::QueryError)
+        }
+    }
+    Pool::builder()
+        .max_size(size)
+        .min_idle(Some(size))
+        .connection_timeout(Duration::from_secs(10))
+        .connection_customizer(Box::new(Busy(busy_ms)))
+        .build(ConnectionManager::<SqliteConnection>::new(url))
+        .map_err(|error| format!("pool on {url}: {error}"))
+}
+
+fn insert(pool: &SqlitePool, worker: i32, request: i32) -> Check {
+    let mut conn = pool.get().map_err(|error| format!("get: {error}"))?;
+    diesel::sql_query("INSERT INTO answers (worker, request, value) VALUES (?, ?, 'w')")
+        .bind::<Integer, _>(worker)
+        .bind::<Integer, _>(request)
+        .execute(&mut conn)
+        .map(drop)
+        .map_err(|error| format!("insert {worker}/{request}: {error}"))
+}
+
+fn rows_of(pool: &SqlitePool, worker: i32) -> Result<i32, String> {
+    let mut conn = pool.get().map_err(|error| format!("get: {error}"))?;
+    diesel::sql_query("SELECT COUNT(*) AS n FROM answers WHERE worker = ?")
+        .bind::<Integer, _>(worker)
+        .get_result::<Count>(&mut conn)
+        .map(|count| count.n)
+        .map_err(|error| format!("count rows of {worker}: {error}"))
+}
+
+/// In a child forked while the master's threads wrote: waits until the master has joined them
+/// (its end of `start` closes), then writes and reads back through the pool it inherited
+/// (rebuilt here on first use).
+fn child_writes_after_the_master(
+    pool: &SqlitePool,
+    start: std::os::fd::OwnedFd,
+    child: i32,
+) -> Check {
+    let mut byte = [0u8; 1];
+    // End of file once every write end is closed: the master's, after it joined its writers.
+    let _ = nix::unistd::read(start.as_raw_fd(), &mut byte);
+    let worker = CHILD_WORKER + child;
+    insert(pool, worker, 0)?;
+    ensure!(
+        rows_of(pool, worker)? == 1,
+        "child {child}: its row is missing"
+    );
+    Ok(())
+}
+
+fn forks_while_threads_write(journal: Journal) -> Check {
+    let database = Database::create(&format!("writes-{journal:?}"), journal)?;
+    // Statements wait for another connection's lock up to the child's limit: the master's
+    // writers wait for each other, the children for each other.
+    let pool = pool_waiting(database.url(), 4, BUSY_TIMEOUT_MS)?;
+    let (start_read, start_write) =
+        nix::unistd::pipe().map_err(|error| format!("pipe: {error}"))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|worker| {
+            let pool = pool.clone();
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || -> Result<i32, String> {
+                let mut written = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    insert(&pool, worker, written)?;
+                    written += 1;
+                }
+                Ok(written)
+            })
+        })
+        .collect();
+    let mut children = Vec::new();
+    for child in 0..FORKS_WHILE_WRITING {
+        std::thread::sleep(Duration::from_millis(3));
+        let child_pool = pool.clone();
+        let start = start_read
+            .try_clone()
+            .map_err(|error| format!("dup: {error}"))?;
+        let start_write = start_write.as_raw_fd();
+        children.push(spawn_child(move || {
+            // Only the master may hold the write end open, or `start` never reaches its end.
+            let _ = nix::unistd::close(start_write);
+            child_result(child_writes_after_the_master(
+                &child_pool,
+                start,
+                child as i32,
+            ))
+        }));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut written = Vec::new();
+    for writer in writers {
+        written.push(
+            writer
+                .join()
+                .map_err(|_| "a writer thread panicked".to_string())?,
+        );
+    }
+    drop(start_write);
+    let ends: Vec<ChildEnd> = children
+        .into_iter()
+        .map(|child| reap(child, DEADLINE))
+        .collect();
+    let failed = ends
+        .iter()
+        .filter(|end| !matches!(end, ChildEnd::Exited(0) | ChildEnd::Hung))
+        .count();
+    let hung = ends.iter().filter(|end| **end == ChildEnd::Hung).count();
+    ensure!(
+        failed == 0 && hung == 0,
+        "of {FORKS_WHILE_WRITING} children forked while the master wrote, {failed} failed and {hung} hung: {ends:?}"
+    );
+    for (worker, written) in written.into_iter().enumerate() {
+        let written = written?;
+        ensure!(written > 0, "writer {worker} wrote nothing");
+        let stored = rows_of(&pool, worker as i32)?;
+        ensure!(
+            stored == written,
+            "writer {worker} wrote {written} rows, the database has {stored}"
+        );
+    }
+    for child in 0..FORKS_WHILE_WRITING as i32 {
+        ensure!(
+            rows_of(&pool, CHILD_WORKER + child)? == 1,
+            "child {child}'s row is missing"
+        );
+    }
+    Ok(())
+}
+
 type Case = (String, Box<dyn Fn() -> Check>);
 
 fn main() {
@@ -484,6 +638,10 @@ fn main() {
         cases.push((
             format!("the_only_descriptor_is_released_{name}"),
             Box::new(move || the_only_descriptor_is_released(journal)),
+        ));
+        cases.push((
+            format!("forks_while_threads_write_{name}"),
+            Box::new(move || forks_while_threads_write(journal)),
         ));
     }
     cases.push((

@@ -68,8 +68,6 @@ pub(crate) fn locate(conn: &mut dyn Any, created: Option<&CreatedSockets>) -> Op
     if let Some(conn) = conn.downcast_mut::<::postgres::Client>() {
         return postgres::locate(conn, created);
     }
-    // Both SQLite connection types are the ones a fork must not copy mid-write: a per-type
-    // "fork waits while checked out" mark belongs beside these two arms.
     #[cfg(feature = "rusqlite")]
     if let Some(conn) = conn.downcast_mut::<::rusqlite::Connection>() {
         return rusqlite::locate(conn);
@@ -92,4 +90,20 @@ pub(crate) fn locate(conn: &mut dyn Any, created: Option<&CreatedSockets>) -> Op
     }
     let _ = (conn, created);
     None
+}
+
+/// Whether a libc `fork()` must wait while a connection like `conn` is checked out, because
+/// its library keeps per-process state that a fork copies mid-use (see `ForkWaitingLease`).
+/// A backend opts in with one line for its connection type.
+pub(crate) fn fork_waits_while_checked_out(conn: &dyn Any) -> bool {
+    #[cfg(feature = "diesel-sqlite")]
+    if conn.is::<::diesel::SqliteConnection>() {
+        return true;
+    }
+    #[cfg(feature = "rusqlite")]
+    if conn.is::<::rusqlite::Connection>() {
+        return true;
+    }
+    let _ = conn;
+    false
 }

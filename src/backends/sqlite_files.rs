@@ -38,6 +38,15 @@
 //! fork (or before any other use of the same file). `:memory:` and temporary databases own no
 //! descriptor at connect time and are reported as owning none.
 //!
+//! Descriptors are not the only per-process state: the Unix VFS keeps one lock record per
+//! database file per process (`unixInodeInfo`; in WAL mode also the `-shm` node's locks),
+//! shared by every connection of the process, which a fork copies as it is. Copied while
+//! another thread writes, it makes the child's new connections meet locks nobody holds.
+//! Releasing descriptors cannot fix memory, so both SQLite connection types are marked for
+//! `backends::fork_waits_while_checked_out`: a libc `fork()` waits (at most a second) until no
+//! SQLite connection of the pool is checked out on another thread (see
+//! `fork::ForkWaitingLease` and the public docs of `PooledConnection` for the limits).
+//!
 //! Why not ask SQLite for the descriptor: its public API has no call that names a Unix
 //! descriptor. `sqlite3_file_control(db, "main", SQLITE_FCNTL_FILE_POINTER, &p)` hands back the
 //! `sqlite3_file*`, whose only public member is its method table; the descriptor is a field of
