@@ -415,7 +415,15 @@ pub fn run_mode(mode: Mode, index: u64, config: &RunConfig, bar: &Progress) -> M
     let view = Arc::clone(&server.view);
     server.stop();
     if let Err(error) = outcome {
-        let last = view.0.lock().unwrap().stderr_tail.iter().cloned().collect::<Vec<_>>().join(" / ");
+        let last = view
+            .0
+            .lock()
+            .unwrap()
+            .stderr_tail
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" / ");
         result.server_error = Some(if last.is_empty() {
             error
         } else {
@@ -445,9 +453,7 @@ fn measure(
     let (port, master) = match started {
         Some(Ok(found)) => found,
         Some(Err(error)) => return Err(error),
-        None => {
-            return Err(String::from("the server did not start in 120 s"))
-        }
+        None => return Err(String::from("the server did not start in 120 s")),
     };
 
     // Start-up: until every worker has answered a request (an error answer counts: the
@@ -546,8 +552,7 @@ fn measure(
     }
     let sent = latencies.len() as u64;
     result.not_sent = config.requests.saturating_sub(sent);
-    result.server_stopped_answering =
-        timeouts_in_a_row.load(Ordering::Relaxed) >= unanswered_limit;
+    result.server_stopped_answering = timeouts_in_a_row.load(Ordering::Relaxed) >= unanswered_limit;
     bar.advance(result.not_sent);
     let mut errors: Vec<(String, (u64, Instant))> = errors.into_iter().collect();
     errors.sort_by_key(|(_, (_, first))| *first);

@@ -183,7 +183,9 @@ pub fn start(binaries: &Path) -> Result<PrivatePostgres, String> {
             }
         }
     }
-    Err(format!("the private PostgreSQL server did not start: {last_error}"))
+    Err(format!(
+        "the private PostgreSQL server did not start: {last_error}"
+    ))
 }
 
 /// Writes a self-signed certificate and its key into the data directory, as the server's user
@@ -196,14 +198,23 @@ fn make_certificate(data: &Path, user: Option<&User>, root: &Path) -> Result<boo
         .map(|dir| dir.join("openssl"))
         .find(|path| path.is_file())
     else {
-        println!("prefork-demo: no `openssl` command to make a certificate: PostgreSQL runs without TLS");
+        println!(
+            "prefork-demo: no `openssl` command to make a certificate: PostgreSQL runs without TLS"
+        );
         return Ok(false);
     };
     let key = data.join("server.key");
     run(
         "openssl",
         command(&openssl, user, root)
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
             .args(["-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-keyout"])
             .arg(&key)
             .arg("-out")
@@ -226,7 +237,10 @@ fn wait_until_ready(url: &str) -> Result<(), String> {
             return Err(format!("the server exited: {}", error.trim()));
         }
         if Instant::now() >= deadline {
-            return Err(format!("not ready within {READY_LIMIT:?}: {}", error.trim()));
+            return Err(format!(
+                "not ready within {READY_LIMIT:?}: {}",
+                error.trim()
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
     }

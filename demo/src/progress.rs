@@ -32,9 +32,7 @@ impl Progress {
             )
             .expect("valid template")
             .progress_chars("=> ");
-            let bar = ProgressBar::new(total)
-                .with_style(style)
-                .with_prefix(label);
+            let bar = ProgressBar::new(total).with_style(style).with_prefix(label);
             bar.enable_steady_tick(Duration::from_millis(200));
             Progress::Bar(bar)
         } else {

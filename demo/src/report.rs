@@ -220,7 +220,10 @@ impl Verdict {
                      workers hung",
                     naive.requests_ok, naive.wrong_answers, naive.hung_workers, naive.workers
                 ));
-                if naive_errors.iter().all(|message| message == "request timed out") {
+                if naive_errors
+                    .iter()
+                    .all(|message| message == "request timed out")
+                {
                     lines.push(String::from(
                         "          no error message: its workers hung mid-request, and requests \
                          timed out",
@@ -286,7 +289,9 @@ impl Verdict {
                     spread: (!per_round.is_empty()).then(|| {
                         per_round
                             .iter()
-                            .fold((f64::MAX, f64::MIN), |(low, high), &r| (low.min(r), high.max(r)))
+                            .fold((f64::MAX, f64::MIN), |(low, high), &r| {
+                                (low.min(r), high.max(r))
+                            })
                     }),
                     bound,
                     at_most,
@@ -299,23 +304,22 @@ impl Verdict {
                 target("req/s", |r| Some(r.req_per_s), 0.95, false),
             ];
             let rounds = pairs.len();
+            let precision = match targets[3].spread {
+                Some((low, high)) if rounds > 1 => {
+                    format!("{rounds} rounds ranged {}–{}", figure(low), figure(high))
+                }
+                _ => String::from("1 round"),
+            };
+            let req_per_s = targets[3].describe();
             lines.push(format!(
-                "vs lazy:  {}, {}, {}",
+                "vs lazy:  {}, {}",
                 targets[0].describe(),
-                targets[1].describe(),
-                targets[2].describe()
+                targets[1].describe()
             ));
             lines.push(format!(
-                "          {}; {}",
-                targets[3].describe(),
-                match targets[3].spread {
-                    Some((low, high)) if rounds > 1 => format!(
-                        "medians of {rounds} rounds, whose req/s ratios ranged {}–{}",
-                        figure(low),
-                        figure(high)
-                    ),
-                    _ => String::from("1 round: --rounds N gives medians and their spread"),
-                }
+                "          {}, {}; {precision})",
+                targets[2].describe(),
+                req_per_s.strip_suffix(')').unwrap_or(&req_per_s)
             ));
         }
         Verdict {
@@ -476,6 +480,8 @@ struct Metric {
     /// The y axis: what is counted, and its unit.
     unit: &'static str,
     higher_is_better: bool,
+    /// Whether the values are counts, labelled as whole numbers.
+    count: bool,
     value: fn(&ModeResult) -> Option<f64>,
 }
 
@@ -484,64 +490,73 @@ const METRICS: [Metric; 9] = [
         title: "throughput",
         unit: "requests per second",
         higher_is_better: true,
+        count: false,
         value: |r| Some(r.req_per_s),
     },
     Metric {
         title: "p99 latency",
         unit: "milliseconds",
         higher_is_better: false,
+        count: false,
         value: |r| Some(r.p99_latency_ms),
     },
     Metric {
         title: "hung workers (busy on one request after the load)",
         unit: "workers",
         higher_is_better: false,
+        count: true,
         value: |r| Some(r.hung_workers as f64),
     },
     Metric {
         title: "failed (sent; error or timeout)",
         unit: "requests",
         higher_is_better: false,
+        count: true,
         value: |r| Some(r.failed as f64),
     },
     Metric {
         title: "never sent (time limit, or server stopped answering)",
         unit: "requests",
         higher_is_better: false,
+        count: true,
         value: |r| Some(r.not_sent as f64),
     },
     Metric {
         title: "wrong answers (another request's reply)",
         unit: "requests",
         higher_is_better: false,
+        count: true,
         value: |r| Some(r.wrong_answers as f64),
     },
     Metric {
         title: "total memory, master + workers (PSS)",
         unit: "MiB",
         higher_is_better: false,
+        count: false,
         value: |r| Some(r.total_pss_mib),
     },
     Metric {
         title: "CPU to start until every worker serves",
         unit: "CPU seconds",
         higher_is_better: false,
+        count: false,
         value: |r| Some(r.cpu_seconds_starting),
     },
     Metric {
         title: "respawn: worker killed until replacement serves",
         unit: "milliseconds",
         higher_is_better: false,
+        count: false,
         value: |r| r.respawn_time_ms,
     },
 ];
 
 /// What the modes are, under the chart.
-const CAPTION: [&str; 2] = [
-    "naive: plain r2d2::Pool built in the master before fork()    forksafe: forksafe_pool::Pool \
-     built in the master before fork()",
-    "lazy: every worker builds its own application after fork() (uWSGI --lazy-apps)    medians \
-     over the rounds; counts are totals; naive runs once",
+const CAPTION: [&str; 4] = [
+    "naive: a plain r2d2::Pool built in the master before fork(); the workers inherit it",
+    "forksafe: a forksafe_pool::Pool built in the master before fork(); the workers inherit it",
+    "lazy: every worker builds its own application, pool and state after fork() (uWSGI --lazy-apps)",
+    "Figures are medians over the rounds, counts are totals; naive runs in the first round only.",
 ];
 
 fn color(mode: &str) -> RGBColor {
@@ -562,28 +577,44 @@ pub fn plot(
         .iter()
         .filter(|result| result.server_error.is_none())
         .collect();
-    let root = SVGBackend::new(path, (1350, 1000)).into_drawing_area();
+    let root = SVGBackend::new(path, (1350, 1040)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 20))?;
-    let (panels, caption) = root.split_vertically(root.dim_in_pixel().1 - 56);
+    let (panels, caption) = root.split_vertically(root.dim_in_pixel().1 - 96);
     for (panel, metric) in panels.split_evenly((3, 3)).iter().zip(&METRICS) {
         let values: Vec<Option<f64>> = results
             .iter()
             .map(|result| (metric.value)(result))
             .collect();
         let top = values.iter().flatten().copied().fold(0.0_f64, f64::max);
-        // An all-zero panel (nothing failed) still gets a readable 0..1 axis.
-        let top = if top > 0.0 { top * 1.2 } else { 1.0 };
+        // An all-zero panel (nothing failed) still gets a readable 0..1 axis; a count's axis
+        // ends on a whole number, with a tick per number while they are few.
+        let top = match (top > 0.0, metric.count) {
+            (false, _) => 1.0,
+            (true, false) => top * 1.2,
+            (true, true) => (top * 1.2).ceil().max(top + 1.0),
+        };
+        let ticks = if metric.count && top <= 6.0 {
+            top as usize + 1
+        } else if top == 1.0 {
+            2
+        } else {
+            6
+        };
+        let label = |value: f64| {
+            if metric.count {
+                format!("{value:.0}")
+            } else {
+                figure(value)
+            }
+        };
         let better = if metric.higher_is_better {
             "higher is better"
         } else {
             "lower is better"
         };
         let mut chart = ChartBuilder::on(panel)
-            .caption(
-                format!("{} ({better})", metric.title),
-                ("sans-serif", 14),
-            )
+            .caption(format!("{} ({better})", metric.title), ("sans-serif", 14))
             .margin(10)
             .x_label_area_size(34)
             .y_label_area_size(70)
@@ -595,7 +626,7 @@ pub fn plot(
             .configure_mesh()
             .disable_x_mesh()
             .light_line_style(TRANSPARENT)
-            .y_labels(if top == 1.0 { 2 } else { 6 })
+            .y_labels(ticks)
             .y_desc(metric.unit)
             .axis_desc_style(("sans-serif", 13))
             .x_label_formatter(&|x| match x {
@@ -604,7 +635,7 @@ pub fn plot(
                     .map_or(String::new(), |r| r.mode.to_owned()),
                 _ => String::new(),
             })
-            .y_label_formatter(&|y| figure(*y))
+            .y_label_formatter(&|y| label(*y))
             .draw()?;
         chart.draw_series(results.iter().zip(&values).enumerate().map(
             |(index, (result, value))| {
@@ -620,7 +651,7 @@ pub fn plot(
             },
         ))?;
         chart.draw_series(values.iter().enumerate().map(|(index, value)| {
-            let label = value.map_or_else(|| String::from("none"), figure);
+            let label = value.map_or_else(|| String::from("none"), label);
             let y = value.unwrap_or(0.0) + top * 0.02;
             Text::new(
                 label,
@@ -635,7 +666,7 @@ pub fn plot(
     for (line, text) in CAPTION.iter().enumerate() {
         caption.draw(&Text::new(
             *text,
-            (20, 8 + 22 * line as i32),
+            (20, 6 + 22 * line as i32),
             ("sans-serif", 14).into_font().color(&BLACK),
         ))?;
     }
