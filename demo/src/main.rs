@@ -148,6 +148,8 @@ fn main() {
     match outcome {
         Ok(Ok(())) => {}
         Ok(Err(error)) => {
+            // One line, although drivers (libpq) spread their messages over several.
+            let error = error.split_whitespace().collect::<Vec<_>>().join(" ");
             println!("prefork-demo: {error}");
             std::process::exit(1);
         }

@@ -58,10 +58,11 @@ struct Run {
 }
 
 impl Run {
-    /// Each line of the verdict that starts with `prefix` (after the table and errors).
+    /// The line of the verdict (the lines after `verdict:`) that starts with `prefix`.
     fn verdict_line(&self, prefix: &str) -> &str {
         self.stdout
             .lines()
+            .skip_while(|line| *line != "verdict:")
             .find(|line| line.starts_with(prefix))
             .unwrap_or_else(|| panic!("no line starting {prefix:?} in:\n{}", self.stdout))
     }
@@ -819,9 +820,11 @@ fn a_run_time_error_is_one_line_without_the_password() {
     .expect("start prefork-demo");
     let (status, stdout, stderr) = finish(&mut child, "prefork-demo");
     assert_eq!(status.code(), Some(1), "{status}; {stdout}; {stderr}");
-    let last = stdout.lines().last().unwrap_or_default();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    assert!(lines[0].contains("Connection refused"), "{stdout}");
     assert!(
-        last.starts_with(
+        lines[0].starts_with(
             "prefork-demo: cannot prepare PostgreSQL \
              (postgres://demo:***@127.0.0.1:1/demo?password=***): "
         ),
