@@ -168,6 +168,12 @@ pub fn start(binaries: &Path) -> Result<PrivatePostgres, String> {
         cleanup::stop_at_exit(server, Signal::SIGINT);
         let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
         match wait_until_ready(&url) {
+            Ok(()) if tls => {
+                // What the demo shows depends on TLS being what `sslmode=prefer` gets.
+                PgConnection::establish(&format!("{url}?sslmode=require"))
+                    .map_err(|error| format!("the private server refuses TLS: {error}"))?;
+                return Ok(PrivatePostgres { url, version, tls });
+            }
             Ok(()) => return Ok(PrivatePostgres { url, version, tls }),
             Err(error) => {
                 let log = std::fs::read_to_string(root.join("server.log")).unwrap_or_default();
