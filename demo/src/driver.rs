@@ -329,6 +329,8 @@ fn request(agent: &ureq::Agent, port: u16, n: u64, table_mib: usize) -> Outcome 
             Some((message, pid)) => (message, pid.parse().ok()),
             None => (body.trim(), None),
         };
+        // On one line, although drivers (libpq) spread their messages over several.
+        let message = message.split_whitespace().collect::<Vec<_>>().join(" ");
         return Outcome::ErrorAnswer {
             message: format!("HTTP {status}: {message}"),
             pid,

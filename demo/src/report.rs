@@ -231,14 +231,19 @@ impl Verdict {
                 } else {
                     let mut shown = String::from("          first errors:");
                     for (index, message) in naive_errors.iter().enumerate() {
-                        let quoted = if index == 0 {
-                            format!(" \"{message}\"")
+                        let separator = if index == 0 { " " } else { ", " };
+                        let room =
+                            100_usize.saturating_sub(shown.chars().count() + separator.len() + 2);
+                        let quoted = if message.chars().count() <= room {
+                            format!("{separator}\"{message}\"")
+                        } else if index == 0 {
+                            // The first always shows, cut to fit.
+                            let cut: String =
+                                message.chars().take(room.saturating_sub(1)).collect();
+                            format!("{separator}\"{cut}…\"")
                         } else {
-                            format!(", \"{message}\"")
-                        };
-                        if shown.chars().count() + quoted.chars().count() > 100 {
                             break;
-                        }
+                        };
                         shown += &quoted;
                     }
                     lines.push(shown);
