@@ -1,22 +1,25 @@
 //! The demo driver: starts the server in one mode, measures it, stops it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use indicatif::ProgressBar;
+use crate::progress::Progress;
 use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::app::{Answer, Database, Mode, StateMemory};
 
 /// How long the driver waits for every worker to serve its first request.
-pub const STARTUP_LIMIT: Duration = Duration::from_secs(15);
+const STARTUP_LIMIT: Duration = Duration::from_secs(15);
 /// How long the driver waits for a killed worker's replacement to serve.
-pub const RESPAWN_LIMIT: Duration = Duration::from_secs(10);
+const RESPAWN_LIMIT: Duration = Duration::from_secs(5);
+/// The failure of a request that got no answer in time.
+const TIMED_OUT: &str = "request timed out";
 
 /// How the driver runs every mode.
 #[derive(Clone, Debug)]
@@ -31,7 +34,8 @@ pub struct RunConfig {
     pub request_timeout: Duration,
     pub load_time_limit: Duration,
     pub hang_after: Duration,
-    pub server_log: std::path::PathBuf,
+    /// Where the servers' standard error goes too, if anywhere.
+    pub server_log: Option<std::path::PathBuf>,
 }
 
 /// Everything measured for one mode; the table's columns.
@@ -40,9 +44,12 @@ pub struct ModeResult {
     pub mode: &'static str,
     pub workers: usize,
     pub requests_ok: u64,
-    /// Errors, timeouts, and requests not sent before the load time limit.
+    /// Requests sent that got an error or no answer in time.
     pub failed: u64,
+    /// Requests not sent: the load time limit passed, or the server stopped answering.
     pub not_sent: u64,
+    /// Whether the load stopped because every request in a row timed out.
+    pub server_stopped_answering: bool,
     pub wrong_answers: u64,
     pub hung_workers: usize,
     pub req_per_s: f64,
@@ -55,7 +62,7 @@ pub struct ModeResult {
     pub respawn_forked_ms: Option<f64>,
     pub total_pss_mib: f64,
     pub pss_ratio_to_lazy: Option<f64>,
-    /// The most frequent error answers, with counts.
+    /// The error answers, with counts, in the order they first appeared.
     pub errors: Vec<(String, u64)>,
     /// Set when the server could not be run at all.
     pub server_error: Option<String>,
@@ -82,7 +89,12 @@ struct View {
     status_now: u64,
     error: Option<String>,
     closed: bool,
+    /// The last lines the server wrote to its standard error.
+    stderr_tail: VecDeque<String>,
 }
+
+/// How many lines of the server's standard error a failed run reports.
+const STDERR_TAIL: usize = 3;
 
 /// A running `prefork_demo serve` process.
 struct Server {
@@ -94,11 +106,16 @@ struct Server {
 impl Server {
     fn start(mode: Mode, config: &RunConfig) -> Result<Server, String> {
         let exe = std::env::current_exe().map_err(|error| error.to_string())?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&config.server_log)
-            .map_err(|error| error.to_string())?;
+        let mut log = match &config.server_log {
+            Some(path) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|error| format!("{}: {error}", path.display()))?,
+            ),
+            None => None,
+        };
         let mut child = Command::new(exe)
             .args([
                 "serve",
@@ -118,11 +135,27 @@ impl Server {
             .args(["--pool-size", &config.pool_size.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
+            .stderr(Stdio::piped())
             .spawn()
             .map_err(|error| format!("cannot start the server: {error}"))?;
         let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
         let view = Arc::new((Mutex::new(View::default()), Condvar::new()));
+        // The server's complaints: kept (the last few) for the report, and in the log if asked.
+        let tail_view = Arc::clone(&view);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(log) = &mut log {
+                    let _ = writeln!(log, "{line}");
+                }
+                let mut view = tail_view.0.lock().unwrap();
+                if view.stderr_tail.len() == STDERR_TAIL {
+                    view.stderr_tail.pop_front();
+                }
+                view.stderr_tail.push_back(line);
+            }
+        });
         let reader_view = Arc::clone(&view);
         std::thread::spawn(move || {
             let (lock, changed) = &*reader_view;
@@ -192,12 +225,17 @@ impl Server {
                 Ok(None) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
+        // The master has exited, so each of its workers is gone, or reaped by the master, or
+        // now a child of this process (a subreaper): killed and reaped here. Only the workers'
+        // own pids are waited for: this process has other children (a private database).
         let workers: Vec<u32> = self.with_view(|view| view.ever.iter().copied().collect());
         for pid in workers {
-            // Normally long gone; a straggler reparented to us is killed and reaped.
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let pid = Pid::from_raw(pid as i32);
+            if waitpid(pid, Some(WaitPidFlag::WNOHANG)) == Ok(WaitStatus::StillAlive) {
+                let _ = kill(pid, Signal::SIGKILL);
+                let _ = waitpid(pid, None);
+            }
         }
-        reap_orphans(Duration::from_secs(5));
     }
 }
 
@@ -233,26 +271,33 @@ fn read_line(view: &mut View, line: &str) {
     }
 }
 
-/// Reaps children left to this process (it is a subreaper), killing none it does not know.
-pub fn reap_orphans(timeout: Duration) {
-    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-    let deadline = Instant::now() + timeout;
-    loop {
-        match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Ok(WaitStatus::StillAlive) | Err(_) => return,
-            Ok(_) => {}
-        }
-    }
-}
+/// What one load client saw: latencies, answers right, answers wrong, and errors with when
+/// each request that met one was sent.
+type ClientTally = (Vec<Duration>, u64, u64, Vec<(Instant, String)>);
 
 /// One HTTP request's outcome.
 enum Outcome {
     Ok(Answer),
     Wrong,
+    /// The worker answered with an error; the pid it named, if it did.
+    ErrorAnswer {
+        message: String,
+        pid: Option<u32>,
+    },
+    /// No answer (a timeout, a closed connection).
     Failed(String),
+}
+
+/// What a probe learnt.
+enum Probe {
+    /// This worker answered right.
+    Served(u32),
+    /// This worker answered, with an error.
+    Answered(u32),
+    /// No answer in time.
+    TimedOut,
+    /// Anything else: refused, wrong, unnamed.
+    Other,
 }
 
 fn agent(timeout: Duration, keep_alive: bool) -> ureq::Agent {
@@ -269,22 +314,27 @@ fn request(agent: &ureq::Agent, port: u16, n: u64, table_mib: usize) -> Outcome 
     let response = agent.get(&format!("http://127.0.0.1:{port}/?n={n}")).call();
     let mut response = match response {
         Ok(response) => response,
-        Err(ureq::Error::Timeout(_)) => return Outcome::Failed(String::from("request timed out")),
+        Err(ureq::Error::Timeout(_)) => return Outcome::Failed(String::from(TIMED_OUT)),
         Err(error) => return Outcome::Failed(format!("http: {error}")),
     };
     let status = response.status().as_u16();
     let body = match response.body_mut().read_to_string() {
         Ok(body) => body,
-        Err(ureq::Error::Timeout(_)) => return Outcome::Failed(String::from("request timed out")),
+        Err(ureq::Error::Timeout(_)) => return Outcome::Failed(String::from(TIMED_OUT)),
         Err(error) => return Outcome::Failed(format!("http: {error}")),
     };
     if status != 200 {
         // "query: <driver error> pid=123": keep the error, drop the pid, so messages group.
-        let message = body
-            .trim()
-            .rsplit_once(" pid=")
-            .map_or(body.trim(), |(message, _)| message);
-        return Outcome::Failed(format!("HTTP {status}: {message}"));
+        let (message, pid) = match body.trim().rsplit_once(" pid=") {
+            Some((message, pid)) => (message, pid.parse().ok()),
+            None => (body.trim(), None),
+        };
+        // On one line, although drivers (libpq) spread their messages over several.
+        let message = message.split_whitespace().collect::<Vec<_>>().join(" ");
+        return Outcome::ErrorAnswer {
+            message: format!("HTTP {status}: {message}"),
+            pid,
+        };
     }
     match Answer::parse(&body) {
         Some(answer) if answer.is_for(n, table_mib) => Outcome::Ok(answer),
@@ -294,14 +344,16 @@ fn request(agent: &ureq::Agent, port: u16, n: u64, table_mib: usize) -> Outcome 
 
 /// Sends one request on a fresh connection; the pid of the worker that answered, if any did.
 /// Requests are numbered from a range the load never uses.
-fn probe(port: u16, timeout: Duration, table_mib: usize) -> Option<u32> {
+fn probe(port: u16, timeout: Duration, table_mib: usize) -> Probe {
     static NEXT: AtomicU64 = AtomicU64::new(9_000_000_000_000);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     match request(&agent(timeout, false), port, n, table_mib) {
-        Outcome::Ok(answer) => Some(answer.pid),
-        // An error answer still names the worker in its body, but not in a form we trust;
-        // a worker that can only fail does not count as serving.
-        Outcome::Wrong | Outcome::Failed(_) => None,
+        Outcome::Ok(answer) => Probe::Served(answer.pid),
+        Outcome::ErrorAnswer { pid: Some(pid), .. } => Probe::Answered(pid),
+        Outcome::Failed(error) if error == TIMED_OUT => Probe::TimedOut,
+        Outcome::Wrong | Outcome::ErrorAnswer { pid: None, .. } | Outcome::Failed(_) => {
+            Probe::Other
+        }
     }
 }
 
@@ -345,13 +397,13 @@ fn pss_mib(pid: u32) -> f64 {
 }
 
 /// Starts the server in `mode`, measures it, stops it.
-pub fn run_mode(mode: Mode, index: u64, config: &RunConfig, bar: &ProgressBar) -> ModeResult {
+pub fn run_mode(mode: Mode, index: u64, config: &RunConfig, bar: &Progress) -> ModeResult {
     let mut result = ModeResult {
         mode: mode.name(),
         workers: config.workers,
         ..ModeResult::default()
     };
-    bar.set_message("starting");
+    bar.phase("starting");
     let mut server = match Server::start(mode, config) {
         Ok(server) => server,
         Err(error) => {
@@ -360,11 +412,20 @@ pub fn run_mode(mode: Mode, index: u64, config: &RunConfig, bar: &ProgressBar) -
         }
     };
     let outcome = measure(index, config, bar, &mut server, &mut result);
-    bar.set_message("stopping");
+
+    bar.phase("stopping");
+    let view = Arc::clone(&server.view);
     server.stop();
     if let Err(error) = outcome {
-        let log = std::fs::read_to_string(&config.server_log).unwrap_or_default();
-        let last = log.lines().rev().take(3).collect::<Vec<_>>().join(" / ");
+        let last = view
+            .0
+            .lock()
+            .unwrap()
+            .stderr_tail
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" / ");
         result.server_error = Some(if last.is_empty() {
             error
         } else {
@@ -377,7 +438,7 @@ pub fn run_mode(mode: Mode, index: u64, config: &RunConfig, bar: &ProgressBar) -
 fn measure(
     index: u64,
     config: &RunConfig,
-    bar: &ProgressBar,
+    bar: &Progress,
     server: &mut Server,
     result: &mut ModeResult,
 ) -> Result<(), String> {
@@ -394,35 +455,48 @@ fn measure(
     let (port, master) = match started {
         Some(Ok(found)) => found,
         Some(Err(error)) => return Err(error),
-        None => {
-            return Err(format!(
-                "the server did not start; see {}",
-                config.server_log.display()
-            ))
-        }
+        None => return Err(String::from("the server did not start in 120 s")),
     };
 
-    // Start-up: until every worker has served a request.
-    bar.set_message("waiting for every worker to serve");
+    // Start-up: until every worker has answered a request (an error answer counts: the
+    // worker is up, and the load measures what its answers are worth). Two probes in a row
+    // without an answer mean hung workers, which no longer wait will bring back.
+    bar.phase("waiting for every worker to serve");
     let workers: Vec<u32> = server.with_view(|view| view.workers.values().copied().collect());
+    let mut answered = HashSet::new();
     let mut serving = HashSet::new();
+    let mut timeouts_in_a_row = 0;
     let deadline = Instant::now() + STARTUP_LIMIT;
-    while serving.len() < workers.len() && Instant::now() < deadline {
-        if let Some(pid) = probe(port, Duration::from_secs(2), config.table_mib) {
-            serving.insert(pid);
+    while answered.len() < workers.len() && Instant::now() < deadline && timeouts_in_a_row < 2 {
+        match probe(port, Duration::from_secs(2), config.table_mib) {
+            Probe::Served(pid) => {
+                answered.insert(pid);
+                serving.insert(pid);
+                timeouts_in_a_row = 0;
+            }
+            Probe::Answered(pid) => {
+                answered.insert(pid);
+                timeouts_in_a_row = 0;
+            }
+            Probe::TimedOut => timeouts_in_a_row += 1,
+            Probe::Other => {}
         }
     }
     result.workers_serving_at_start = workers.iter().filter(|pid| serving.contains(pid)).count();
     result.cpu_seconds_starting =
         cpu_seconds(master) + workers.iter().map(|&pid| cpu_seconds(pid)).sum::<f64>();
 
-    // Load: a fixed number of requests over keep-alive connections, bounded in time.
-    bar.set_message("load");
+    // Load: a fixed number of requests over keep-alive connections, bounded in time, and
+    // stopped once the server has stopped answering: when every worker is hung, waiting out
+    // the rest of the time limit would show nothing more.
+    bar.phase("load");
     let next = AtomicU64::new(0);
+    let timeouts_in_a_row = AtomicU64::new(0);
+    let unanswered_limit = 2 * config.clients as u64;
     let load_deadline = Instant::now() + config.load_time_limit;
     let base = (index + 1) * 1_000_000_000_000;
     let load_start = Instant::now();
-    let per_client: Vec<(Vec<Duration>, u64, u64, Vec<String>)> = std::thread::scope(|scope| {
+    let per_client: Vec<ClientTally> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..config.clients)
             .map(|_| {
                 scope.spawn(|| {
@@ -431,17 +505,28 @@ fn measure(
                         (Vec::new(), 0, 0, Vec::new());
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= config.requests || Instant::now() >= load_deadline {
+                        if i >= config.requests
+                            || Instant::now() >= load_deadline
+                            || timeouts_in_a_row.load(Ordering::Relaxed) >= unanswered_limit
+                        {
                             break;
                         }
                         let sent = Instant::now();
-                        match request(&agent, port, base + i, config.table_mib) {
+                        let outcome = request(&agent, port, base + i, config.table_mib);
+                        if matches!(&outcome, Outcome::Failed(error) if error == TIMED_OUT) {
+                            timeouts_in_a_row.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            timeouts_in_a_row.store(0, Ordering::Relaxed);
+                        }
+                        match outcome {
                             Outcome::Ok(_) => ok += 1,
                             Outcome::Wrong => wrong += 1,
-                            Outcome::Failed(error) => errors.push(error),
+                            Outcome::ErrorAnswer { message, .. } | Outcome::Failed(message) => {
+                                errors.push((sent, message))
+                            }
                         }
                         latencies.push(sent.elapsed());
-                        bar.inc(1);
+                        bar.advance(1);
                     }
                     (latencies, ok, wrong, errors)
                 })
@@ -454,24 +539,30 @@ fn measure(
     });
     let load_time = load_start.elapsed();
     let mut latencies = Vec::new();
-    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    // Each message: its count and when it was first seen.
+    let mut errors: BTreeMap<String, (u64, Instant)> = BTreeMap::new();
     for (client_latencies, ok, wrong, client_errors) in per_client {
         latencies.extend(client_latencies);
         result.requests_ok += ok;
         result.wrong_answers += wrong;
         result.failed += client_errors.len() as u64;
-        for error in client_errors {
-            *errors.entry(error).or_default() += 1;
+        for (at, error) in client_errors {
+            let (count, first) = errors.entry(error).or_insert((0, at));
+            *count += 1;
+            *first = (*first).min(at);
         }
     }
     let sent = latencies.len() as u64;
     result.not_sent = config.requests.saturating_sub(sent);
-    result.failed += result.not_sent;
-    bar.inc(result.not_sent);
-    let mut errors: Vec<(String, u64)> = errors.into_iter().collect();
-    errors.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
+    result.server_stopped_answering = timeouts_in_a_row.load(Ordering::Relaxed) >= unanswered_limit;
+    bar.advance(result.not_sent);
+    let mut errors: Vec<(String, (u64, Instant))> = errors.into_iter().collect();
+    errors.sort_by_key(|(_, (_, first))| *first);
     errors.truncate(4);
-    result.errors = errors;
+    result.errors = errors
+        .into_iter()
+        .map(|(message, (count, _))| (message, count))
+        .collect();
     result.req_per_s = result.requests_ok as f64 / load_time.as_secs_f64();
     latencies.sort();
     if !latencies.is_empty() {
@@ -481,7 +572,7 @@ fn measure(
     }
 
     // Hung workers: still busy on one request `hang_after` after the load stopped.
-    bar.set_message("looking for hung workers");
+    bar.phase("looking for hung workers");
     let checked_from = Instant::now();
     while let Some((now, slots)) = server.status() {
         let busy: Vec<u64> = slots
@@ -505,7 +596,11 @@ fn measure(
     // per worker keeps requests coming, as live traffic would: a lone prober, answered by a
     // survivor each time, would leave the replacement queued behind the survivors in
     // `accept` for several round trips after it was ready.
-    bar.set_message("respawn");
+    if result.server_stopped_answering {
+        // Nothing would answer a probe either.
+        return Ok(());
+    }
+    bar.phase("respawn");
     let known: HashSet<u32> = server.with_view(|view| view.ever.clone());
     let victim = workers[0];
     let killed_at = Instant::now();
@@ -518,7 +613,7 @@ fn measure(
             scope.spawn(|| {
                 while replacement.get().is_none() && Instant::now() < respawn_deadline {
                     match probe(port, Duration::from_millis(300), config.table_mib) {
-                        Some(pid) if !known.contains(&pid) => {
+                        Probe::Served(pid) if !known.contains(&pid) => {
                             let _ = replacement.set((pid, killed_at.elapsed()));
                         }
                         _ => std::thread::sleep(Duration::from_micros(500)),

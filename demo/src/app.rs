@@ -61,12 +61,23 @@ pub enum Database {
 }
 
 impl Database {
-    /// `postgres://…` or `postgresql://…` is PostgreSQL; anything else is an SQLite file path.
-    pub fn from_arg(arg: &str) -> Database {
+    /// `postgres://…` or `postgresql://…` is PostgreSQL; `sqlite://…`, `file:…` or the path of
+    /// an existing file is SQLite. Anything else is refused rather than taken for the name of
+    /// a new SQLite file.
+    pub fn from_arg(arg: &str) -> Result<Database, String> {
         if arg.starts_with("postgres://") || arg.starts_with("postgresql://") {
-            Database::Postgres(arg.to_owned())
+            Ok(Database::Postgres(arg.to_owned()))
+        } else if arg.starts_with("sqlite://")
+            || arg.starts_with("file:")
+            || std::path::Path::new(arg).is_file()
+        {
+            Ok(Database::Sqlite(arg.to_owned()))
         } else {
-            Database::Sqlite(arg.to_owned())
+            Err(format!(
+                "--database {:?}: neither a postgres:// or postgresql:// URL, nor a sqlite:// or \
+                 file: name, nor an existing SQLite file",
+                without_password(arg)
+            ))
         }
     }
 
@@ -78,7 +89,7 @@ impl Database {
 
     pub fn describe(&self) -> String {
         match self {
-            Database::Postgres(url) => format!("PostgreSQL ({url})"),
+            Database::Postgres(url) => format!("PostgreSQL ({})", without_password(url)),
             Database::Sqlite(path) => format!("embedded SQLite (file {path})"),
         }
     }
@@ -102,6 +113,38 @@ impl Database {
                 .map_err(|error| error.to_string()),
         }
     }
+}
+
+/// `url` with any password in it (`user:password@`, `password=`) replaced by `***`, for
+/// printing.
+pub fn without_password(url: &str) -> String {
+    let mut shown = url.to_owned();
+    if let Some(scheme_end) = shown.find("://") {
+        let authority_start = scheme_end + 3;
+        let authority_end = shown[authority_start..]
+            .find(['/', '?'])
+            .map_or(shown.len(), |at| authority_start + at);
+        if let Some(at) = shown[authority_start..authority_end].rfind('@') {
+            let user_info = authority_start..authority_start + at;
+            if let Some(colon) = shown[user_info.clone()].find(':') {
+                shown.replace_range(user_info.start + colon + 1..user_info.end, "***");
+            }
+        }
+    }
+    // Key/value parameters: `?password=…&…`, or a libpq `password=…` word.
+    let mut out = String::with_capacity(shown.len());
+    let mut rest = shown.as_str();
+    while let Some(at) = rest.find("password=") {
+        let value_start = at + "password=".len();
+        out.push_str(&rest[..value_start]);
+        out.push_str("***");
+        let value_len = rest[value_start..]
+            .find(['&', ' '])
+            .unwrap_or(rest.len() - value_start);
+        rest = &rest[value_start + value_len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The label row `n` carries.

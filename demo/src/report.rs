@@ -1,0 +1,680 @@
+//! The demo's outputs: the table, the JSON file, the SVG chart.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use serde_json::{json, Value};
+
+use crate::app::Database;
+use crate::driver::{ModeResult, RunConfig};
+
+/// The one number format of the table, the verdict and the chart: three significant
+/// figures, no more than two decimals, none at or above 100.
+pub fn figure(value: f64) -> String {
+    let magnitude = value.abs();
+    if magnitude >= 100.0 || magnitude == 0.0 {
+        format!("{value:.0}")
+    } else if magnitude >= 10.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+/// The table, in plain aligned columns no wider than 100 characters.
+pub fn table(results: &[ModeResult]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<9}{:>7}{:>8}{:>10}{:>7}{:>6}{:>8}{:>8}{:>12}{:>12}{:>9}",
+        "mode",
+        "ok",
+        "failed",
+        "not sent",
+        "wrong",
+        "hung",
+        "req/s",
+        "p99 ms",
+        "start CPU s",
+        "respawn ms",
+        "PSS MiB"
+    );
+    for result in results {
+        if let Some(error) = &result.server_error {
+            let _ = writeln!(out, "{:<9}server error: {error}", result.mode);
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "{:<9}{:>7}{:>8}{:>10}{:>7}{:>6}{:>8}{:>8}{:>12}{:>12}{:>9}",
+            result.mode,
+            result.requests_ok,
+            result.failed,
+            result.not_sent,
+            result.wrong_answers,
+            format!("{}/{}", result.hung_workers, result.workers),
+            figure(result.req_per_s),
+            figure(result.p99_latency_ms),
+            figure(result.cpu_seconds_starting),
+            result
+                .respawn_time_ms
+                .map_or_else(|| String::from("none"), figure),
+            figure(result.total_pss_mib),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "(hung: workers still busy on one request after the load; start CPU: master and workers \
+         until\n every worker has served; respawn: from killing a worker until its replacement \
+         serves)"
+    );
+    out
+}
+
+/// One run in a few words, for its progress bar or line.
+pub fn summary(result: &ModeResult) -> String {
+    match &result.server_error {
+        Some(error) => format!("server error: {error}"),
+        None => format!(
+            "{} ok, {} failed, {} not sent, {} wrong, {} hung",
+            result.requests_ok,
+            result.failed,
+            result.not_sent,
+            result.wrong_answers,
+            result.hung_workers
+        ),
+    }
+}
+
+/// The errors each mode's requests met, in the order they first appeared.
+pub fn errors(results: &[ModeResult]) -> String {
+    let mut out = String::new();
+    for result in results {
+        for (message, count) in &result.errors {
+            let _ = writeln!(out, "  {}: {count} × {message}", result.mode);
+        }
+    }
+    out
+}
+
+/// What the driver's error message says, without the demo's own wrapping: the text a user
+/// would search for.
+fn searchable(message: &str) -> &str {
+    let message = message.strip_prefix("HTTP 500: ").unwrap_or(message);
+    let message = message
+        .strip_prefix("query: ")
+        .or_else(|| message.strip_prefix("checkout: "))
+        .unwrap_or(message);
+    message.trim()
+}
+
+/// A ratio to lazy's figure, and the bound it must keep.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub name: &'static str,
+    /// Median of forksafe / median of lazy; `None` when either is missing or lazy's is 0.
+    pub ratio: Option<f64>,
+    /// The smallest and largest of the per-round ratios (rounds paired in order).
+    pub spread: Option<(f64, f64)>,
+    pub bound: f64,
+    /// Whether the ratio must stay at or below the bound (else at or above).
+    pub at_most: bool,
+}
+
+impl Target {
+    pub fn met(&self) -> bool {
+        self.ratio.is_some_and(|ratio| {
+            if self.at_most {
+                ratio <= self.bound
+            } else {
+                ratio >= self.bound
+            }
+        })
+    }
+
+    fn describe(&self) -> String {
+        let bound = format!(
+            "{} {}",
+            if self.at_most { "≤" } else { "≥" },
+            figure(self.bound)
+        );
+        match self.ratio {
+            Some(ratio) => format!(
+                "{} {}× ({bound} {})",
+                self.name,
+                figure(ratio),
+                if self.met() { "met" } else { "NOT met" }
+            ),
+            None => format!("{} n/a ({bound})", self.name),
+        }
+    }
+}
+
+/// The run's conclusion, in a few plain lines.
+#[derive(Clone, Debug)]
+pub struct Verdict {
+    /// Naive's outcome: `Some(true)` when it broke; `None` when it did not run.
+    pub naive_broke: Option<bool>,
+    /// The first error messages naive's requests met.
+    pub naive_errors: Vec<String>,
+    /// `Some(true)` when forksafe answered every request right and no worker hung.
+    pub forksafe_all_right: Option<bool>,
+    /// forksafe vs lazy; empty when either did not run.
+    pub targets: Vec<Target>,
+    lines: Vec<String>,
+}
+
+impl Verdict {
+    pub fn judge(results: &[ModeResult], runs: &[Vec<ModeResult>], config: &RunConfig) -> Verdict {
+        let find = |name: &str| results.iter().find(|result| result.mode == name);
+        let rounds_of = |name: &str| {
+            runs.iter()
+                .find(|rounds| rounds.first().is_some_and(|round| round.mode == name))
+                .map_or(&[][..], Vec::as_slice)
+        };
+        let all_right = |result: &ModeResult| {
+            result.server_error.is_none()
+                && result.failed == 0
+                && result.not_sent == 0
+                && result.wrong_answers == 0
+                && result.hung_workers == 0
+        };
+        let mut lines = Vec::new();
+        let naive = find("naive");
+        let naive_errors: Vec<String> = naive
+            .map(|naive| {
+                // The driver's own errors (the server's error answers) first: those are what
+                // users search for; the client's timeouts only say that workers hung.
+                let (driver, client): (Vec<_>, Vec<_>) = naive
+                    .errors
+                    .iter()
+                    .partition(|(message, _)| message.starts_with("HTTP "));
+                driver
+                    .into_iter()
+                    .chain(client)
+                    .take(3)
+                    .map(|(message, _)| searchable(message).to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(naive) = naive {
+            let sent = naive.requests_ok + naive.failed + naive.not_sent;
+            if let Some(error) = &naive.server_error {
+                lines.push(format!("naive:    BROKE: the server failed: {error}"));
+            } else if all_right(naive) {
+                lines.push(match config.database {
+                    Database::Sqlite(_) => String::from(
+                        "naive:    did not break: SQLite shares no connection stream between \
+                         processes; PostgreSQL does",
+                    ),
+                    Database::Postgres(_) => format!(
+                        "naive:    did not break this time: {} of {sent} requests right",
+                        naive.requests_ok
+                    ),
+                });
+            } else {
+                lines.push(format!(
+                    "naive:    BROKE: {} of {sent} requests right, {} wrong answers, {} of {} \
+                     workers hung",
+                    naive.requests_ok, naive.wrong_answers, naive.hung_workers, naive.workers
+                ));
+                if naive_errors
+                    .iter()
+                    .all(|message| message == "request timed out")
+                {
+                    lines.push(String::from(
+                        "          no error message: its workers hung mid-request, and requests \
+                         timed out",
+                    ));
+                } else {
+                    let mut shown = String::from("          first errors:");
+                    for (index, message) in naive_errors.iter().enumerate() {
+                        let separator = if index == 0 { " " } else { ", " };
+                        let room =
+                            100_usize.saturating_sub(shown.chars().count() + separator.len() + 2);
+                        let quoted = if message.chars().count() <= room {
+                            format!("{separator}\"{message}\"")
+                        } else if index == 0 {
+                            // The first always shows, cut to fit.
+                            let cut: String =
+                                message.chars().take(room.saturating_sub(1)).collect();
+                            format!("{separator}\"{cut}…\"")
+                        } else {
+                            break;
+                        };
+                        shown += &quoted;
+                    }
+                    lines.push(shown);
+                }
+            }
+        }
+        let forksafe = find("forksafe");
+        if let Some(forksafe) = forksafe {
+            let sent = forksafe.requests_ok + forksafe.failed + forksafe.not_sent;
+            lines.push(if let Some(error) = &forksafe.server_error {
+                format!("forksafe: FAILED: the server failed: {error}")
+            } else if all_right(forksafe) {
+                format!(
+                    "forksafe: every request answered right ({} of {sent}), no worker hung",
+                    forksafe.requests_ok
+                )
+            } else {
+                format!(
+                    "forksafe: FAILED: {} of {sent} right, {} failed, {} not sent, {} wrong, {} \
+                     hung",
+                    forksafe.requests_ok,
+                    forksafe.failed,
+                    forksafe.not_sent,
+                    forksafe.wrong_answers,
+                    forksafe.hung_workers
+                )
+            });
+        }
+        let lazy = find("lazy").filter(|lazy| lazy.server_error.is_none());
+        let mut targets = Vec::new();
+        if let (Some(forksafe), Some(lazy)) = (forksafe, lazy) {
+            let pairs: Vec<(&ModeResult, &ModeResult)> = rounds_of("forksafe")
+                .iter()
+                .zip(rounds_of("lazy"))
+                .collect();
+            let target = |name, value: fn(&ModeResult) -> Option<f64>, bound, at_most| {
+                let ratio = |of: &ModeResult, to: &ModeResult| match (value(of), value(to)) {
+                    (Some(of), Some(to)) if to > 0.0 => Some(of / to),
+                    _ => None,
+                };
+                let per_round: Vec<f64> = pairs
+                    .iter()
+                    .filter_map(|(forksafe, lazy)| ratio(forksafe, lazy))
+                    .collect();
+                Target {
+                    name,
+                    ratio: ratio(forksafe, lazy),
+                    spread: (!per_round.is_empty()).then(|| {
+                        per_round
+                            .iter()
+                            .fold((f64::MAX, f64::MIN), |(low, high), &r| {
+                                (low.min(r), high.max(r))
+                            })
+                    }),
+                    bound,
+                    at_most,
+                }
+            };
+            targets = vec![
+                target("PSS", |r| Some(r.total_pss_mib), 0.35, true),
+                target("start-up CPU", |r| Some(r.cpu_seconds_starting), 0.35, true),
+                target("respawn", |r| r.respawn_time_ms, 0.1, true),
+                target("req/s", |r| Some(r.req_per_s), 0.95, false),
+            ];
+            let rounds = pairs.len();
+            let precision = match targets[3].spread {
+                Some((low, high)) if rounds > 1 => {
+                    format!("{rounds} rounds ranged {}–{}", figure(low), figure(high))
+                }
+                _ => String::from("1 round"),
+            };
+            let req_per_s = targets[3].describe();
+            lines.push(format!(
+                "vs lazy:  {}, {}",
+                targets[0].describe(),
+                targets[1].describe()
+            ));
+            lines.push(format!(
+                "          {}, {}; {precision})",
+                targets[2].describe(),
+                req_per_s.strip_suffix(')').unwrap_or(&req_per_s)
+            ));
+        }
+        Verdict {
+            naive_broke: naive.map(|naive| !all_right(naive)),
+            naive_errors,
+            forksafe_all_right: forksafe.map(all_right),
+            targets,
+            lines,
+        }
+    }
+
+    pub fn lines(&self) -> &[String] {
+        &self.lines
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "naive_broke": self.naive_broke,
+            "naive_first_errors": self.naive_errors,
+            "forksafe_all_right": self.forksafe_all_right,
+            "targets": self.targets.iter().map(|target| json!({
+                "name": target.name,
+                "ratio_to_lazy": target.ratio,
+                "per_round_low": target.spread.map(|(low, _)| low),
+                "per_round_high": target.spread.map(|(_, high)| high),
+                "bound": target.bound,
+                "at_most": target.at_most,
+                "met": target.met(),
+            })).collect::<Vec<_>>(),
+            "lines": self.lines,
+        })
+    }
+}
+
+/// One mode's rounds as one result: the median of every figure, the total of every count, the
+/// most hung workers and the fewest serving at start any round saw. One round is itself.
+pub fn combine(rounds: &[ModeResult]) -> ModeResult {
+    if let [only] = rounds {
+        return only.clone();
+    }
+    let median = |value: fn(&ModeResult) -> Option<f64>| {
+        let mut values: Vec<f64> = rounds.iter().filter_map(value).collect();
+        values.sort_by(f64::total_cmp);
+        match values.len() {
+            0 => None,
+            n if n % 2 == 1 => Some(values[n / 2]),
+            n => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+        }
+    };
+    let mut errors: Vec<(String, u64)> = Vec::new();
+    for (message, count) in rounds.iter().flat_map(|round| &round.errors) {
+        match errors.iter_mut().find(|(seen, _)| seen == message) {
+            Some((_, total)) => *total += count,
+            None => errors.push((message.clone(), *count)),
+        }
+    }
+    errors.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
+    ModeResult {
+        mode: rounds[0].mode,
+        workers: rounds[0].workers,
+        requests_ok: rounds.iter().map(|round| round.requests_ok).sum(),
+        failed: rounds.iter().map(|round| round.failed).sum(),
+        not_sent: rounds.iter().map(|round| round.not_sent).sum(),
+        wrong_answers: rounds.iter().map(|round| round.wrong_answers).sum(),
+        hung_workers: rounds
+            .iter()
+            .map(|round| round.hung_workers)
+            .max()
+            .unwrap_or(0),
+        req_per_s: median(|round| Some(round.req_per_s)).unwrap_or(0.0),
+        p99_latency_ms: median(|round| Some(round.p99_latency_ms)).unwrap_or(0.0),
+        cpu_seconds_starting: median(|round| Some(round.cpu_seconds_starting)).unwrap_or(0.0),
+        workers_serving_at_start: rounds
+            .iter()
+            .map(|round| round.workers_serving_at_start)
+            .min()
+            .unwrap_or(0),
+        respawn_time_ms: median(|round| round.respawn_time_ms),
+        respawn_forked_ms: median(|round| round.respawn_forked_ms),
+        total_pss_mib: median(|round| Some(round.total_pss_mib)).unwrap_or(0.0),
+        pss_ratio_to_lazy: None,
+        errors,
+        server_error: rounds.iter().find_map(|round| round.server_error.clone()),
+        server_stopped_answering: rounds.iter().any(|round| round.server_stopped_answering),
+    }
+}
+
+/// The JSON document: the run's settings, one object per mode under `"modes"` (each round
+/// combined), and each round's main figures under `"each_round"`.
+pub fn json(
+    results: &[ModeResult],
+    runs: &[Vec<ModeResult>],
+    config: &RunConfig,
+    machine: &Value,
+    verdict: &Verdict,
+) -> Value {
+    let modes: Vec<Value> = results
+        .iter()
+        .map(|result| {
+            json!({
+                "mode": result.mode,
+                "requests_ok": result.requests_ok,
+                "failed": result.failed,
+                "not_sent": result.not_sent,
+                "server_stopped_answering": result.server_stopped_answering,
+                "wrong_answers": result.wrong_answers,
+                "hung_workers": result.hung_workers,
+                "req_per_s": result.req_per_s,
+                "p99_latency_ms": result.p99_latency_ms,
+                "cpu_seconds_starting": result.cpu_seconds_starting,
+                "workers_serving_at_start": result.workers_serving_at_start,
+                "respawn_time_ms": result.respawn_time_ms,
+                "respawn_forked_ms": result.respawn_forked_ms,
+                "total_pss_mib": result.total_pss_mib,
+                "pss_ratio_to_lazy": result.pss_ratio_to_lazy,
+                "workers": result.workers,
+                "errors": result.errors.iter().map(|(message, count)| json!({"message": message, "count": count})).collect::<Vec<_>>(),
+                "server_error": result.server_error,
+            })
+        })
+        .collect();
+    json!({
+        "database": config.database.describe(),
+        "workers": config.workers,
+        "state_mib": config.table_mib,
+        "state_memory": config.state_memory.name(),
+        "pool_size": config.pool_size,
+        "requests": config.requests,
+        "clients": config.clients,
+        "request_timeout_ms": config.request_timeout.as_millis() as u64,
+        "machine": machine,
+        "verdict": verdict.json(),
+        "rounds": runs.iter().map(Vec::len).max().unwrap_or(0),
+        "modes": modes,
+        "each_round": runs
+            .iter()
+            .map(|rounds| {
+                rounds
+                    .iter()
+                    .map(|round| {
+                        json!({
+                            "mode": round.mode,
+                            "requests_ok": round.requests_ok,
+                            "req_per_s": round.req_per_s,
+                            "cpu_seconds_starting": round.cpu_seconds_starting,
+                            "respawn_time_ms": round.respawn_time_ms,
+                            "total_pss_mib": round.total_pss_mib,
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>(),
+    })
+}
+
+struct Metric {
+    title: &'static str,
+    /// The y axis: what is counted, and its unit.
+    unit: &'static str,
+    higher_is_better: bool,
+    /// Whether the values are counts, labelled as whole numbers.
+    count: bool,
+    value: fn(&ModeResult) -> Option<f64>,
+}
+
+const METRICS: [Metric; 9] = [
+    Metric {
+        title: "throughput",
+        unit: "requests per second",
+        higher_is_better: true,
+        count: false,
+        value: |r| Some(r.req_per_s),
+    },
+    Metric {
+        title: "p99 latency",
+        unit: "milliseconds",
+        higher_is_better: false,
+        count: false,
+        value: |r| Some(r.p99_latency_ms),
+    },
+    Metric {
+        title: "hung workers (busy on one request after the load)",
+        unit: "workers",
+        higher_is_better: false,
+        count: true,
+        value: |r| Some(r.hung_workers as f64),
+    },
+    Metric {
+        title: "failed (sent; error or timeout)",
+        unit: "requests",
+        higher_is_better: false,
+        count: true,
+        value: |r| Some(r.failed as f64),
+    },
+    Metric {
+        title: "never sent (time limit, or server stopped answering)",
+        unit: "requests",
+        higher_is_better: false,
+        count: true,
+        value: |r| Some(r.not_sent as f64),
+    },
+    Metric {
+        title: "wrong answers (another request's reply)",
+        unit: "requests",
+        higher_is_better: false,
+        count: true,
+        value: |r| Some(r.wrong_answers as f64),
+    },
+    Metric {
+        title: "total memory, master + workers (PSS)",
+        unit: "MiB",
+        higher_is_better: false,
+        count: false,
+        value: |r| Some(r.total_pss_mib),
+    },
+    Metric {
+        title: "CPU to start until every worker serves",
+        unit: "CPU seconds",
+        higher_is_better: false,
+        count: false,
+        value: |r| Some(r.cpu_seconds_starting),
+    },
+    Metric {
+        title: "respawn: worker killed until replacement serves",
+        unit: "milliseconds",
+        higher_is_better: false,
+        count: false,
+        value: |r| r.respawn_time_ms,
+    },
+];
+
+/// What the modes are, under the chart.
+const CAPTION: [&str; 4] = [
+    "naive: a plain r2d2::Pool built in the master before fork(); the workers inherit it",
+    "forksafe: a forksafe_pool::Pool built in the master before fork(); the workers inherit it",
+    "lazy: every worker builds its own application, pool and state after fork() (uWSGI --lazy-apps)",
+    "Figures are medians over the rounds, counts are totals; naive runs in the first round only.",
+];
+
+fn color(mode: &str) -> RGBColor {
+    match mode {
+        "naive" => RGBColor(0xd6, 0x45, 0x45),
+        "forksafe" => RGBColor(0x2e, 0x8b, 0x57),
+        _ => RGBColor(0x6b, 0x7b, 0x8c),
+    }
+}
+
+/// Draws one bar chart per metric, the modes side by side, into an SVG file.
+pub fn plot(
+    results: &[ModeResult],
+    title: &str,
+    path: &Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let results: Vec<&ModeResult> = results
+        .iter()
+        .filter(|result| result.server_error.is_none())
+        .collect();
+    let root = SVGBackend::new(path, (1350, 1040)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(title, ("sans-serif", 20))?;
+    let (panels, caption) = root.split_vertically(root.dim_in_pixel().1 - 96);
+    for (panel, metric) in panels.split_evenly((3, 3)).iter().zip(&METRICS) {
+        let values: Vec<Option<f64>> = results
+            .iter()
+            .map(|result| (metric.value)(result))
+            .collect();
+        let top = values.iter().flatten().copied().fold(0.0_f64, f64::max);
+        // An all-zero panel (nothing failed) still gets a readable 0..1 axis; a count's axis
+        // ends on a whole number, with a tick per number while they are few.
+        let top = match (top > 0.0, metric.count) {
+            (false, _) => 1.0,
+            (true, false) => top * 1.2,
+            (true, true) => (top * 1.2).ceil().max(top + 1.0),
+        };
+        let ticks = if metric.count && top <= 6.0 {
+            top as usize + 1
+        } else if top == 1.0 {
+            2
+        } else {
+            6
+        };
+        let label = |value: f64| {
+            if metric.count {
+                format!("{value:.0}")
+            } else {
+                figure(value)
+            }
+        };
+        let better = if metric.higher_is_better {
+            "higher is better"
+        } else {
+            "lower is better"
+        };
+        let mut chart = ChartBuilder::on(panel)
+            .caption(format!("{} ({better})", metric.title), ("sans-serif", 14))
+            .margin(10)
+            .x_label_area_size(34)
+            .y_label_area_size(70)
+            .build_cartesian_2d(
+                (0..results.len().saturating_sub(1)).into_segmented(),
+                0.0..top,
+            )?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .light_line_style(TRANSPARENT)
+            .y_labels(ticks)
+            .y_desc(metric.unit)
+            .axis_desc_style(("sans-serif", 13))
+            .x_label_formatter(&|x| match x {
+                SegmentValue::CenterOf(index) => results
+                    .get(*index)
+                    .map_or(String::new(), |r| r.mode.to_owned()),
+                _ => String::new(),
+            })
+            .y_label_formatter(&|y| label(*y))
+            .draw()?;
+        chart.draw_series(results.iter().zip(&values).enumerate().map(
+            |(index, (result, value))| {
+                let mut bar = Rectangle::new(
+                    [
+                        (SegmentValue::Exact(index), 0.0),
+                        (SegmentValue::Exact(index + 1), value.unwrap_or(0.0)),
+                    ],
+                    color(result.mode).filled(),
+                );
+                bar.set_margin(0, 0, 14, 14);
+                bar
+            },
+        ))?;
+        chart.draw_series(values.iter().enumerate().map(|(index, value)| {
+            let label = value.map_or_else(|| String::from("none"), label);
+            let y = value.unwrap_or(0.0) + top * 0.02;
+            Text::new(
+                label,
+                (SegmentValue::CenterOf(index), y),
+                ("sans-serif", 13)
+                    .into_font()
+                    .color(&BLACK)
+                    .pos(Pos::new(HPos::Center, VPos::Bottom)),
+            )
+        }))?;
+    }
+    for (line, text) in CAPTION.iter().enumerate() {
+        caption.draw(&Text::new(
+            *text,
+            (20, 6 + 22 * line as i32),
+            ("sans-serif", 14).into_font().color(&BLACK),
+        ))?;
+    }
+    root.present()?;
+    Ok(())
+}
