@@ -33,8 +33,8 @@
 //! the `pthread_atfork` registration, the `extern "C"` handlers, the pointer handling of
 //! `PerProcess`, and the `ManuallyDrop` of [`ForkWaitsForDrop`]; and, so that no other file
 //! needs `unsafe`, the raw calls the rest of the crate makes: `pthread_create` for the child
-//! pool's connect threads, `getsockopt` for the backends' socket lookup, and making r2d2's
-//! `Error` and `State` without r2d2.
+//! pool's connect threads, `getsockopt` for the backends' socket lookup and the connect
+//! window, and making r2d2's `Error` and `State` without r2d2.
 
 use std::cell::Cell;
 use std::fmt;
@@ -766,6 +766,34 @@ pub(crate) fn socket_protocol(_fd: std::os::fd::RawFd) -> Option<libc::c_int> {
     None
 }
 
+/// The kernel's cookie of the socket `fd` refers to now (`SO_COOKIE`, Linux 4.12+): a 64-bit
+/// number no other socket gets while the system runs. `None` for a descriptor that is closed or
+/// not a socket, or where the kernel has no cookies. For telling the sockets a connect created
+/// from those that were there before it (`connect_window`).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn socket_cookie(fd: std::os::fd::RawFd) -> Option<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are live locals and `len` is the size of `cookie`; the kernel
+    // checks `fd` itself (a closed descriptor or one that is not a socket is an error return,
+    // nothing more), and nothing is borrowed from the descriptor.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            ptr::addr_of_mut!(cookie).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && len as usize == std::mem::size_of::<u64>()).then_some(cookie)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn socket_cookie(_fd: std::os::fd::RawFd) -> Option<u64> {
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -854,6 +882,44 @@ mod tests {
         assert!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
             "the child saw its parent's section or pending fork (status {status})"
+        );
+    }
+
+    #[test]
+    fn a_child_never_waits_for_a_connect_turn_its_parent_held() {
+        // The turn held, as a raw fork (or a libc fork that gave up waiting for the sections)
+        // can find it.
+        let window = crate::connect_window::ConnectWindow::open();
+        assert!(window.holds_turn());
+        // SAFETY: a raw fork; the child only lists its own descriptors (glibc's allocator works
+        // in the child of a fork) and leaves with `_exit`, touching nothing other threads of
+        // the parent may have been changing.
+        let pid = unsafe { libc::syscall(libc::SYS_fork) };
+        if pid == 0 {
+            let started = Instant::now();
+            let child_window = crate::connect_window::ConnectWindow::open();
+            let at_once = started.elapsed() < Duration::from_millis(500);
+            let code = i32::from(!(child_window.holds_turn() && at_once));
+            drop(child_window.close());
+            // SAFETY: `_exit` has no preconditions and ends the child at once.
+            unsafe { libc::_exit(code) };
+        }
+        drop(window.close());
+        assert!(pid > 0, "fork failed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut status = 0;
+        // SAFETY: `status` is a live local; `pid` is our child.
+        while unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) } == 0 {
+            if Instant::now() > deadline {
+                // SAFETY: our own child, still unreaped.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                panic!("the raw-fork child hung");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child waited for its parent's turn (status {status})"
         );
     }
 

@@ -432,6 +432,7 @@
 
 mod backends;
 mod config;
+mod connect_window;
 mod connection;
 mod descriptors;
 mod fork;

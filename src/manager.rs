@@ -1,7 +1,7 @@
 //! The connection manager the inner r2d2 pool runs on: the user's manager plus a record of
 //! each connection's descriptors, so a forked child can let go of them.
 
-use std::any::Any;
+use std::any::{Any, TypeId};
 use std::error::Error as StdError;
 use std::fmt;
 use std::os::fd::RawFd;
@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use r2d2::{CustomizeConnection, HandleError, ManageConnection};
 
+use crate::connect_window::{ConnectWindow, CreatedSockets};
 use crate::descriptors::{DescriptorTable, Registration};
 use crate::fork::{DriverSection, ForkWaitsForDrop};
 
@@ -43,6 +44,16 @@ pub(crate) struct ConnectError<E> {
     /// `None` when the generation was retired and refused to connect (not the user's error).
     source: Option<E>,
     rebuilt_after_fork_in: Option<u32>,
+}
+
+impl<E> ConnectError<E> {
+    /// The refusal of a retired generation.
+    pub(crate) fn retired() -> Self {
+        ConnectError {
+            source: None,
+            rebuilt_after_fork_in: None,
+        }
+    }
 }
 
 impl<E: fmt::Display> fmt::Display for ConnectError<E> {
@@ -79,6 +90,10 @@ pub(crate) struct ForkSafeManager<M: ManageConnection> {
     /// Set when `Pool::release_idle` retires this generation: it opens no more connections,
     /// and every connection that comes back to it is closed instead of pooled.
     retired: Arc<AtomicBool>,
+    /// Whether the backend may need connects watched for the sockets they create.
+    may_watch: bool,
+    /// Whether the next connect is watched; see `learn_whether_to_watch`.
+    watch_connects: AtomicBool,
 }
 
 impl<M: ManageConnection> ForkSafeManager<M> {
@@ -89,12 +104,16 @@ impl<M: ManageConnection> ForkSafeManager<M> {
         rebuilt_after_fork_in: Option<u32>,
         retired: Arc<AtomicBool>,
     ) -> Self {
+        let may_watch =
+            locator.is_none() && crate::backends::watches_connects(TypeId::of::<M::Connection>());
         ForkSafeManager {
             inner,
             table,
             locator,
             rebuilt_after_fork_in,
             retired,
+            may_watch,
+            watch_connects: AtomicBool::new(may_watch),
         }
     }
 
@@ -111,17 +130,32 @@ impl<M: ManageConnection> ForkSafeManager<M> {
     }
 
     fn refuse(&self) -> ConnectError<M::Error> {
-        ConnectError {
-            source: None,
-            rebuilt_after_fork_in: None,
+        ConnectError::retired()
+    }
+
+    fn locate(
+        &self,
+        conn: &mut M::Connection,
+        created: Option<&CreatedSockets>,
+    ) -> Option<Vec<RawFd>> {
+        match &self.locator {
+            Some(locator) => locator(conn),
+            None => crate::backends::locate(conn as &mut dyn Any, created),
         }
     }
 
-    fn locate(&self, conn: &mut M::Connection) -> Option<Vec<RawFd>> {
-        match &self.locator {
-            Some(locator) => locator(conn),
-            None => crate::backends::locate(conn as &mut dyn Any),
+    /// After a connect of a backend that may need a connect window: watch no more once the
+    /// backend named a socket without the window (the server's view works for this pool), and
+    /// again once it could not name one without it (see `connect_window`).
+    fn learn_whether_to_watch(&self, created: Option<&CreatedSockets>, named: bool) {
+        if !self.may_watch {
+            return;
         }
+        let watch = match created {
+            Some(created) => !named || created.consulted(),
+            None => !named,
+        };
+        self.watch_connects.store(watch, Ordering::Relaxed);
     }
 }
 
@@ -135,8 +169,15 @@ impl<M: ManageConnection> ManageConnection for ForkSafeManager<M> {
         }
         // The section spans the locator too: it may query the server on the new session.
         let section = DriverSection::enter();
-        let mut conn = self.inner.connect().map_err(|error| self.wrap(error))?;
-        let fds = self.locate(&mut conn);
+        let window = self
+            .watch_connects
+            .load(Ordering::Relaxed)
+            .then(ConnectWindow::open);
+        let connected = self.inner.connect();
+        let created = window.map(ConnectWindow::close);
+        let mut conn = connected.map_err(|error| self.wrap(error))?;
+        let fds = self.locate(&mut conn, created.as_ref());
+        self.learn_whether_to_watch(created.as_ref(), fds.is_some());
         let conn = ForkWaitsForDrop::new(conn);
         drop(section);
         let registration = Box::new(self.table.register(fds));

@@ -15,14 +15,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use r2d2::event::{AcquireEvent, CheckinEvent, CheckoutEvent, ReleaseEvent, TimeoutEvent};
-use r2d2::{HandleEvent, ManageConnection};
+use r2d2::{CustomizeConnection, HandleEvent, ManageConnection};
 use scheduled_thread_pool::ScheduledThreadPool;
 
 use crate::config::{Builder, Config, OnFork};
 use crate::connection::{Checkout, PooledConnection};
 use crate::descriptors::DescriptorTable;
 use crate::fork::{current_epoch, r2d2_error, Epoch, PerProcess};
-use crate::manager::{CustomizerAdapter, ErrorHandlerAdapter, ForkSafeManager};
+use crate::manager::{
+    ConnectError, CustomizerAdapter, ErrorHandlerAdapter, ForkSafeManager, Tracked,
+};
 use crate::stats::{Counters, ForkStats};
 use crate::std_pool::{AnyPool, Connector, StdPool, REAPER_RATE};
 
@@ -78,6 +80,51 @@ use crate::std_pool::{AnyPool, Connector, StdPool, REAPER_RATE};
 ///   pool never connects again) and `get` times out without a message.
 /// - [`warm_up`](Self::warm_up), [`release_idle`](Self::release_idle) and
 ///   [`fork_stats`](Self::fork_stats) are this crate's own.
+///
+/// # Behind PgBouncer
+///
+/// diesel's `PgConnection` through PgBouncer works in session and in transaction pooling mode,
+/// and a forked child releases its copies of the parent's sockets as with a direct connection:
+/// PostgreSQL cannot name them then (it sees PgBouncer's socket), so each connect is watched
+/// for the one socket that appears in this process while libpq connects. Connects of diesel
+/// `PgConnection`s in one process take turns for that; a connect made meanwhile outside this
+/// crate's pools makes the socket uncertain, and it is then left open in the child and counted
+/// in [`ForkStats::connections_leaked`].
+///
+/// In `pool_mode = transaction`, PgBouncer before 1.21 (Debian 12 ships 1.18) runs a client's
+/// statements on whichever server connection is free, and does not carry named prepared
+/// statements along. diesel caches its queries as named prepared statements per connection,
+/// which then fail with errors such as "prepared statement \"__diesel_stmt_1\" already
+/// exists" (or "does not exist"). Turn diesel's cache off on every new connection; diesel 2.3
+/// then sends each query as one unnamed parse-bind-execute, which PgBouncer keeps on one server
+/// connection:
+///
+/// ```
+/// # #[cfg(feature = "diesel-postgres")] {
+/// use diesel::connection::{CacheSize, Connection};
+/// use diesel::r2d2::ConnectionManager;
+/// use diesel::PgConnection;
+///
+/// #[derive(Debug)]
+/// struct NoStatementCache;
+///
+/// impl forksafe_pool::CustomizeConnection<PgConnection, diesel::r2d2::Error> for NoStatementCache {
+///     fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
+///         conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+///         Ok(())
+///     }
+/// }
+///
+/// let url = "postgres://app@127.0.0.1:6432/app";
+/// let pool = forksafe_pool::Pool::builder()
+///     .connection_customizer(Box::new(NoStatementCache))
+///     .build_unchecked(ConnectionManager::<PgConnection>::new(url));
+/// # drop(pool);
+/// # }
+/// ```
+///
+/// Session state (`SET`, advisory locks, `LISTEN`, temporary tables) does not last past a
+/// transaction in that mode; that is PgBouncer's rule.
 pub struct Pool<M: ManageConnection> {
     shared: Arc<Shared<M>>,
 }
@@ -94,6 +141,11 @@ struct Shared<M: ManageConnection> {
     built_in: Epoch,
     /// The process that built the latest generation (inherited, so a child sees its parent's).
     latest_generation_in: AtomicU64,
+    /// The descriptor table of every generation of the building process, retired ones
+    /// included. A child releases it whatever generation it finds: one the parent retired
+    /// may still hold connections (leased, or connecting when it was retired), and a parent
+    /// that released its pool before forking leaves the child no generation at all.
+    building_descriptors: Arc<DescriptorTable>,
 }
 
 struct Generation<M: ManageConnection> {
@@ -101,8 +153,12 @@ struct Generation<M: ManageConnection> {
     /// `Pool` with an event handler, since only r2d2 can make r2d2's events.
     pool: AnyPool<M>,
     descriptors: Arc<DescriptorTable>,
-    /// Set by `release_idle`: the generation opens no connections and closes returned ones.
+    /// Set by `release_idle` on a generation on r2d2: it opens no connections and closes
+    /// returned ones.
     retired: Arc<AtomicBool>,
+    /// The open connections of a generation on r2d2, counted by its customizer
+    /// (`R2d2GenerationCustomizer`); once retired, it is swept until none is left.
+    r2d2_connections: Arc<AtomicU64>,
     /// With `OnFork::Fail`, in a forked child: the message every `get` fails with.
     refusal: Option<String>,
 }
@@ -157,10 +213,16 @@ impl<M: ManageConnection> Pool<M> {
         }
         let counters = Arc::new(Counters::default());
         let manager = Arc::new(manager);
+        // On r2d2, retired generations' connections live beside the current one's.
+        let generations_at_once = if config.event_handler.is_some() { 2 } else { 1 };
+        let building_descriptors = DescriptorTable::new(
+            config.settings.max_size.saturating_mul(generations_at_once),
+            Arc::clone(&counters),
+        );
         let generation = Generation::build(
             &config,
             Arc::clone(&manager),
-            &counters,
+            Arc::clone(&building_descriptors),
             None,
             None,
             false,
@@ -174,6 +236,7 @@ impl<M: ManageConnection> Pool<M> {
                 counters,
                 built_in: current_epoch(),
                 latest_generation_in: AtomicU64::new(current_epoch().get()),
+                building_descriptors,
             }),
         })
     }
@@ -359,37 +422,79 @@ impl<M: ManageConnection> Pool<M> {
     /// # Ok::<(), forksafe_pool::Error>(())
     /// ```
     ///
-    /// How: this process's inner pool (its *generation*) is retired, and the next use builds a
-    /// new one. A retired generation opens no connection and closes every connection that
-    /// comes back to it. It stays allocated until the `Pool` is dropped, because another thread
-    /// may be using it at that instant; it starts no connection attempt of its own (an r2d2
-    /// generation, that of a pool with an event handler, has its worker threads keep trying,
-    /// backing off to one attempt per missing connection every `connection_timeout / 2`, which
-    /// it refuses). Calling `release_idle` again before the pool is used retires nothing.
-    /// A thread that was waiting in `get` on the retired generation waits out its timeout and
-    /// then tries the new one. In a forked child of a pool built with
+    /// How: the pool tells connections apart by the `release_idle` call they were opened
+    /// after. Every connection opened, or still being opened, before this call is closed when
+    /// it is returned or when its connect finishes — never pooled — so once the work in flight
+    /// has ended the released connections are all closed; each close runs inside a driver
+    /// section, so a concurrent `fork()` waits for it. Until the pool is next used (`get`,
+    /// `try_get`, `warm_up`) nothing is opened in the background, so a released pool stays
+    /// empty; a `get` already waiting goes on waiting, for a new connection. The pool stays the
+    /// same object: a call leaves no memory and no background job behind, and old and new
+    /// connections together stay within `max_size`. In a forked child of a pool built with
     /// [`OnFork::Fail`](crate::OnFork::Fail) it does nothing and returns 0.
+    ///
+    /// A pool with an event handler runs on r2d2 in the process that built it, and r2d2
+    /// reopens `min_idle` connections as soon as any are closed. There this process's r2d2 pool
+    /// (its *generation*) is retired instead, and the next use builds a new one. A retired
+    /// generation opens no connection and closes every connection that comes back to it or
+    /// whose connect ends after the call, and a job on the thread pool closes what r2d2 parks
+    /// in its idle list until none of its connections is open. A forked child releases what
+    /// every retired generation still holds. A retired generation itself stays allocated
+    /// until the `Pool` is dropped, because another thread may be using it at that instant,
+    /// and r2d2's worker threads keep trying to reopen its `min_idle` connections, backing off
+    /// to one attempt per missing connection every `connection_timeout / 2`, which it refuses;
+    /// so on such a pool call `release_idle` before forking, not in a loop. A thread that was
+    /// waiting in `get` on it waits out its timeout and then tries the new generation.
     pub fn release_idle(&self) -> u32 {
-        match self.shared.generation.get() {
-            Some(generation) if generation.refusal.is_none() => {}
+        let closed = match self.shared.generation.get() {
+            Some(Generation {
+                pool: AnyPool::Std(pool),
+                ..
+            }) => pool.release_idle(),
+            Some(Generation {
+                pool: AnyPool::R2d2(_),
+                ..
+            }) => self.retire_r2d2_generation(),
             _ => return 0,
-        }
-        let Some(retired) = self.shared.generation.retire() else {
-            return 0;
         };
-        retired.retired.store(true, Ordering::Release);
-        let idle_before = retired.pool.state().idle_connections;
-        // With `test_on_check_out`, r2d2 closes each refused connection inside `try_get`; without
-        // it, the guard comes back and closes its connection on return (`has_broken` is true).
-        while let Some(conn) = retired.pool.try_get() {
-            drop(conn);
-        }
-        let closed = idle_before.saturating_sub(retired.pool.state().idle_connections);
         tracing::debug!(
             pid = std::process::id(),
             closed,
             "forksafe-pool: idle connections released; the pool reconnects on next use"
         );
+        closed
+    }
+
+    /// `release_idle` for a pool on r2d2, which would open `min_idle` connections again at
+    /// once: its generation is retired and the next use builds another.
+    fn retire_r2d2_generation(&self) -> u32 {
+        let Some(retired) = self.shared.generation.retire() else {
+            return 0;
+        };
+        // Sequentially consistent with the customizer's count and check: a connection either
+        // is counted before the sweep below reads the count, or sees the generation retired.
+        retired.retired.store(true, Ordering::SeqCst);
+        let idle_before = retired.pool.state().idle_connections;
+        close_idle(&retired.pool);
+        let closed = idle_before.saturating_sub(retired.pool.state().idle_connections);
+        // Connections still leased, or past the customizer but not yet in r2d2's idle list,
+        // come back later: r2d2 parks the latter as idle, so a job on the thread pool keeps
+        // closing idle ones until the generation has none open, then ends.
+        if let (AnyPool::R2d2(pool), Some(threads)) =
+            (&retired.pool, &self.shared.config.thread_pool)
+        {
+            let pool = AnyPool::R2d2(pool.clone());
+            let open = Arc::clone(&retired.r2d2_connections);
+            let mut pause = Duration::from_millis(1);
+            threads.execute_at_dynamic_rate(pause, move || {
+                close_idle(&pool);
+                if open.load(Ordering::SeqCst) == 0 {
+                    return None;
+                }
+                pause = (pause * 2).min(Duration::from_secs(1));
+                Some(pause)
+            });
+        }
         closed
     }
 
@@ -457,12 +562,13 @@ impl<M: ManageConnection> Pool<M> {
             // False after `release_idle` in this same process: then nothing crossed a fork.
             let crossed_fork =
                 shared.latest_generation_in.swap(here.get(), Ordering::AcqRel) != here.get();
-            if crossed_fork && inherited.is_none() {
-                // The parent had released its connections before forking: nothing to discard.
-                shared.counters.record_rebuild(Default::default());
-            }
-            if let Some(inherited) = inherited {
-                let discarded = inherited.descriptors.release_inherited();
+            // A parent that released its pool before forking left no generation; what its
+            // retired generations still held is in the building process's table.
+            let inherited_descriptors = inherited
+                .map(|inherited| &inherited.descriptors)
+                .or(crossed_fork.then_some(&shared.building_descriptors));
+            if let Some(inherited) = inherited_descriptors {
+                let discarded = inherited.release_inherited();
                 shared.counters.record_rebuild(discarded);
                 tracing::info!(
                     pid = std::process::id(),
@@ -481,10 +587,15 @@ impl<M: ManageConnection> Pool<M> {
                         std::process::id()
                     )
                 });
+            let descriptors = if here == shared.built_in {
+                Arc::clone(&shared.building_descriptors)
+            } else {
+                DescriptorTable::new(shared.config.settings.max_size, Arc::clone(&shared.counters))
+            };
             let generation = Generation::build(
                 &shared.config,
                 Arc::clone(&shared.manager),
-                &shared.counters,
+                descriptors,
                 crossed_fork.then(std::process::id),
                 refusal,
                 here != shared.built_in,
@@ -507,13 +618,12 @@ impl<M: ManageConnection> Generation<M> {
     fn build(
         config: &Config<M>,
         manager: Arc<M>,
-        counters: &Arc<Counters>,
+        descriptors: Arc<DescriptorTable>,
         rebuilt_after_fork_in: Option<u32>,
         refusal: Option<String>,
         in_forked_child: bool,
         wait: bool,
     ) -> Result<Generation<M>, r2d2::Error> {
-        let descriptors = DescriptorTable::new(config.settings.max_size, Arc::clone(counters));
         let retired = Arc::new(AtomicBool::new(refusal.is_some()));
         let manager = ForkSafeManager::new(
             manager,
@@ -527,6 +637,7 @@ impl<M: ManageConnection> Generation<M> {
                 pool: AnyPool::Refusing,
                 descriptors,
                 retired,
+                r2d2_connections: Arc::default(),
                 refusal,
             });
         }
@@ -554,6 +665,7 @@ impl<M: ManageConnection> Generation<M> {
             pool: AnyPool::Std(pool),
             descriptors,
             retired,
+            r2d2_connections: Arc::default(),
             refusal,
         })
     }
@@ -566,6 +678,7 @@ impl<M: ManageConnection> Generation<M> {
         retired: Arc<AtomicBool>,
         wait: bool,
     ) -> Result<Generation<M>, r2d2::Error> {
+        let r2d2_connections = Arc::default();
         let mut builder = r2d2::Pool::builder()
             .max_size(config.settings.max_size)
             .min_idle(config.settings.min_idle)
@@ -576,9 +689,11 @@ impl<M: ManageConnection> Generation<M> {
             .error_handler(Box::new(ErrorHandlerAdapter(Arc::clone(
                 &config.error_handler,
             ))))
-            .connection_customizer(Box::new(CustomizerAdapter(Arc::clone(
-                &config.connection_customizer,
-            ))));
+            .connection_customizer(Box::new(R2d2GenerationCustomizer {
+                user: CustomizerAdapter(Arc::clone(&config.connection_customizer)),
+                retired: Arc::clone(&retired),
+                open: Arc::clone(&r2d2_connections),
+            }));
         if let Some(event_handler) = &config.event_handler {
             builder =
                 builder.event_handler(Box::new(EventHandlerAdapter(Arc::clone(event_handler))));
@@ -595,6 +710,7 @@ impl<M: ManageConnection> Generation<M> {
             pool: AnyPool::R2d2(pool),
             descriptors,
             retired,
+            r2d2_connections,
             refusal: None,
         })
     }
@@ -604,16 +720,72 @@ impl<M: ManageConnection> Generation<M> {
     }
 }
 
+/// Closes a retired generation's idle connections: each comes back as broken and is closed.
+/// (With `test_on_check_out`, r2d2 closes each one inside `try_get` already.)
+fn close_idle<M: ManageConnection>(retired: &AnyPool<M>) {
+    while let Some(conn) = retired.try_get() {
+        drop(conn);
+    }
+}
+
+/// The customizer of a generation on r2d2: counts its open connections, so that once retired
+/// it can be swept until none is left, and closes every connection that arrives after its
+/// retirement (r2d2 drops a connection its customizer refuses; the drop runs in a driver
+/// section).
+struct R2d2GenerationCustomizer<C, E> {
+    user: CustomizerAdapter<C, E>,
+    retired: Arc<AtomicBool>,
+    open: Arc<AtomicU64>,
+}
+
+impl<C, E> fmt::Debug for R2d2GenerationCustomizer<C, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.user, f)
+    }
+}
+
+impl<C, E> CustomizeConnection<Tracked<C>, ConnectError<E>> for R2d2GenerationCustomizer<C, E>
+where
+    C: Send + 'static,
+    E: 'static,
+{
+    fn on_acquire(&self, conn: &mut Tracked<C>) -> Result<(), ConnectError<E>> {
+        // Counted before the retirement check (see `retire_r2d2_generation`).
+        self.open.fetch_add(1, Ordering::SeqCst);
+        let accepted = self.user.on_acquire(conn).and_then(|()| {
+            if self.retired.load(Ordering::SeqCst) {
+                Err(ConnectError::retired())
+            } else {
+                Ok(())
+            }
+        });
+        if accepted.is_err() {
+            self.open.fetch_sub(1, Ordering::SeqCst);
+        }
+        accepted
+    }
+
+    fn on_release(&self, conn: Tracked<C>) {
+        self.user.on_release(conn);
+        self.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl<M: ManageConnection> Drop for Shared<M> {
     /// A pool dropped in a child that never used it still lets go of the inherited sockets;
     /// `PerProcess` then leaks the inherited generation instead of dropping it.
     fn drop(&mut self) {
-        if self.generation.get().is_none() {
-            if let Some(inherited) = self.generation.get_even_inherited() {
-                self.counters
-                    .record_rebuild(inherited.descriptors.release_inherited());
-            }
+        if self.generation.get().is_some() {
+            return;
         }
+        let inherited = match self.generation.get_even_inherited() {
+            Some(inherited) => &inherited.descriptors,
+            // Released before the fork (see `building_descriptors`); in the building process
+            // itself there is nothing inherited.
+            None if current_epoch() != self.built_in => &self.building_descriptors,
+            None => return,
+        };
+        self.counters.record_rebuild(inherited.release_inherited());
     }
 }
 

@@ -119,6 +119,13 @@ struct State<M: ManageConnection> {
     failures: u32,
     /// No new attempt before this instant, after a failure.
     retry_at: Option<Instant>,
+    /// How many times `release_idle` emptied the pool. A connection whose attempt was
+    /// reserved before the latest release is closed when it arrives or comes back, never
+    /// pooled (see `StdPool::release_idle`).
+    releases: u64,
+    /// Set by `release_idle`, cleared by the next checkout, `get`, `try_get` or `warm_up`:
+    /// until then nothing is opened in the background, so a released pool stays empty.
+    dormant: bool,
 }
 
 /// Where a new connection goes.
@@ -139,6 +146,8 @@ struct Pooled<M: ManageConnection> {
     conn: Conn<M>,
     extensions: r2d2::Extensions,
     birth: Instant,
+    /// `State::releases` when its attempt was reserved.
+    releases: u64,
 }
 
 impl<M: ManageConnection> Clone for StdPool<M> {
@@ -185,6 +194,8 @@ impl<M: ManageConnection> StdPool<M> {
                     last_error: None,
                     failures: 0,
                     retry_at: None,
+                    releases: 0,
+                    dormant: false,
                 }),
                 changed: Condvar::new(),
             }),
@@ -234,6 +245,7 @@ impl<M: ManageConnection> StdPool<M> {
             .min_idle_or_max_size()
             .min(shared.settings.max_size);
         let mut state = shared.lock();
+        state.dormant = false;
         loop {
             if state.open >= wanted {
                 return Ok(());
@@ -246,10 +258,11 @@ impl<M: ManageConnection> StdPool<M> {
                 && state.retry_at.is_none_or(|at| at <= now)
             {
                 state.connecting += 1;
+                let releases = state.releases;
                 drop(state);
-                if !shared.start_attempt() {
+                if !shared.start_attempt(releases) {
                     // No thread to be had: connect here.
-                    shared.connect_one(Destination::Idle);
+                    shared.connect_one(Destination::Idle, releases);
                 }
                 state = shared.lock();
             }
@@ -261,7 +274,37 @@ impl<M: ManageConnection> StdPool<M> {
 
     /// An idle connection if there is one, without waiting, like `r2d2::Pool::try_get`.
     pub(crate) fn try_get(&self) -> Option<Lease<M>> {
-        self.shared.take_idle(self.shared.lock()).ok()
+        match self.shared.take_idle(self.shared.lock()) {
+            Ok(lease) => Some(lease),
+            Err(mut state) => {
+                self.shared.in_use_again(&mut state);
+                None
+            }
+        }
+    }
+
+    /// Closes every idle connection now, and makes every connection opened (or being opened)
+    /// before this call close, inside a driver section, when it comes back or arrives, instead
+    /// of going idle; opens nothing in the background until the pool is next used. Returns how
+    /// many idle connections it closed.
+    ///
+    /// The pool stays the same object: connections are told apart by the release count at the
+    /// time their attempt was reserved, so a release costs no memory and leaves no second
+    /// reaper behind, and old and new connections together stay within `max_size`.
+    pub(crate) fn release_idle(&self) -> u32 {
+        let shared = &self.shared;
+        let mut state = shared.lock();
+        state.releases += 1;
+        state.dormant = true;
+        let idle = std::mem::take(&mut state.idle);
+        let closed = idle.len() as u32;
+        shared.closing(&mut state, closed);
+        // A waiting `get` may use the freed slots.
+        shared.wake_all(state);
+        for idle in idle {
+            shared.close(idle.conn);
+        }
+        closed
     }
 
     /// Connection counts, like `r2d2::Pool::state`.
@@ -338,6 +381,7 @@ impl<M: ManageConnection> Shared<M> {
         deadline: Instant,
         timeout: Duration,
     ) -> Result<Lease<M>, r2d2::Error> {
+        self.in_use_again(&mut state);
         let mut my_attempt: Option<u64> = None;
         loop {
             let now = Instant::now();
@@ -349,12 +393,13 @@ impl<M: ManageConnection> Shared<M> {
             {
                 state.connecting += 1;
                 my_attempt = Some(state.attempts_ended);
+                let releases = state.releases;
                 drop(state);
                 // Connect on another thread, so this call still waits no longer than
                 // `timeout` when a connect hangs (a server that never answers).
-                if !self.start_attempt() {
+                if !self.start_attempt(releases) {
                     // No thread to be had: connect here; the wait is then the connect's.
-                    if let Some(conn) = self.connect_one(Destination::Caller) {
+                    if let Some(conn) = self.connect_one(Destination::Caller, releases) {
                         return Ok(Lease {
                             pool: Arc::clone(self),
                             conn: Some(conn),
@@ -400,6 +445,7 @@ impl<M: ManageConnection> Shared<M> {
                 state = self.lock();
                 continue;
             }
+            state.dormant = false;
             self.replenish(&mut state);
             drop(state);
             let mut conn = idle.conn;
@@ -423,9 +469,18 @@ impl<M: ManageConnection> Shared<M> {
         }
     }
 
+    /// The pool is used after `release_idle`: it keeps `min_idle` in the background again.
+    fn in_use_again(self: &Arc<Self>, state: &mut State<M>) {
+        if state.dormant {
+            state.dormant = false;
+            self.replenish(state);
+        }
+    }
+
     /// In the building process, starts attempts until `min_idle` connections are idle or
     /// being opened, within `max_size`, as r2d2 does after every checkout and close; none
-    /// before a failure's back-off has passed, none for a retired generation.
+    /// before a failure's back-off has passed, none while released and not used since, none
+    /// for a retired generation.
     fn replenish(self: &Arc<Self>, state: &mut State<M>) {
         if !matches!(self.connector, Connector::ThreadPool { .. }) {
             return;
@@ -434,27 +489,28 @@ impl<M: ManageConnection> Shared<M> {
         while state.idle.len() as u32 + state.connecting < wanted
             && state.open + state.connecting < self.settings.max_size
             && state.retry_at.is_none_or(|at| at <= Instant::now())
+            && !state.dormant
             && !self.manager.is_retired()
         {
             state.connecting += 1;
             // Always started: a thread pool takes every job.
-            self.start_attempt();
+            self.start_attempt(state.releases);
         }
     }
 
-    /// Starts one attempt, counted in `connecting` by the caller, whose connection goes idle;
-    /// false if no thread could be had for it.
-    fn start_attempt(self: &Arc<Self>) -> bool {
+    /// Starts one attempt, counted in `connecting` by the caller at `releases`, whose
+    /// connection goes idle; false if no thread could be had for it.
+    fn start_attempt(self: &Arc<Self>, releases: u64) -> bool {
         let shared = Arc::clone(self);
         match &self.connector {
             Connector::ThreadPool { threads, .. } => {
                 threads.execute(move || {
-                    shared.connect_one(Destination::Idle);
+                    shared.connect_one(Destination::Idle, releases);
                 });
                 true
             }
             Connector::Detached => crate::fork::spawn_detached(Box::new(move || {
-                shared.connect_one(Destination::Idle);
+                shared.connect_one(Destination::Idle, releases);
             })),
         }
     }
@@ -495,12 +551,12 @@ impl<M: ManageConnection> Shared<M> {
     }
 
     /// One connection attempt on the current thread, reserved by the caller (`connecting`
-    /// counts it). A new connection leaves `connecting` and counts as open in the same critical
+    /// counts it) when `State::releases` was `releases`. A new connection leaves `connecting` and counts as open in the same critical
     /// section that puts it where it goes, so no one counting the pool sees it in neither
     /// place (and starts a connect too many for `min_idle`, or finds it neither idle nor
     /// checked out). A connect that panics counts as a failed attempt whose error is the
     /// panic's message, so the slot it held is freed and the `get` waiting for it can say why.
-    fn connect_one(self: &Arc<Self>, destination: Destination) -> Option<Pooled<M>> {
+    fn connect_one(self: &Arc<Self>, destination: Destination, releases: u64) -> Option<Pooled<M>> {
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             self.manager
                 .connect()
@@ -519,9 +575,18 @@ impl<M: ManageConnection> Shared<M> {
                     conn,
                     extensions: r2d2::Extensions::new(),
                     birth: Instant::now(),
+                    releases,
                 };
                 return match destination {
                     Destination::Caller => Some(conn),
+                    // `release_idle` was called since the attempt was reserved: the connection
+                    // belongs to what was released, so it is closed instead of going idle.
+                    Destination::Idle if releases != state.releases => {
+                        self.closing(&mut state, 1);
+                        self.wake_all(state);
+                        self.close(conn);
+                        None
+                    }
                     Destination::Idle => {
                         state.idle.push(Idle {
                             since: self.settings.idle_timeout.map(|_| Instant::now()),
@@ -604,8 +669,9 @@ impl<M: ManageConnection> Shared<M> {
         }
     }
 
-    /// Takes a connection back, like r2d2's `put_back`: broken (or past `max_lifetime`) ones
-    /// are closed through the customizer's `on_release`.
+    /// Takes a connection back, like r2d2's `put_back`: broken (or past `max_lifetime`) ones,
+    /// and those opened before the latest `release_idle`, are closed through the customizer's
+    /// `on_release`.
     fn put_back(self: &Arc<Self>, mut conn: Pooled<M>) {
         let now = self.ages().then(Instant::now);
         let broken = self.manager.has_broken(&mut conn.conn)
@@ -615,7 +681,7 @@ impl<M: ManageConnection> Shared<M> {
                 .zip(now)
                 .is_some_and(|(lifetime, now)| now - conn.birth >= lifetime);
         let mut state = self.lock();
-        if broken {
+        if broken || conn.releases != state.releases {
             self.closing(&mut state, 1);
             self.wake_all(state);
             self.close(conn);

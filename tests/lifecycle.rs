@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use forksafe_pool::{OnFork, Pool};
 use support::runner::{child_result, expect_exit, run_cases, Case, Check};
 use support::{
-    fake_pool, only_we_wrote_on, points_at_dev_null, reap, refused_at_once, run_child, spawn_child,
-    warm_connections, ChildEnd, FakeConnection, FakeServer,
+    fake_pool, only_we_wrote_on, points_at_dev_null, reap, refused_at_once, resident_bytes,
+    run_child, spawn_child, warm_connections, ChildEnd, CountingManager, FakeConnection,
+    FakeServer,
 };
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -210,6 +211,182 @@ fn release_idle_in_a_worker_before_it_forks() -> Check {
     Ok(())
 }
 
+/// Which inner pool the building process runs on: this crate's own, or r2d2's (a pool with an
+/// event handler).
+#[derive(Clone, Copy, Debug)]
+enum Inner {
+    Std,
+    R2d2,
+}
+
+impl Inner {
+    fn builder<M: r2d2::ManageConnection>(self) -> forksafe_pool::Builder<M> {
+        let builder = Pool::builder();
+        match self {
+            Inner::Std => builder,
+            Inner::R2d2 => builder.event_handler(Box::new(forksafe_pool::NopEventHandler)),
+        }
+    }
+}
+
+/// A pool whose every `get` after `release_idle` races the background connects that bring it
+/// back to `min_idle`.
+fn counting_pool(inner: Inner, manager: &CountingManager) -> Result<Pool<CountingManager>, String> {
+    inner
+        .builder()
+        .max_size(3)
+        .connection_timeout(Duration::from_secs(5))
+        .build(manager.clone())
+        .map_err(|error| format!("build: {error}"))
+}
+
+/// Connects still running when `release_idle` is called (the background top-ups to `min_idle`
+/// a `get` started, a lease held across the call) end up closed, not parked in the pool.
+fn release_idle_leaves_nothing_open_once_connects_in_flight_end(inner: Inner) -> Check {
+    let manager = CountingManager::default();
+    let pool = counting_pool(inner, &manager)?;
+    let mut held = None;
+    for cycle in 0..200 {
+        pool.release_idle();
+        let conn = pool
+            .get()
+            .map_err(|error| format!("cycle {cycle}: get: {error}"))?;
+        // Every tenth lease stays out across the next `release_idle`.
+        held = if cycle % 10 == 0 { Some(conn) } else { None };
+    }
+    drop(held);
+    pool.release_idle();
+    if let Err(live) = manager.all_closed_within(Duration::from_secs(5)) {
+        return Err(format!(
+            "{live} connections still open after the last release_idle; state {:?}",
+            pool.state()
+        ));
+    }
+    ensure!(
+        pool.state().connections == 0,
+        "the pool counts connections that are closed: {:?}",
+        pool.state()
+    );
+    // And it still serves, within `max_size`.
+    let conns: Vec<_> = (0..3)
+        .map(|_| pool.get().map_err(|error| format!("get after: {error}")))
+        .collect::<Result<_, _>>()?;
+    ensure!(
+        manager.live() <= 3,
+        "{} open for max_size 3",
+        manager.live()
+    );
+    drop(conns);
+    Ok(())
+}
+
+/// Each `release_idle` cycle costs no memory that outlives it.
+fn release_idle_cycles_keep_memory_bounded() -> Check {
+    const CYCLES: usize = 10_000;
+    // 420 bytes a cycle: less than one inner pool (its state, descriptor table, reaper job)
+    // or a few connections kept per cycle, far more than allocator noise.
+    const ALLOWED_GROWTH: u64 = 4 << 20;
+    let manager = CountingManager::default();
+    let pool = counting_pool(Inner::Std, &manager)?;
+    let cycle = |cycle: usize| -> Check {
+        pool.release_idle();
+        pool.get()
+            .map(drop)
+            .map_err(|error| format!("cycle {cycle}: get: {error}"))
+    };
+    // Warm the allocator and the thread pool first, so the baseline holds their steady state.
+    (0..1_000).try_for_each(cycle)?;
+    let before = resident_bytes()?;
+    (0..CYCLES).try_for_each(cycle)?;
+    pool.release_idle();
+    let after = resident_bytes()?;
+    let growth = after.saturating_sub(before);
+    println!(
+        "  resident set over {CYCLES} release_idle cycles: {} -> {} KiB",
+        before >> 10,
+        after >> 10
+    );
+    ensure!(
+        growth <= ALLOWED_GROWTH,
+        "{CYCLES} release_idle cycles grew the resident set by {} KiB ({} -> {} KiB), {} \
+         connections open",
+        growth >> 10,
+        before >> 10,
+        after >> 10,
+        manager.live()
+    );
+    Ok(())
+}
+
+/// Connections from before several `release_idle` calls, still leased at the fork (the last
+/// call right before it): the child lets go of every one of their sockets and counts them, and
+/// the parent keeps using them.
+fn a_child_releases_connections_leased_across_release_idle(inner: Inner) -> Check {
+    let server = FakeServer::start();
+    let pool = inner
+        .builder()
+        .max_size(3)
+        .min_idle(Some(3))
+        .connection_timeout(Duration::from_secs(5))
+        .descriptor_locator(|conn: &mut FakeConnection| Some(vec![conn.fd()]))
+        .build(server.manager())
+        .map_err(|error| format!("build: {error}"))?;
+    let mut leases = Vec::new();
+    for round in 0..3 {
+        leases.push(
+            pool.get()
+                .map_err(|error| format!("round {round}: get: {error}"))?,
+        );
+        pool.release_idle();
+    }
+    let ids: BTreeSet<u64> = leases.iter().map(|conn| conn.server_id).collect();
+    let fds: Vec<_> = leases.iter().map(|conn| conn.fd()).collect();
+    ensure!(ids.len() == 3, "leases share connections: {ids:?}");
+    // Every other connection is closed, in this process too, before the fork; so the child
+    // inherits exactly the three leases.
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let closed: BTreeSet<u64> = server.closed().into_iter().collect();
+        let open: BTreeSet<u64> = server
+            .lines()
+            .into_keys()
+            .filter(|id| !closed.contains(id))
+            .collect();
+        if open == ids {
+            break;
+        }
+        ensure!(
+            Instant::now() < until,
+            "open connections {open:?}, expected only the leases {ids:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let end = run_child(DEADLINE, || {
+        child_result((|| {
+            let mut conn = pool.get().map_err(|error| format!("child get: {error}"))?;
+            conn.check_own("child", &ids, "a leased")?;
+            conn.echo("child")?;
+            let stats = pool.fork_stats();
+            ensure!(
+                stats.connections_discarded == 3 && stats.sockets_released == 3,
+                "the child counted {stats:?}, expected 3 discarded and 3 released"
+            );
+            ensure!(
+                fds.iter().all(|fd| points_at_dev_null(*fd)),
+                "a leased connection's socket is still open in the child"
+            );
+            Ok(())
+        })())
+    });
+    expect_exit("child", end, 0)?;
+    only_we_wrote_on(&server, &ids)?;
+    for (index, conn) in leases.iter_mut().enumerate() {
+        conn.echo(&format!("parent lease {index}"))?;
+    }
+    drop(leases);
+    wait_closed(&server, &ids)
+}
+
 fn warm_up_after_fork_opens_the_connections_before_the_first_request() -> Check {
     let server = FakeServer::start();
     let manager = server.manager();
@@ -392,7 +569,7 @@ fn on_fork_fail_refuses_in_a_child_at_once() -> Check {
 }
 
 fn main() {
-    let cases: [Case; 6] = [
+    let cases: [Case; 11] = [
         (
             "release_idle_before_fork_leaves_children_nothing_to_discard",
             release_idle_before_fork_leaves_children_nothing_to_discard,
@@ -404,6 +581,26 @@ fn main() {
         (
             "release_idle_in_a_worker_before_it_forks",
             release_idle_in_a_worker_before_it_forks,
+        ),
+        (
+            "release_idle_leaves_nothing_open_once_connects_in_flight_end",
+            || release_idle_leaves_nothing_open_once_connects_in_flight_end(Inner::Std),
+        ),
+        (
+            "release_idle_leaves_nothing_open_once_connects_in_flight_end_on_r2d2",
+            || release_idle_leaves_nothing_open_once_connects_in_flight_end(Inner::R2d2),
+        ),
+        (
+            "release_idle_cycles_keep_memory_bounded",
+            release_idle_cycles_keep_memory_bounded,
+        ),
+        (
+            "a_child_releases_connections_leased_across_release_idle",
+            || a_child_releases_connections_leased_across_release_idle(Inner::Std),
+        ),
+        (
+            "a_child_releases_connections_leased_across_release_idle_on_r2d2",
+            || a_child_releases_connections_leased_across_release_idle(Inner::R2d2),
         ),
         (
             "warm_up_after_fork_opens_the_connections_before_the_first_request",

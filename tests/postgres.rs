@@ -60,11 +60,6 @@ impl Transport {
             ),
         }
     }
-
-    /// Whether the pool can identify (and so release) its sockets in a child: only over TCP.
-    fn identifies_sockets(self) -> bool {
-        self != Transport::Unix
-    }
 }
 
 fn tcp_url() -> String {
@@ -163,7 +158,6 @@ fn pool(transport: Transport, size: u32) -> Result<PgPool, String> {
 
 /// The master's warm pool and the server sessions behind it.
 struct Warm {
-    transport: Transport,
     pool: PgPool,
     backends: BTreeSet<i32>,
 }
@@ -189,11 +183,7 @@ fn warm(transport: Transport) -> Result<Warm, String> {
         "warm connections share sessions: {backends:?}"
     );
     drop(conns);
-    Ok(Warm {
-        transport,
-        pool,
-        backends,
-    })
+    Ok(Warm { pool, backends })
 }
 
 /// After the children: the master holds the very same server sessions, and they answer.
@@ -251,11 +241,8 @@ fn work(pool: &PgPool, master: &BTreeSet<i32>, requests: usize) -> Check {
 /// In a worker after its first checkout: what its pool did with the inherited connections.
 fn check_child_stats(warm: &Warm, leased: u64) -> Check {
     let stats = warm.pool.fork_stats();
-    let (released, leaked) = if warm.transport.identifies_sockets() {
-        (POOL_SIZE as u64, 0)
-    } else {
-        (0, POOL_SIZE as u64)
-    };
+    // Over TCP the server's view names each socket; over the Unix socket the connect window.
+    let (released, leaked) = (POOL_SIZE as u64, 0);
     ensure!(stats.forks_crossed == 1, "forks_crossed: {stats:?}");
     ensure!(
         stats.connections_discarded == POOL_SIZE as u64,
@@ -392,8 +379,8 @@ fn children_that_end_every_way(transport: Transport) -> Check {
 /// The master (a child of this test, so the test survives) warms its pool and forks 2 workers
 /// that use their own pools; then the master is SIGKILLed. Within 2 s every one of the master's
 /// sessions must be gone from the server — the workers let go of their copies of its sockets —
-/// while the workers' own sessions keep working. Over the Unix socket, where sockets cannot be
-/// identified, the same run is the control: the leaked copies keep the sessions alive.
+/// while the workers' own sessions keep working (over the Unix socket too: the connect window
+/// names those sockets; `tests/pgbouncer.rs` has the control where it cannot).
 fn master_killed_its_sessions_end(transport: Transport) -> Check {
     nix::sys::prctl::set_child_subreaper(true).map_err(|error| format!("subreaper: {error}"))?;
     let dir = scratch_dir("sigkill")?;
@@ -475,25 +462,11 @@ fn master_killed_its_sessions_end(transport: Transport) -> Check {
         for (index, worker) in workers.into_iter().enumerate() {
             expect_exit(&format!("worker {index}"), reap(worker, DEADLINE), 0)?;
         }
-        if transport.identifies_sockets() {
-            ensure!(
-                alive.is_empty(),
-                "{} of the master's sessions {alive:?} were still alive {alive_after:?} after it was SIGKILLed",
-                alive.len()
-            );
-        } else {
-            // The control: unidentified sockets are leaked in the workers, so the master's
-            // sessions live on as long as the workers do — and end with them.
-            ensure!(
-                alive == master_backends,
-                "unix: expected the leaked sessions alive while workers live, got {alive:?}"
-            );
-            let left = gone_within(&master_backends, Duration::from_secs(2))?;
-            ensure!(
-                left.is_empty(),
-                "unix: master's sessions {left:?} outlived the workers"
-            );
-        }
+        ensure!(
+            alive.is_empty(),
+            "{} of the master's sessions {alive:?} were still alive {alive_after:?} after it was SIGKILLed",
+            alive.len()
+        );
         let left = gone_within(&worker_backends, Duration::from_secs(2))?;
         ensure!(
             left.is_empty(),
@@ -717,6 +690,72 @@ fn forks_while_the_master_connects() -> Check {
     )?;
     let mut conn = pool.get().map_err(|error| format!("master get: {error}"))?;
     echo(&mut conn, "master").map(drop)
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    count: i64,
+}
+
+/// Sessions the server has open under `application_name`, seen from a fresh connection (which
+/// goes by another name).
+fn sessions_named(application_name: &str) -> Result<i64, String> {
+    let mut conn = PgConnection::establish(&Transport::Plain.url())
+        .map_err(|error| format!("observer: {error}"))?;
+    let row: Count = diesel::sql_query(
+        "SELECT count(*) AS count FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind::<Text, _>(application_name)
+    .get_result(&mut conn)
+    .map_err(|error| format!("pg_stat_activity: {error}"))?;
+    Ok(row.count)
+}
+
+/// `release_idle` between checkouts while the pool reopens `min_idle` in the background: once
+/// the last release's connects in flight have ended, the server has no session of the pool's
+/// left.
+fn release_idle_cycles_leave_no_session_open() -> Check {
+    let application_name = format!("forksafe-release-idle-{}", std::process::id());
+    let url = with_param(
+        &Transport::Plain.url(),
+        &format!("application_name={application_name}"),
+    );
+    let pool = Pool::builder()
+        .max_size(3)
+        .connection_timeout(Duration::from_secs(10))
+        .build(ConnectionManager::<PgConnection>::new(url))
+        .map_err(|error| format!("pool: {error}"))?;
+    ensure!(
+        sessions_named(&application_name)? == 3,
+        "the pool's sessions are not named {application_name}"
+    );
+    for cycle in 0..10 {
+        pool.release_idle();
+        let mut conn = pool
+            .get()
+            .map_err(|error| format!("cycle {cycle}: get: {error}"))?;
+        let value = format!("cycle-{cycle}");
+        let (answer, _) = echo(&mut conn, &value)?;
+        ensure!(answer == value, "asked {value:?}, got {answer:?}");
+    }
+    pool.release_idle();
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let open = sessions_named(&application_name)?;
+        if open == 0 {
+            break;
+        }
+        ensure!(
+            Instant::now() < until,
+            "{open} sessions still open 10 s after the last release_idle; pool {:?}",
+            pool.state()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The pool still serves.
+    let mut conn = pool.get().map_err(|error| format!("get after: {error}"))?;
+    echo(&mut conn, "after").map(drop)
 }
 
 /// Gets a connection, retrying until `within`: the pool must recover once the server is back.
@@ -966,6 +1005,10 @@ fn main() {
     cases.push((
         "bad_input_is_a_clear_error_in_time".into(),
         Box::new(bad_input_is_a_clear_error_in_time),
+    ));
+    cases.push((
+        "release_idle_cycles_leave_no_session_open".into(),
+        Box::new(release_idle_cycles_leave_no_session_open),
     ));
     cases.push((
         "forks_while_the_master_connects".into(),

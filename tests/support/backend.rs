@@ -64,9 +64,19 @@ pub fn run<B: Backend>(
     own: impl IntoIterator<Item = Case>,
 ) {
     require_server(tests, reachable, hint);
-    // Workers of a SIGKILLed master are reparented to this process, so it can reap them.
+    become_subreaper();
+    run_cases(shared_cases::<B>().into_iter().chain(own));
+}
+
+/// Workers of a SIGKILLed master are reparented to this process, so it can reap them.
+pub fn become_subreaper() {
     nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER");
-    let shared: [Case; 5] = [
+}
+
+/// The scenarios every backend runs, for a binary that runs them for more than one backend
+/// (before it: [`require_server`] and [`become_subreaper`]).
+pub fn shared_cases<B: Backend>() -> [Case; 5] {
+    [
         (
             "four_workers_get_their_own_answers",
             four_workers_get_their_own_answers::<B>,
@@ -87,8 +97,7 @@ pub fn run<B: Backend>(
             "forks_while_the_master_connects",
             forks_while_the_master_connects::<B>,
         ),
-    ];
-    run_cases(shared.into_iter().chain(own));
+    ]
 }
 
 /// A pool like a pre-forking server's master builds: `POOL_SIZE` connections, all opened now.

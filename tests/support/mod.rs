@@ -228,6 +228,76 @@ impl r2d2::ManageConnection for FakeManager {
     }
 }
 
+/// A manager whose connections do no I/O and count themselves: [`live`](Self::live) is how
+/// many exist right now in this process, so a test sees every connection a pool still holds,
+/// idle, leased or parked anywhere.
+#[derive(Clone, Debug, Default)]
+pub struct CountingManager {
+    live: Arc<AtomicU64>,
+}
+
+/// A connection of a [`CountingManager`]; dropping it closes it.
+#[derive(Debug)]
+pub struct CountedConnection(Arc<AtomicU64>);
+
+impl CountingManager {
+    /// Connections opened and not yet dropped.
+    pub fn live(&self) -> u64 {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no connection is open, at most `timeout`; the number still open otherwise.
+    pub fn all_closed_within(&self, timeout: Duration) -> Result<(), u64> {
+        let until = Instant::now() + timeout;
+        loop {
+            match self.live() {
+                0 => return Ok(()),
+                live if Instant::now() >= until => return Err(live),
+                _ => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+}
+
+impl Drop for CountedConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl r2d2::ManageConnection for CountingManager {
+    type Connection = CountedConnection;
+    type Error = std::io::Error;
+
+    fn connect(&self) -> std::io::Result<CountedConnection> {
+        self.live.fetch_add(1, Ordering::SeqCst);
+        Ok(CountedConnection(Arc::clone(&self.live)))
+    }
+
+    fn is_valid(&self, _: &mut CountedConnection) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn has_broken(&self, _: &mut CountedConnection) -> bool {
+        false
+    }
+}
+
+/// This process's resident set size in bytes, from `/proc/self/statm`.
+pub fn resident_bytes() -> Result<u64, String> {
+    let statm = std::fs::read_to_string("/proc/self/statm")
+        .map_err(|error| format!("/proc/self/statm: {error}"))?;
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|field| field.parse().ok())
+        .ok_or(format!("unexpected /proc/self/statm: {statm:?}"))?;
+    // SAFETY: `sysconf` only reads a system constant.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    ensure!(page_size > 0, "sysconf(_SC_PAGESIZE) failed");
+    Ok(pages * page_size as u64)
+}
+
 /// A pool of fake connections whose descriptors are known to the pool.
 pub fn fake_pool(manager: FakeManager, size: u32) -> forksafe_pool::Pool<FakeManager> {
     forksafe_pool::Pool::builder()
