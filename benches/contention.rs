@@ -21,8 +21,8 @@
 //!
 //! Environment, all optional: `CONTENTION_PARTS` (comma-separated, default
 //! `parent,child,wait`), `CONTENTION_THREADS` (default `1,2,4,8,32,128`), `CONTENTION_ROUNDS`
-//! (per pool, default 5), `CONTENTION_ROUND_MS` (default 100). The default run takes about a
-//! minute and a half.
+//! (per pool, default 5), `CONTENTION_ROUND_MS` (default 100), `CONTENTION_WAIT_ROUND_MS` (rounds
+//! of the `wait` part, default 400). The default run takes about a minute.
 
 use std::hint::black_box;
 use std::io::{Read, Write};
@@ -93,13 +93,17 @@ struct Options {
     threads: Vec<u32>,
     rounds: usize,
     round: Duration,
+    wait_round: Duration,
 }
 
 impl Options {
     fn from_env() -> Self {
         let var = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
         let list = |value: String| -> Vec<String> {
-            value.split(',').map(|part| part.trim().to_owned()).collect()
+            value
+                .split(',')
+                .map(|part| part.trim().to_owned())
+                .collect()
         };
         Options {
             parts: var("CONTENTION_PARTS")
@@ -120,6 +124,11 @@ impl Options {
                 var("CONTENTION_ROUND_MS")
                     .map(|n| n.parse().expect("CONTENTION_ROUND_MS: a number"))
                     .unwrap_or(100),
+            ),
+            wait_round: Duration::from_millis(
+                var("CONTENTION_WAIT_ROUND_MS")
+                    .map(|n| n.parse().expect("CONTENTION_WAIT_ROUND_MS: a number"))
+                    .unwrap_or(400),
             ),
         }
     }
@@ -245,7 +254,7 @@ fn compare(options: &Options, threads: u32, size: u32, in_child: bool) {
     }
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for index in 0..options.rounds {
-        let mut forksafe_round = || {
+        let forksafe_round = || {
             if in_child {
                 round_in_child(&forksafe, threads, options.round)
             } else {
@@ -293,9 +302,9 @@ fn waits(options: &Options, threads: u32, size: u32) {
     for index in 0..options.rounds {
         for which in if index % 2 == 0 { [0, 1] } else { [1, 0] } {
             let (_, mut waits, counts) = if which == 0 {
-                round(&forksafe, threads, options.round, true)
+                round(&forksafe, threads, options.wait_round, true)
             } else {
-                round(&r2d2, threads, options.round, true)
+                round(&r2d2, threads, options.wait_round, true)
             };
             waits.sort_unstable();
             let at = |quantile: f64| waits[((waits.len() - 1) as f64 * quantile) as usize] as f64;
