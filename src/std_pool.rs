@@ -64,8 +64,11 @@
 //! waits on the condition variable. Both are bounded: a lock or a connection held for long
 //! costs the waiting threads a few yields, then nothing. Uncontended, none of this runs: the
 //! first `try_lock` succeeds. A thread that comes back from a yield may take a connection
-//! before a woken waiter does; r2d2 lets threads barge in the same way, and
-//! `benches/contention.rs` measures the waits (p99 at 32 threads) beside r2d2's.
+//! before a woken waiter does; r2d2 lets threads barge in the same way. The price is in the
+//! tail: a `get` that yields runs again only after the other runnable threads had their turn,
+//! while a sleeping waiter is woken by the return, so with many more threads than cores the
+//! slowest checkout in a hundred waits longer than r2d2's, while the very slowest waits less
+//! and no thread falls as far behind (`benches/contention.rs`, part `wait`, measures both).
 //!
 //! All of it stays fork-safe, because it adds no state outside the pool: `try_lock` is a
 //! compare-and-swap on the mutex's own word, the pauses are `spin_loop` hints, and
