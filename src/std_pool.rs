@@ -54,38 +54,38 @@
 //! # Under contention
 //!
 //! Services run more threads than cores, so the thread that holds the pool's mutex, or the
-//! connection another thread waits for, is most often a thread waiting for a core. Blocking in
-//! the kernel then costs a futex wait, a futex wake on the other side (the unlocking or
-//! returning thread pays that system call) and two context switches, only to let the preempted
-//! thread run. So a thread that finds the mutex locked first retries it after short busy
-//! waits (2, 4 and 8 pauses, for a holder running on another core), then yields its core up to
-//! `LOCK_YIELDS` times, and only then blocks in `Mutex::lock`; and a `get` that finds every
-//! connection checked out and none being opened yields up to `WAIT_YIELDS` times before it
-//! waits on the condition variable. Both are bounded: a lock or a connection held for long
-//! costs the waiting threads a few yields, then nothing. Uncontended, none of this runs: the
-//! first `try_lock` succeeds. A thread that comes back from a yield may take a connection
-//! before a woken waiter does; r2d2 lets threads barge in the same way. The price is in the
-//! tail: a `get` that yields runs again only after the other runnable threads had their turn,
-//! while a sleeping waiter is woken by the return, so with many more threads than cores the
-//! slowest checkout in a hundred waits longer than r2d2's, while the very slowest waits less
-//! and no thread falls as far behind (`benches/contention.rs`, part `wait`, measures both).
+//! connection another thread waits for, is most often a thread waiting for a core. Blocking in the
+//! kernel then costs a futex wait, a futex wake on the other side (the unlocking or returning
+//! thread pays that system call) and two context switches, only to let the preempted thread run. So
+//! a thread that finds the mutex locked first retries it after short busy waits (2, 4 and 8 pauses,
+//! for a holder running on another core), then yields its core up to `LOCK_YIELDS` times, and only
+//! then blocks in `Mutex::lock` — at once if other threads already sleep there (`blocked_on_lock`),
+//! so that a stream of spinning newcomers cannot keep cutting in front of them (parking_lot's mutex
+//! follows the same rule); and a `get` that finds every connection checked out and none being
+//! opened yields up to `WAIT_YIELDS` times before it waits on the condition variable. Both are
+//! bounded: a lock or a connection held for long costs the waiting threads a few yields, then
+//! nothing. Uncontended, none of this runs: the first `try_lock` succeeds. A thread that comes back
+//! from a yield may take a connection before a woken waiter does; r2d2 lets threads barge in the
+//! same way. `benches/contention.rs` (part `wait`) measures the waits this leaves, p99 and maximum,
+//! beside r2d2's.
 //!
 //! All of it stays fork-safe, because it adds no state outside the pool: `try_lock` is a
-//! compare-and-swap on the mutex's own word, the pauses are `spin_loop` hints, and
-//! `yield_now` is the `sched_yield` system call, which takes no lock in user space. Nothing is
-//! registered per thread or per process (parking_lot's adaptive spinning comes with its
-//! process-global table of parked threads, the hazard described above), so a fork that catches
-//! a parent thread spinning or yielding on the parent's pool leaves the child nothing to
-//! trip on: the child never touches that pool, and its own pool starts unlocked. The other
-//! ways to the same end were weighed and left: a lock-free idle stack would split the idle
-//! list from the counts (`open`, `connecting`) that must change with it in one critical
-//! section (see above), and needs memory reclamation against ABA; handing each returned
-//! connection to the longest waiter is fair but forces a context switch per checkout under
-//! contention, where a running thread could have reused the connection at once.
+//! compare-and-swap on the mutex's own word, `blocked_on_lock` is a counter in the pool, the pauses
+//! are `spin_loop` hints, and `yield_now` is the `sched_yield` system call, which takes no lock in
+//! user space. Nothing is registered per thread or per process (parking_lot's adaptive spinning
+//! comes with its process-global table of parked threads, the hazard described above), so a fork
+//! that catches a parent thread spinning or yielding on the parent's pool leaves the child nothing
+//! to trip on: the child never touches that pool, and its own pool starts unlocked. The other ways
+//! to the same end were weighed and left: a lock-free idle stack would split the idle list from the
+//! counts (`open`, `connecting`) that must change with it in one critical section (see above), and
+//! needs memory reclamation against ABA; handing each returned connection to the longest waiter is
+//! fair but forces a context switch per checkout under contention, where a running thread could
+//! have reused the connection at once.
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
@@ -137,6 +137,8 @@ struct Shared<M: ManageConnection> {
     state: Mutex<State<M>>,
     /// Signalled when a connection becomes idle, a slot frees up, or an attempt fails.
     changed: Condvar,
+    /// Threads blocked in `Mutex::lock` on `state`, past their spins and yields.
+    blocked_on_lock: AtomicU32,
 }
 
 struct State<M: ManageConnection> {
@@ -237,6 +239,7 @@ impl<M: ManageConnection> StdPool<M> {
                     dormant: false,
                 }),
                 changed: Condvar::new(),
+                blocked_on_lock: AtomicU32::new(0),
             }),
         };
         pool.shared.replenish(&mut pool.shared.lock());
@@ -370,6 +373,10 @@ impl<M: ManageConnection> Shared<M> {
     #[inline(never)]
     fn lock_contended(&self) -> MutexGuard<'_, State<M>> {
         for attempt in 0..LOCK_SPINS + LOCK_YIELDS {
+            if self.blocked_on_lock.load(Ordering::Relaxed) > 0 {
+                // Others already sleep on the mutex: queue up behind them rather than cut in.
+                break;
+            }
             if attempt < LOCK_SPINS {
                 for _ in 0..(2 << attempt) {
                     std::hint::spin_loop();
@@ -383,7 +390,10 @@ impl<M: ManageConnection> Shared<M> {
                 Err(TryLockError::WouldBlock) => {}
             }
         }
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.blocked_on_lock.fetch_add(1, Ordering::Relaxed);
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        self.blocked_on_lock.fetch_sub(1, Ordering::Relaxed);
+        state
     }
 
     /// Waits on `changed`, counted as a waiter (see `wake`), until `deadline` — or, when a
