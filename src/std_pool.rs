@@ -50,11 +50,43 @@
 //! connections are closed when a checkout finds them. A connect that panics, here or on the
 //! thread pool, counts as a failed attempt whose error is the panic's message, so its slot is
 //! freed and the waiting `get` says why it got nothing.
+//!
+//! # Under contention
+//!
+//! Services run more threads than cores, so the thread that holds the pool's mutex, or the
+//! connection another thread waits for, is most often a thread waiting for a core. Blocking in the
+//! kernel then costs a futex wait, a futex wake on the other side (the unlocking or returning
+//! thread pays that system call) and two context switches, only to let the preempted thread run. So
+//! a thread that finds the mutex locked first retries it after short busy waits (2, 4 and 8 pauses,
+//! for a holder running on another core), then yields its core up to `LOCK_YIELDS` times, and only
+//! then blocks in `Mutex::lock` — at once if other threads already sleep there (`blocked_on_lock`),
+//! so that a stream of spinning newcomers cannot keep cutting in front of them (parking_lot's mutex
+//! follows the same rule); and a `get` that finds every connection checked out and none being
+//! opened yields up to `WAIT_YIELDS` times before it waits on the condition variable. Both are
+//! bounded: a lock or a connection held for long costs the waiting threads a few yields, then
+//! nothing. Uncontended, none of this runs: the first `try_lock` succeeds. A thread that comes back
+//! from a yield may take a connection before a woken waiter does; r2d2 lets threads barge in the
+//! same way. `benches/contention.rs` (part `wait`) measures the waits this leaves, p99 and maximum,
+//! beside r2d2's.
+//!
+//! All of it stays fork-safe, because it adds no state outside the pool: `try_lock` is a
+//! compare-and-swap on the mutex's own word, `blocked_on_lock` is a counter in the pool, the pauses
+//! are `spin_loop` hints, and `yield_now` is the `sched_yield` system call, which takes no lock in
+//! user space. Nothing is registered per thread or per process (parking_lot's adaptive spinning
+//! comes with its process-global table of parked threads, the hazard described above), so a fork
+//! that catches a parent thread spinning or yielding on the parent's pool leaves the child nothing
+//! to trip on: the child never touches that pool, and its own pool starts unlocked. The other ways
+//! to the same end were weighed and left: a lock-free idle stack would split the idle list from the
+//! counts (`open`, `connecting`) that must change with it in one critical section (see above), and
+//! needs memory reclamation against ABA; handing each returned connection to the longest waiter is
+//! fair but forces a context switch per checkout under contention, where a running thread could
+//! have reused the connection at once.
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
 use r2d2::{CustomizeConnection, HandleError, ManageConnection};
@@ -71,6 +103,13 @@ type Error<M> = ConnectError<<M as ManageConnection>::Error>;
 /// How often idle connections are checked against `idle_timeout` and `max_lifetime` in the
 /// building process: r2d2's rate.
 pub(crate) const REAPER_RATE: Duration = Duration::from_secs(30);
+
+/// Contended lock: rounds of busy-waiting (2, 4, 8 pauses) before yielding the core.
+const LOCK_SPINS: u32 = 3;
+/// Contended lock: yields of the core before blocking in the kernel.
+const LOCK_YIELDS: u32 = 7;
+/// A `get` that finds every connection checked out: yields of the core before it waits.
+const WAIT_YIELDS: u32 = 3;
 
 /// A pool on std's locks; cheap to clone, like r2d2's.
 pub(crate) struct StdPool<M: ManageConnection> {
@@ -98,6 +137,8 @@ struct Shared<M: ManageConnection> {
     state: Mutex<State<M>>,
     /// Signalled when a connection becomes idle, a slot frees up, or an attempt fails.
     changed: Condvar,
+    /// Threads blocked in `Mutex::lock` on `state`, past their spins and yields.
+    blocked_on_lock: AtomicU32,
 }
 
 struct State<M: ManageConnection> {
@@ -198,6 +239,7 @@ impl<M: ManageConnection> StdPool<M> {
                     dormant: false,
                 }),
                 changed: Condvar::new(),
+                blocked_on_lock: AtomicU32::new(0),
             }),
         };
         pool.shared.replenish(&mut pool.shared.lock());
@@ -315,10 +357,43 @@ impl<M: ManageConnection> StdPool<M> {
 }
 
 impl<M: ManageConnection> Shared<M> {
+    #[inline]
     fn lock(&self) -> MutexGuard<'_, State<M>> {
         // Every critical section leaves the state consistent (user code runs unlocked), so a
         // panic elsewhere cannot leave it half-updated.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        match self.state.try_lock() {
+            Ok(state) => state,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => self.lock_contended(),
+        }
+    }
+
+    /// See the module docs, "Under contention".
+    #[cold]
+    #[inline(never)]
+    fn lock_contended(&self) -> MutexGuard<'_, State<M>> {
+        for attempt in 0..LOCK_SPINS + LOCK_YIELDS {
+            if self.blocked_on_lock.load(Ordering::Relaxed) > 0 {
+                // Others already sleep on the mutex: queue up behind them rather than cut in.
+                break;
+            }
+            if attempt < LOCK_SPINS {
+                for _ in 0..(2 << attempt) {
+                    std::hint::spin_loop();
+                }
+            } else {
+                std::thread::yield_now();
+            }
+            match self.state.try_lock() {
+                Ok(state) => return state,
+                Err(TryLockError::Poisoned(poisoned)) => return poisoned.into_inner(),
+                Err(TryLockError::WouldBlock) => {}
+            }
+        }
+        self.blocked_on_lock.fetch_add(1, Ordering::Relaxed);
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        self.blocked_on_lock.fetch_sub(1, Ordering::Relaxed);
+        state
     }
 
     /// Waits on `changed`, counted as a waiter (see `wake`), until `deadline` — or, when a
@@ -383,6 +458,7 @@ impl<M: ManageConnection> Shared<M> {
     ) -> Result<Lease<M>, r2d2::Error> {
         self.in_use_again(&mut state);
         let mut my_attempt: Option<u64> = None;
+        let mut yields_left = WAIT_YIELDS;
         loop {
             let now = Instant::now();
             // One attempt per waiting call at a time: another only once some attempt ended.
@@ -418,6 +494,17 @@ impl<M: ManageConnection> Shared<M> {
                     })
                 });
                 return Err(r2d2_error(message));
+            } else if yields_left > 0
+                && state.connecting == 0
+                && state.open >= self.settings.max_size
+            {
+                // Every connection is checked out and none is being opened: one comes back
+                // soon, most often from a thread waiting for a core. Give it the core (see the
+                // module docs, "Under contention").
+                yields_left -= 1;
+                drop(state);
+                std::thread::yield_now();
+                state = self.lock();
             } else {
                 state = self.wait_until(state, now, deadline);
             }
