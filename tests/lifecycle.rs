@@ -323,13 +323,15 @@ fn release_idle_cycles_keep_memory_bounded() -> Check {
 /// the parent keeps using them.
 fn a_child_releases_connections_leased_across_release_idle(inner: Inner) -> Check {
     let server = FakeServer::start();
+    let manager = server.manager();
+    let connects = std::sync::Arc::clone(&manager.connects);
     let pool = inner
         .builder()
         .max_size(3)
         .min_idle(Some(3))
         .connection_timeout(Duration::from_secs(5))
         .descriptor_locator(|conn: &mut FakeConnection| Some(vec![conn.fd()]))
-        .build(server.manager())
+        .build(manager)
         .map_err(|error| format!("build: {error}"))?;
     let mut leases = Vec::new();
     for round in 0..3 {
@@ -342,17 +344,20 @@ fn a_child_releases_connections_leased_across_release_idle(inner: Inner) -> Chec
     let ids: BTreeSet<u64> = leases.iter().map(|conn| conn.server_id).collect();
     let fds: Vec<_> = leases.iter().map(|conn| conn.fd()).collect();
     ensure!(ids.len() == 3, "leases share connections: {ids:?}");
-    // Every other connection is closed, in this process too, before the fork; so the child
-    // inherits exactly the three leases.
+    // Every other connection is closed, in this process too, before the fork, and no connect
+    // is still on its way to the server (each one the manager started has said hello; a
+    // retired pool refuses new attempts before they reach the manager); so the child inherits
+    // exactly the three leases.
     let until = Instant::now() + Duration::from_secs(5);
     loop {
         let closed: BTreeSet<u64> = server.closed().into_iter().collect();
-        let open: BTreeSet<u64> = server
-            .lines()
+        let lines = server.lines();
+        let arrived = lines.len() as u64;
+        let open: BTreeSet<u64> = lines
             .into_keys()
             .filter(|id| !closed.contains(id))
             .collect();
-        if open == ids {
+        if open == ids && arrived == connects.load(std::sync::atomic::Ordering::SeqCst) {
             break;
         }
         ensure!(
