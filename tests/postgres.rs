@@ -28,8 +28,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use support::backend::{self, At, Backend, Variant, DEADLINE, POOL_SIZE};
+use support::fork::{reap, spawn_child};
 use support::runner::{child_result, ci, expect_exit, Case, Check, NamedCase};
-use support::{reap, spawn_child};
 
 type Manager = ConnectionManager<PgConnection>;
 type PgPool = Pool<Manager>;

@@ -23,8 +23,9 @@ use diesel::{QueryableByName, RunQueryDsl, SqliteConnection};
 use forksafe_pool::{CustomizeConnection, ForkStats, Pool};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use support::fork::{reap, run_child, spawn_child, ChildEnd};
+use support::inspect::points_at_dev_null;
 use support::runner::{child_result, expect_exit, run_cases, Check};
-use support::{points_at_dev_null, reap, run_child, spawn_child, ChildEnd};
 
 type SqlitePool = Pool<ConnectionManager<SqliteConnection>>;
 type SqliteConn = forksafe_pool::PooledConnection<ConnectionManager<SqliteConnection>>;

@@ -15,8 +15,8 @@ use forksafe_pool::{ForkStats, ManageConnection, Pool, PooledConnection};
 use nix::sys::signal::{kill, raise, Signal};
 use nix::unistd::Pid;
 
+use super::fork::{fork_while_connecting, reap, spawn_child, ChildEnd};
 use super::runner::{require_server, run_cases, Case, Check, NamedCase};
-use super::{fork_while_connecting, reap, spawn_child, ChildEnd};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 pub const POOL_SIZE: u32 = 4;
