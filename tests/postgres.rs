@@ -427,20 +427,26 @@ fn get_within(pool: &PgPool, within: Duration) -> Result<PgConn, String> {
     }
 }
 
-/// The server is down when a worker is forked: its first `get()` is a clear error within
-/// `connection_timeout`; once the server is back, the worker's pool and the master's both work.
-fn server_down_at_fork_and_back_later() -> Check {
-    let timeout = Duration::from_millis(1500);
-    let mut proxy = Proxy::start()?;
+/// A pool of `size` connections through `proxy`, all open, one of them checked to answer.
+fn warm_pool_through(proxy: &Proxy, size: u32, timeout: Duration) -> Result<PgPool, String> {
     let pool: PgPool = Pool::builder()
-        .max_size(2)
-        .min_idle(Some(2))
+        .max_size(size)
+        .min_idle(Some(size))
         .connection_timeout(timeout)
         .build(ConnectionManager::new(proxy.url()))
         .map_err(|error| format!("pool through the proxy: {error}"))?;
     let mut conn = pool.get().map_err(|error| format!("warm: {error}"))?;
     echo(&mut conn, "warm")?;
     drop(conn);
+    Ok(pool)
+}
+
+/// The server is down when a worker is forked: its first `get()` is a clear error within
+/// `connection_timeout`; once the server is back, the worker's pool and the master's both work.
+fn server_down_at_fork_and_back_later() -> Check {
+    let timeout = Duration::from_millis(1500);
+    let mut proxy = Proxy::start()?;
+    let pool = warm_pool_through(&proxy, 2, timeout)?;
     let dir = scratch_dir("down-at-fork")?;
     let back = dir.join("back");
     proxy.down();
@@ -488,15 +494,7 @@ fn server_down_at_fork_and_back_later() -> Check {
 fn server_restarted_while_workers_run() -> Check {
     let timeout = Duration::from_millis(1500);
     let mut proxy = Proxy::start()?;
-    let pool: PgPool = Pool::builder()
-        .max_size(POOL_SIZE)
-        .min_idle(Some(POOL_SIZE))
-        .connection_timeout(timeout)
-        .build(ConnectionManager::new(proxy.url()))
-        .map_err(|error| format!("pool through the proxy: {error}"))?;
-    let mut conn = pool.get().map_err(|error| format!("warm: {error}"))?;
-    echo(&mut conn, "warm")?;
-    drop(conn);
+    let pool = warm_pool_through(&proxy, POOL_SIZE, timeout)?;
     let dir = scratch_dir("restart")?;
     let back = dir.join("back");
     let workers: Vec<Pid> = (0..2)
