@@ -264,7 +264,7 @@ fn check_child_stats(pool: &SqlitePool, size: u64, leased: u64) -> Check {
     Ok(())
 }
 
-/// The scenario on a file database: a warm master forks 4 workers, each runs 300
+/// A pre-forking server on a file database: a warm master forks 4 workers, each runs 300
 /// requests (30 of them writes) that must all get their own answers; the master keeps its
 /// connections, and every worker's rows are in the file.
 fn workers_get_answers_of_their_own(journal: Journal) -> Check {

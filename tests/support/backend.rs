@@ -348,7 +348,7 @@ pub fn datagram_pair() -> Result<(UnixDatagram, UnixDatagram), String> {
     UnixDatagram::pair().map_err(|error| error.to_string())
 }
 
-/// The scenario: a warm master pool, 4 forked workers with 300 checked requests each.
+/// A pre-forking server: a warm master pool, 4 forked workers with 300 checked requests each.
 pub fn four_workers_get_their_own_answers<B: Backend>() -> Check {
     let pool = warm_pool::<B>()?;
     let master = session_ids(&pool)?;
