@@ -8,9 +8,6 @@
 //! connections — and never dropped: dropping would run the drivers' goodbyes on sockets the
 //! parent still uses, and the parent's locks may be frozen mid-use. Its sockets are pointed at
 //! `/dev/null` instead (see `descriptors`).
-//!
-//! `config` and this module name each other on purpose, as r2d2's `config.rs` and `lib.rs` do:
-//! `Builder::build` makes a `Pool`, and a `Pool` is made only from the builder's `Config`.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
