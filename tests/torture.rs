@@ -10,7 +10,7 @@
 //! cargo test --release --all-features --test torture -- --only 2,6            # some scenarios
 //! ```
 //!
-//! `--fake-forks N` sets scenario 2's count. Scenario 1 needs PostgreSQL (`FORKSAFE_PG_URL`,
+//! `-- 2 6` is short for `--only 2,6`; `--fake-forks N` sets scenario 2's count. Scenario 1 needs PostgreSQL (`FORKSAFE_PG_URL`,
 //! default `postgres://postgres@127.0.0.1:5432/test`); without it the scenario is skipped with
 //! its reason, unless `CI` is set, when it fails. `FORKSAFE_TORTURE_GDB=1` writes a hung
 //! child's backtraces to `/tmp/forksafe-hung-PID.txt` before it is killed.
@@ -40,9 +40,10 @@ fn main() {
                     .map(|n| n.trim().parse().expect("scenario number"))
                     .collect();
             }
-            // What cargo's test runner passes on to every binary.
-            "--nocapture" | "--quiet" | "-q" | "--color" | "--test-threads" => {}
-            other => panic!("unknown argument {other:?}; see the docs of tests/torture.rs"),
+            // `-- 2 6` runs scenarios 2 and 6.
+            number if number.parse::<u32>().is_ok() => only.push(number.parse().unwrap_or(0)),
+            // A test-name filter or a harness flag cargo passes to every test binary.
+            other => println!("fork torture: ignoring argument {other:?}"),
         }
     }
     println!("fork torture: {scale:?}");

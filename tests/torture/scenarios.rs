@@ -617,6 +617,17 @@ fn child_ends(scale: &Scale) -> Outcome {
 // ---------------------------------------------------------------------------------------------
 // Scenario 4: three levels of nested forks
 
+/// The exit code a child passes up when a process it forked did not exit 0: 5x when that one
+/// exited with x, 59 when it hung, 58 when a signal killed it.
+fn failure_below(end: ChildEnd) -> Option<i32> {
+    match end {
+        ChildEnd::Exited(0) => None,
+        ChildEnd::Exited(below) => Some(50 + below.min(9)),
+        ChildEnd::Hung => Some(59),
+        ChildEnd::Signaled(_) => Some(58),
+    }
+}
+
 fn nested_forks(scale: &Scale) -> Outcome {
     under_fake_load("4. nested forks, three levels", |_, pool, outcome| {
         fn level(pool: &FakePool, depth: u32) -> i32 {
@@ -627,13 +638,8 @@ fn nested_forks(scale: &Scale) -> Outcome {
             let pid = spawn_child(|| level(pool, depth + 1));
             // Use the pool while the child runs, then again after.
             let code = use_fake(pool, &format!("level{depth}-during"));
-            let end = reap(pid, CHILD_DEADLINE / 2);
-            match end {
-                ChildEnd::Exited(0) => {}
-                // 5x: the level below exited with x; 59: it hung; 58: it was killed by a signal.
-                ChildEnd::Exited(below) => return 50 + below.min(9),
-                ChildEnd::Hung => return 59,
-                ChildEnd::Signaled(_) => return 58,
+            if let Some(failed_below) = failure_below(reap(pid, CHILD_DEADLINE / 2)) {
+                return failed_below;
             }
             if code != 0 {
                 return code;
@@ -785,11 +791,8 @@ fn fork_during_rebuild(scale: &Scale) -> Outcome {
             let grandchild = spawn_child(|| use_own(&pool));
             let grandchild_end = reap(grandchild, CHILD_DEADLINE / 2);
             let first = first.join().unwrap_or(101);
-            match grandchild_end {
-                ChildEnd::Exited(0) => {}
-                ChildEnd::Exited(below) => return 50 + below.min(9),
-                ChildEnd::Hung => return 59,
-                ChildEnd::Signaled(_) => return 58,
+            if let Some(failed_below) = failure_below(grandchild_end) {
+                return failed_below;
             }
             if first != 0 {
                 return first;
