@@ -384,6 +384,18 @@ fn postgres_storm(scale: &Scale) -> Outcome {
 // ---------------------------------------------------------------------------------------------
 // Scenario 2: no I/O at all, to hunt lock states
 
+/// Parent load on a no-I/O pool: every checkout must be a connection this process opened.
+/// Nothing is allocated unless a checkout goes wrong.
+fn no_io_hammer(pool: &Pool<NoIoManager>) -> Hammer {
+    let pool = pool.clone();
+    let parent = std::process::id();
+    Hammer::start(move |_| match pool.get() {
+        Ok(conn) if conn.opened_by == parent => Ok(()),
+        Ok(_) => Err("a connection another process opened".into()),
+        Err(error) => Err(format!("get: {error}")),
+    })
+}
+
 fn no_io_pool() -> Pool<NoIoManager> {
     Pool::builder()
         .max_size(4)
@@ -709,15 +721,7 @@ fn raw_fork_syscall(scale: &Scale) -> Outcome {
         .descriptor_locator(|_: &mut NoIoConnection| Some(Vec::new()))
         .build(NoIoManager::default())
         .expect("no-I/O pool");
-    let parent = std::process::id();
-    let hammer = {
-        let pool = pool.clone();
-        Hammer::start(move |_| match pool.get() {
-            Ok(conn) if conn.opened_by == parent => Ok(()),
-            Ok(_) => Err("a connection another process opened".into()),
-            Err(_) => Err("get failed".into()),
-        })
-    };
+    let hammer = no_io_hammer(&pool);
     for _ in 0..scale.raw_fork {
         let pid = spawn_raw(|| {
             let conn = match pool.get() {
@@ -761,15 +765,7 @@ fn fork_during_rebuild(scale: &Scale) -> Outcome {
         .descriptor_locator(|_: &mut NoIoConnection| Some(Vec::new()))
         .build(manager)
         .expect("no-I/O pool");
-    let parent = std::process::id();
-    let hammer = {
-        let pool = pool.clone();
-        Hammer::start(move |_| match pool.get() {
-            Ok(conn) if conn.opened_by == parent => Ok(()),
-            Ok(_) => Err("a connection another process opened".into()),
-            Err(error) => Err(format!("get: {error}")),
-        })
-    };
+    let hammer = no_io_hammer(&pool);
     fn use_own(pool: &Pool<NoIoManager>) -> i32 {
         match pool.get() {
             Ok(conn) if conn.opened_by == std::process::id() => 0,
