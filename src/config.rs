@@ -1,4 +1,7 @@
 //! The pool builder: every r2d2 `Builder` setter, with r2d2's defaults and panics.
+//!
+//! The crate's one import circle starts here, as in r2d2's `config.rs`: `Builder::build` makes
+//! a `Pool`, and everything that makes a pool reads this module's `Config`.
 
 use std::fmt;
 use std::marker::PhantomData;

@@ -436,6 +436,7 @@
 )]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
+mod any_pool;
 mod backends;
 mod config;
 mod connect_window;
@@ -445,6 +446,7 @@ mod descriptors;
 mod diesel;
 mod fork;
 mod fork_local;
+mod generation;
 mod guarded;
 pub mod locate;
 mod manager;

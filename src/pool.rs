@@ -3,31 +3,28 @@
 //! A [`Pool`] points at one *generation*: an inner pool built in one process (its epoch) —
 //! this crate's own (`std_pool`), or r2d2's for a pool with an event handler in the process
 //! that built it. A forked child finds a generation from another epoch and, on first use,
-//! builds a new one from the saved configuration and swaps it in. The inherited generation is
-//! never touched again — not its mutex, not its thread pool, not its connections — and never
-//! dropped: dropping would run the drivers'
-//! goodbyes on sockets the parent still uses, and the parent's locks may be frozen mid-use.
-//! Its sockets are pointed at `/dev/null` instead (see `descriptors`).
+//! builds a new one (see `generation`) from the saved configuration and swaps it in. The
+//! inherited generation is never touched again — not its mutex, not its thread pool, not its
+//! connections — and never dropped: dropping would run the drivers' goodbyes on sockets the
+//! parent still uses, and the parent's locks may be frozen mid-use. Its sockets are pointed at
+//! `/dev/null` instead (see `descriptors`).
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use r2d2::event::{AcquireEvent, CheckinEvent, CheckoutEvent, ReleaseEvent, TimeoutEvent};
-use r2d2::{CustomizeConnection, HandleEvent, ManageConnection};
+use r2d2::ManageConnection;
 use scheduled_thread_pool::ScheduledThreadPool;
 
+use crate::any_pool::AnyPool;
 use crate::config::{Builder, Config, OnFork};
 use crate::connection::{Checkout, PooledConnection};
 use crate::descriptors::DescriptorTable;
 use crate::fork::{current_epoch, Epoch, PerProcess};
-use crate::manager::{
-    ConnectError, CustomizerAdapter, ErrorHandlerAdapter, ForkSafeManager, Tracked,
-};
+use crate::generation::{Generation, GenerationParts, Site};
 use crate::r2d2_compat::r2d2_error;
 use crate::stats::{Counters, ForkStats};
-use crate::std_pool::{AnyPool, Connector, StdPool, REAPER_RATE};
 
 /// A fork-safe, drop-in replacement for [`r2d2::Pool`].
 ///
@@ -152,21 +149,6 @@ struct Shared<M: ManageConnection> {
     building_descriptors: Arc<DescriptorTable>,
 }
 
-struct Generation<M: ManageConnection> {
-    /// This crate's pool on std's locks (see `std_pool`); r2d2's in the process that built a
-    /// `Pool` with an event handler, since only r2d2 can make r2d2's events.
-    pool: AnyPool<M>,
-    descriptors: Arc<DescriptorTable>,
-    /// Set by `release_idle` on a generation on r2d2: it opens no connections and closes
-    /// returned ones.
-    retired: Arc<AtomicBool>,
-    /// The open connections of a generation on r2d2, counted by its customizer
-    /// (`R2d2GenerationCustomizer`); once retired, it is swept until none is left.
-    r2d2_connections: Arc<AtomicU64>,
-    /// With `OnFork::Fail`, in a forked child: the message every `get` fails with.
-    refusal: Option<String>,
-}
-
 impl<M: ManageConnection> Clone for Pool<M> {
     fn clone(&self) -> Self {
         Pool {
@@ -223,15 +205,15 @@ impl<M: ManageConnection> Pool<M> {
             config.settings.max_size.saturating_mul(generations_at_once),
             Arc::clone(&counters),
         );
-        let generation = Generation::build(
-            &config,
-            Arc::clone(&manager),
-            Arc::clone(&building_descriptors),
-            None,
-            None,
-            false,
-            wait,
-        )?;
+        let generation = Generation::build(GenerationParts {
+            config: &config,
+            manager: Arc::clone(&manager),
+            descriptors: Arc::clone(&building_descriptors),
+            site: Site::BuildingProcess {
+                wait_for_min_idle: wait,
+            },
+            rebuilt_after_fork_in: None,
+        })?;
         Ok(Pool {
             shared: Arc::new(Shared {
                 config,
@@ -267,11 +249,10 @@ impl<M: ManageConnection> Pool<M> {
         self.checkout(timeout)
     }
 
-    // Always inlined: behind a call, r2d2's ~120-byte guard is copied once more on the way out
-    // (154.7 → 152.5 ns per checkout and return here, `CHECKOUT_PROFILE=ab` in
-    // benches/checkout.rs). The cold paths return a `Checkout`, not this function's `Result`,
-    // so that no call is handed the return slot: in a reduced copy of this function that
-    // alone cost 6 % of a checkout.
+    // Always inlined: behind a call, r2d2's ~120-byte guard would be copied once more on the
+    // way out. The cold paths return a `Checkout`, not this function's `Result`, so that no
+    // call is handed the return slot: the hot path stays a load, a branch and the inner pool's
+    // checkout (benches/checkout.rs measures it against r2d2's).
     #[inline(always)]
     fn checkout(&self, timeout: Duration) -> Result<PooledConnection<M>, r2d2::Error> {
         let (generation, epoch) = self.generation_with_epoch();
@@ -303,8 +284,8 @@ impl<M: ManageConnection> Pool<M> {
         }
     }
 
-    /// `get` failed: with `OnFork::Fail`, in a forked child, because the pool refuses; after
-    /// `release_idle` retired the generation it waited on, it tries the new one.
+    /// `get` failed: after `release_idle` retired the generation it waited on, it tries the
+    /// new one.
     #[cold]
     #[inline(never)]
     fn checkout_after_error(
@@ -313,9 +294,6 @@ impl<M: ManageConnection> Pool<M> {
         error: r2d2::Error,
         timeout: Duration,
     ) -> Result<Checkout<M>, r2d2::Error> {
-        if let Some(refusal) = &generation.refusal {
-            return Err(r2d2_error(refusal.clone()));
-        }
         if generation.is_retired() {
             return self.checkout_after_retirement(timeout);
         }
@@ -335,9 +313,6 @@ impl<M: ManageConnection> Pool<M> {
     /// [`OnFork::Fail`](crate::OnFork::Fail).
     pub fn try_get(&self) -> Option<PooledConnection<M>> {
         let (generation, epoch) = self.generation_with_epoch();
-        if generation.refusal.is_some() {
-            return None;
-        }
         generation
             .pool
             .try_get()
@@ -370,8 +345,8 @@ impl<M: ManageConnection> Pool<M> {
     /// in a forked child, the error `get` returns there.
     pub fn warm_up(&self) -> Result<(), r2d2::Error> {
         let generation = self.generation();
-        if let Some(refusal) = &generation.refusal {
-            return Err(r2d2_error(refusal.clone()));
+        if let Some(refusal) = generation.pool.refusal() {
+            return Err(refusal);
         }
         let config = &self.shared.config;
         let wanted = config.settings.min_idle_or_max_size();
@@ -472,34 +447,10 @@ impl<M: ManageConnection> Pool<M> {
     /// `release_idle` for a pool on r2d2, which would open `min_idle` connections again at
     /// once: its generation is retired and the next use builds another.
     fn retire_r2d2_generation(&self) -> u32 {
-        let Some(retired) = self.shared.generation.retire() else {
-            return 0;
-        };
-        // Sequentially consistent with the customizer's count and check: a connection either
-        // is counted before the sweep below reads the count, or sees the generation retired.
-        retired.retired.store(true, Ordering::SeqCst);
-        let idle_before = retired.pool.state().idle_connections;
-        close_idle(&retired.pool);
-        let closed = idle_before.saturating_sub(retired.pool.state().idle_connections);
-        // Connections still leased, or past the customizer but not yet in r2d2's idle list,
-        // come back later: r2d2 parks the latter as idle, so a job on the thread pool keeps
-        // closing idle ones until the generation has none open, then ends.
-        if let (AnyPool::R2d2(pool), Some(threads)) =
-            (&retired.pool, &self.shared.config.thread_pool)
-        {
-            let pool = AnyPool::R2d2(pool.clone());
-            let open = Arc::clone(&retired.r2d2_connections);
-            let mut pause = Duration::from_millis(1);
-            threads.execute_at_dynamic_rate(pause, move || {
-                close_idle(&pool);
-                if open.load(Ordering::SeqCst) == 0 {
-                    return None;
-                }
-                pause = (pause * 2).min(Duration::from_secs(1));
-                Some(pause)
-            });
+        match self.shared.generation.retire() {
+            Some(retired) => retired.retire(self.shared.config.thread_pool.as_ref()),
+            None => 0,
         }
-        closed
     }
 
     /// The connection counts of this process's pool, like [`r2d2::Pool::state`].
@@ -582,29 +533,34 @@ impl<M: ManageConnection> Pool<M> {
                     "forksafe-pool: discarded inherited connections after fork"
                 );
             }
-            let refusal = (shared.config.on_fork == OnFork::Fail && here != shared.built_in)
-                .then(|| {
-                    format!(
+            let site = if here == shared.built_in {
+                Site::BuildingProcess {
+                    wait_for_min_idle: false,
+                }
+            } else if shared.config.on_fork == OnFork::Fail {
+                Site::RefusingChild {
+                    refusal: format!(
                         "forksafe-pool: this pool crossed fork() into process {} and was built with \
                          OnFork::Fail, so it is not rebuilt there; build the pool after fork(), or \
                          use OnFork::Rebuild",
                         std::process::id()
-                    )
-                });
+                    ),
+                }
+            } else {
+                Site::ForkedChild
+            };
             let descriptors = if here == shared.built_in {
                 Arc::clone(&shared.building_descriptors)
             } else {
                 DescriptorTable::new(shared.config.settings.max_size, Arc::clone(&shared.counters))
             };
-            let generation = Generation::build(
-                &shared.config,
-                Arc::clone(&shared.manager),
+            let generation = Generation::build(GenerationParts {
+                config: &shared.config,
+                manager: Arc::clone(&shared.manager),
                 descriptors,
-                crossed_fork.then(std::process::id),
-                refusal,
-                here != shared.built_in,
-                false,
-            );
+                site,
+                rebuilt_after_fork_in: crossed_fork.then(std::process::id),
+            });
             tracing::debug!(
                 pid = std::process::id(),
                 "forksafe-pool: fork detected, pool rebuilt"
@@ -615,163 +571,6 @@ impl<M: ManageConnection> Pool<M> {
             Ok(generation) => generation,
             Err(_) => unreachable!("building without waiting cannot fail"),
         }
-    }
-}
-
-impl<M: ManageConnection> Generation<M> {
-    fn build(
-        config: &Config<M>,
-        manager: Arc<M>,
-        descriptors: Arc<DescriptorTable>,
-        rebuilt_after_fork_in: Option<u32>,
-        refusal: Option<String>,
-        in_forked_child: bool,
-        wait: bool,
-    ) -> Result<Generation<M>, r2d2::Error> {
-        let retired = Arc::new(AtomicBool::new(refusal.is_some()));
-        let manager = ForkSafeManager::new(
-            manager,
-            Arc::clone(&descriptors),
-            config.descriptor_locator.clone(),
-            rebuilt_after_fork_in,
-            Arc::clone(&retired),
-        );
-        if refusal.is_some() {
-            return Ok(Generation {
-                pool: AnyPool::Refusing,
-                descriptors,
-                retired,
-                r2d2_connections: Arc::default(),
-                refusal,
-            });
-        }
-        if !in_forked_child && config.event_handler.is_some() {
-            return Generation::build_r2d2(config, manager, descriptors, retired, wait);
-        }
-        let connector = match &config.thread_pool {
-            Some(threads) if !in_forked_child => Connector::ThreadPool {
-                threads: Arc::clone(threads),
-                reaper_rate: REAPER_RATE,
-            },
-            _ => Connector::Detached,
-        };
-        let pool = StdPool::new(
-            manager,
-            config.settings,
-            connector,
-            Box::new(ErrorHandlerAdapter(Arc::clone(&config.error_handler))),
-            Box::new(CustomizerAdapter(Arc::clone(&config.connection_customizer))),
-        );
-        if wait {
-            pool.wait_for_initial_connections(config.settings.connection_timeout)?;
-        }
-        Ok(Generation {
-            pool: AnyPool::Std(pool),
-            descriptors,
-            retired,
-            r2d2_connections: Arc::default(),
-            refusal,
-        })
-    }
-
-    /// The generation of a pool with an event handler, in the process that built it.
-    fn build_r2d2(
-        config: &Config<M>,
-        manager: ForkSafeManager<M>,
-        descriptors: Arc<DescriptorTable>,
-        retired: Arc<AtomicBool>,
-        wait: bool,
-    ) -> Result<Generation<M>, r2d2::Error> {
-        let r2d2_connections = Arc::default();
-        let mut builder = r2d2::Pool::builder()
-            .max_size(config.settings.max_size)
-            .min_idle(config.settings.min_idle)
-            .test_on_check_out(config.settings.test_on_check_out)
-            .max_lifetime(config.settings.max_lifetime)
-            .idle_timeout(config.settings.idle_timeout)
-            .connection_timeout(config.settings.connection_timeout)
-            .error_handler(Box::new(ErrorHandlerAdapter(Arc::clone(
-                &config.error_handler,
-            ))))
-            .connection_customizer(Box::new(R2d2GenerationCustomizer {
-                user: CustomizerAdapter(Arc::clone(&config.connection_customizer)),
-                retired: Arc::clone(&retired),
-                open: Arc::clone(&r2d2_connections),
-            }));
-        if let Some(event_handler) = &config.event_handler {
-            builder =
-                builder.event_handler(Box::new(EventHandlerAdapter(Arc::clone(event_handler))));
-        }
-        if let Some(thread_pool) = &config.thread_pool {
-            builder = builder.thread_pool(Arc::clone(thread_pool));
-        }
-        let pool = if wait {
-            builder.build(manager)?
-        } else {
-            builder.build_unchecked(manager)
-        };
-        Ok(Generation {
-            pool: AnyPool::R2d2(pool),
-            descriptors,
-            retired,
-            r2d2_connections,
-            refusal: None,
-        })
-    }
-
-    fn is_retired(&self) -> bool {
-        self.retired.load(Ordering::Acquire)
-    }
-}
-
-/// Closes a retired generation's idle connections: each comes back as broken and is closed.
-/// (With `test_on_check_out`, r2d2 closes each one inside `try_get` already.)
-fn close_idle<M: ManageConnection>(retired: &AnyPool<M>) {
-    while let Some(conn) = retired.try_get() {
-        drop(conn);
-    }
-}
-
-/// The customizer of a generation on r2d2: counts its open connections, so that once retired
-/// it can be swept until none is left, and closes every connection that arrives after its
-/// retirement (r2d2 drops a connection its customizer refuses; the drop runs in a driver
-/// section).
-struct R2d2GenerationCustomizer<C, E> {
-    user: CustomizerAdapter<C, E>,
-    retired: Arc<AtomicBool>,
-    open: Arc<AtomicU64>,
-}
-
-impl<C, E> fmt::Debug for R2d2GenerationCustomizer<C, E> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.user, f)
-    }
-}
-
-impl<C, E> CustomizeConnection<Tracked<C>, ConnectError<E>> for R2d2GenerationCustomizer<C, E>
-where
-    C: Send + 'static,
-    E: 'static,
-{
-    fn on_acquire(&self, conn: &mut Tracked<C>) -> Result<(), ConnectError<E>> {
-        // Counted before the retirement check (see `retire_r2d2_generation`).
-        self.open.fetch_add(1, Ordering::SeqCst);
-        let accepted = self.user.on_acquire(conn).and_then(|()| {
-            if self.retired.load(Ordering::SeqCst) {
-                Err(ConnectError::retired())
-            } else {
-                Ok(())
-            }
-        });
-        if accepted.is_err() {
-            self.open.fetch_sub(1, Ordering::SeqCst);
-        }
-        accepted
-    }
-
-    fn on_release(&self, conn: Tracked<C>) {
-        self.user.on_release(conn);
-        self.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -799,26 +598,4 @@ fn fresh_thread_pool() -> ScheduledThreadPool {
         .num_threads(3)
         .thread_name_pattern("r2d2-worker-{}")
         .build()
-}
-
-/// Hands r2d2's events to the user's handler, kept in an `Arc` so every generation shares it.
-#[derive(Debug)]
-struct EventHandlerAdapter(Arc<dyn HandleEvent>);
-
-impl HandleEvent for EventHandlerAdapter {
-    fn handle_acquire(&self, event: AcquireEvent) {
-        self.0.handle_acquire(event);
-    }
-    fn handle_release(&self, event: ReleaseEvent) {
-        self.0.handle_release(event);
-    }
-    fn handle_checkout(&self, event: CheckoutEvent) {
-        self.0.handle_checkout(event);
-    }
-    fn handle_timeout(&self, event: TimeoutEvent) {
-        self.0.handle_timeout(event);
-    }
-    fn handle_checkin(&self, event: CheckinEvent) {
-        self.0.handle_checkin(event);
-    }
 }

@@ -29,8 +29,8 @@
 //! idle r2d2 worker always is), and glibc gives the dead threads' stacks, TLS included, to the
 //! child's next threads. A new r2d2 worker in the child therefore initialises its parking state
 //! on top of an entry that is still linked into the table: the lists are cross-linked,
-//! wake-ups are lost, and a table resize loops forever with every bucket locked. The README's
-//! "Why children hung in parking_lot" has the measurements. std's `Mutex` and `Condvar` are
+//! wake-ups are lost, and a table resize loops forever with every bucket locked. docs/parking-lot.md
+//! has the measurements. std's `Mutex` and `Condvar` are
 //! futex words inside the object and keep no registry of threads, so a pool made in the child
 //! depends on nothing the fork left behind.
 //!
@@ -93,7 +93,6 @@ use r2d2::{CustomizeConnection, HandleError, ManageConnection};
 use scheduled_thread_pool::ScheduledThreadPool;
 
 use crate::config::Settings;
-use crate::connection::Checkout;
 use crate::manager::{ConnectError, ForkSafeManager, Tracked};
 use crate::r2d2_compat::{r2d2_error, r2d2_state};
 
@@ -835,44 +834,6 @@ impl<M: ManageConnection> Drop for Lease<M> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
             self.pool.put_back(conn);
-        }
-    }
-}
-
-/// The pool of one generation: a [`StdPool`], or r2d2's in the process that built a `Pool`
-/// with an event handler.
-pub(crate) enum AnyPool<M: ManageConnection> {
-    Std(StdPool<M>),
-    R2d2(r2d2::Pool<ForkSafeManager<M>>),
-    /// No pool: a forked child of a pool built with `OnFork::Fail`, where every `get` fails
-    /// (with the generation's refusal) and nothing is ever open.
-    Refusing,
-}
-
-impl<M: ManageConnection> AnyPool<M> {
-    // Inlined so the guard is built in place instead of being copied once more per checkout.
-    #[inline]
-    pub(crate) fn get_timeout(&self, timeout: Duration) -> Result<Checkout<M>, r2d2::Error> {
-        match self {
-            AnyPool::R2d2(pool) => pool.get_timeout(timeout).map(Checkout::R2d2),
-            AnyPool::Std(pool) => pool.get_timeout(timeout).map(Checkout::Std),
-            AnyPool::Refusing => Err(r2d2_error(None)),
-        }
-    }
-
-    pub(crate) fn try_get(&self) -> Option<Checkout<M>> {
-        match self {
-            AnyPool::R2d2(pool) => pool.try_get().map(Checkout::R2d2),
-            AnyPool::Std(pool) => pool.try_get().map(Checkout::Std),
-            AnyPool::Refusing => None,
-        }
-    }
-
-    pub(crate) fn state(&self) -> r2d2::State {
-        match self {
-            AnyPool::R2d2(pool) => pool.state(),
-            AnyPool::Std(pool) => pool.state(),
-            AnyPool::Refusing => r2d2_state(0, 0),
         }
     }
 }

@@ -17,11 +17,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use forksafe_pool::{ForkStats, Pool};
-use support::runner::{child_result, expect_exit, run_cases, Case, Check};
-use support::{
-    fake_pool, only_we_wrote_on, points_at_dev_null, reap, run_child, spawn_child,
-    warm_connections, ChildEnd, FakeManager, FakeServer,
+use support::fake_server::{
+    fake_pool, only_we_wrote_on, warm_connections, FakeManager, FakeServer,
 };
+use support::fork::{reap, run_child, spawn_child, spawn_raw, ChildEnd};
+use support::inspect::points_at_dev_null;
+use support::runner::{child_result, expect_exit, run_cases, Case, Check};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 const POOL_SIZE: u32 = 4;
@@ -140,12 +141,12 @@ fn inherited_idle_connections_are_discarded_never_used() -> Check {
 /// events): across a fork it behaves like any other pool, and the parent keeps hearing events.
 fn a_pool_with_an_event_handler_crosses_fork() -> Check {
     let server = FakeServer::start();
-    let events = support::EventCounts::default();
+    let events = support::events::EventCounts::default();
     let pool = Pool::builder()
         .max_size(POOL_SIZE)
         .min_idle(Some(POOL_SIZE))
         .connection_timeout(Duration::from_secs(5))
-        .descriptor_locator(|conn: &mut support::FakeConnection| Some(vec![conn.fd()]))
+        .descriptor_locator(|conn: &mut support::fake_server::FakeConnection| Some(vec![conn.fd()]))
         .event_handler(Box::new(events.clone()))
         .build(server.manager())
         .map_err(|error| format!("build: {error}"))?;
@@ -408,11 +409,9 @@ fn fork_from_a_non_main_thread() -> Check {
 fn raw_fork_syscall_bypassing_atfork() -> Check {
     let warm = warm_pool()?;
     let atfork_before = forksafe_pool::fork_detection().atfork_child_calls;
-    // SAFETY: the raw child only uses the pool (this test keeps no other thread busy, so no
-    // libc lock is held at the fork) and leaves with `_exit`.
-    let pid = unsafe { libc::syscall(libc::SYS_fork) };
-    if pid == 0 {
-        let code = child_result((|| {
+    // This test keeps no other thread busy, so no libc lock is held at the raw fork.
+    let pid = spawn_raw(|| {
+        child_result((|| {
             let detection = forksafe_pool::fork_detection();
             ensure!(
                 detection.atfork_child_calls == atfork_before,
@@ -424,20 +423,9 @@ fn raw_fork_syscall_bypassing_atfork() -> Check {
                 "raw fork not detected"
             );
             Ok(())
-        })());
-        // SAFETY: ends the raw child at once, without running the parent's exit handlers.
-        unsafe { libc::_exit(code) }
-    }
-    ensure!(
-        pid > 0,
-        "SYS_fork failed: {}",
-        std::io::Error::last_os_error()
-    );
-    expect_exit(
-        "child",
-        reap(nix::unistd::Pid::from_raw(pid as i32), DEADLINE),
-        0,
-    )?;
+        })())
+    });
+    expect_exit("child", reap(pid, DEADLINE), 0)?;
     check_parent_intact(&warm)
 }
 
@@ -513,7 +501,7 @@ fn a_child_that_cannot_connect_gets_a_clear_error_in_time() -> Check {
     let pool = forksafe_pool::Pool::builder()
         .max_size(2)
         .connection_timeout(timeout)
-        .descriptor_locator(|conn: &mut support::FakeConnection| Some(vec![conn.fd()]))
+        .descriptor_locator(|conn: &mut support::fake_server::FakeConnection| Some(vec![conn.fd()]))
         .build(server.manager())
         .map_err(|error| format!("build: {error}"))?;
     let path = server.path.clone();
@@ -558,8 +546,8 @@ fn a_child_that_cannot_connect_gets_a_clear_error_in_time() -> Check {
 /// for it, frees its slot (the next `get` connects once the driver behaves), and leaves the
 /// parent's pool alone.
 fn a_connect_that_panics_in_a_child_is_reported_as_the_panic() -> Check {
-    support::quiet_scripted_panics();
-    let manager = support::ScriptedManager::default();
+    support::scripted::quiet_scripted_panics();
+    let manager = support::scripted::ScriptedManager::default();
     let pool = forksafe_pool::Pool::builder()
         .max_size(1)
         .connection_timeout(Duration::from_secs(1))
@@ -581,7 +569,7 @@ fn a_connect_that_panics_in_a_child_is_reported_as_the_panic() -> Check {
                 "not r2d2's error: {error}"
             );
             ensure!(
-                error.contains(support::SCRIPTED_PANIC),
+                error.contains(support::scripted::SCRIPTED_PANIC),
                 "the error does not name the panic: {error}"
             );
             manager.script().panic_next.store(0, Ordering::SeqCst);

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forksafe_pool::ForkLocal;
+use support::fork::{reap, run_child, spawn_child, ChildEnd};
 use support::runner::{child_result, expect_exit, run_cases, Case, Check};
-use support::{reap, run_child, spawn_child, ChildEnd};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 

@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use forksafe_pool::GuardedPool;
+use support::fake_server::{only_we_wrote_on, refused_at_once, FakeManager, FakeServer};
+use support::fork::{run_child, ChildEnd};
 use support::runner::{child_result, expect_exit, run_cases, Case, Check};
-use support::{only_we_wrote_on, refused_at_once, run_child, ChildEnd, FakeManager, FakeServer};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 const POOL_SIZE: u32 = 3;

@@ -12,12 +12,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use forksafe_pool::{OnFork, Pool};
-use support::runner::{child_result, expect_exit, run_cases, Case, Check};
-use support::{
-    fake_pool, only_we_wrote_on, points_at_dev_null, reap, refused_at_once, resident_bytes,
-    run_child, spawn_child, warm_connections, ChildEnd, CountingManager, FakeConnection,
-    FakeServer,
+use support::fake_server::{
+    fake_pool, only_we_wrote_on, refused_at_once, warm_connections, FakeConnection, FakeServer,
 };
+use support::fork::{reap, run_child, spawn_child, ChildEnd};
+use support::inspect::{points_at_dev_null, resident_bytes};
+use support::no_io::NoIoManager;
+use support::runner::{child_result, expect_exit, run_cases, Case, Check};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -231,7 +232,7 @@ impl Inner {
 
 /// A pool whose every `get` after `release_idle` races the background connects that bring it
 /// back to `min_idle`.
-fn counting_pool(inner: Inner, manager: &CountingManager) -> Result<Pool<CountingManager>, String> {
+fn no_io_pool(inner: Inner, manager: &NoIoManager) -> Result<Pool<NoIoManager>, String> {
     inner
         .builder()
         .max_size(3)
@@ -243,8 +244,8 @@ fn counting_pool(inner: Inner, manager: &CountingManager) -> Result<Pool<Countin
 /// Connects still running when `release_idle` is called (the background top-ups to `min_idle`
 /// a `get` started, a lease held across the call) end up closed, not parked in the pool.
 fn release_idle_leaves_nothing_open_once_connects_in_flight_end(inner: Inner) -> Check {
-    let manager = CountingManager::default();
-    let pool = counting_pool(inner, &manager)?;
+    let manager = NoIoManager::default();
+    let pool = no_io_pool(inner, &manager)?;
     let mut held = None;
     for cycle in 0..200 {
         pool.release_idle();
@@ -286,8 +287,8 @@ fn release_idle_cycles_keep_memory_bounded() -> Check {
     // 420 bytes a cycle: less than one inner pool (its state, descriptor table, reaper job)
     // or a few connections kept per cycle, far more than allocator noise.
     const ALLOWED_GROWTH: u64 = 4 << 20;
-    let manager = CountingManager::default();
-    let pool = counting_pool(Inner::Std, &manager)?;
+    let manager = NoIoManager::default();
+    let pool = no_io_pool(Inner::Std, &manager)?;
     let cycle = |cycle: usize| -> Check {
         pool.release_idle();
         pool.get()

@@ -20,8 +20,8 @@ use diesel::r2d2::ConnectionManager;
 use diesel::sql_types::{BigInt, Text};
 use forksafe_pool::PooledConnection;
 use support::backend::{self, Backend, POOL_SIZE};
+use support::fork::spawn_child;
 use support::runner::{skip_unless_ci, Check};
-use support::spawn_child;
 
 type Manager = ConnectionManager<MysqlConnection>;
 

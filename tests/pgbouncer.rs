@@ -32,8 +32,8 @@ use diesel::sql_types::Text;
 use diesel::{QueryableByName, RunQueryDsl};
 use forksafe_pool::{ManageConnection, Pool, PooledConnection};
 use support::backend::{self, Backend};
+use support::fork::spawn_child;
 use support::runner::{Check, NamedCase};
-use support::spawn_child;
 
 /// A PgBouncer database, one per pooling mode.
 trait Mode: Send + Sync + 'static {

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use scheduled_thread_pool::ScheduledThreadPool;
-use support::{EventCounts, ScriptedManager};
+use support::events::EventCounts;
+use support::scripted::ScriptedManager;
 
 /// Connections are numbers; records the thread each was opened on, and can be told to fail
 /// or to report connections broken.
@@ -350,7 +351,7 @@ fn background_retries_stop_when_the_pool_is_dropped_or_released() {
 /// nothing.
 #[test]
 fn a_connect_that_panics_is_reported_and_frees_its_slot() {
-    support::quiet_scripted_panics();
+    support::scripted::quiet_scripted_panics();
     let timeout = Duration::from_millis(500);
     let manager = ScriptedManager::panicking_first(u32::MAX);
     let pool = forksafe_pool::Pool::builder()

@@ -23,8 +23,8 @@ use postgres_openssl::MakeTlsConnector;
 use r2d2_postgres::postgres::{self, Client, Config, NoTls};
 use r2d2_postgres::PostgresConnectionManager;
 use support::backend::{self, Backend, SLACK};
+use support::fork::spawn_child;
 use support::runner::{Case, Check};
-use support::spawn_child;
 
 type Plain = PostgresConnectionManager<NoTls>;
 type Tls = PostgresConnectionManager<MakeTlsConnector>;

@@ -24,8 +24,8 @@ use support::backend::{
     self, check_released, child_case, datagram_pair, expect_child_exit, expect_workers_exit,
     receive, run_requests, send, session_ids, Backend, KillOnDrop, DEADLINE, POOL_SIZE, SLACK,
 };
+use support::fork::spawn_child;
 use support::runner::{skip_unless_ci, Check};
-use support::spawn_child;
 
 type Manager = redis::Client;
 

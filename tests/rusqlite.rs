@@ -22,8 +22,9 @@ use forksafe_pool::{Pool, PooledConnection};
 use r2d2_sqlite::rusqlite::{self, OptionalExtension};
 use r2d2_sqlite::SqliteConnectionManager;
 use support::backend::{self, At, Backend, Variant};
+use support::fork::spawn_child;
+use support::inspect::points_at_dev_null;
 use support::runner::{Case, Check};
-use support::{points_at_dev_null, spawn_child};
 
 /// A journal mode, with the database file its cases share (one per mode and test process;
 /// children inherit the name).

@@ -23,8 +23,9 @@ use diesel::{QueryableByName, RunQueryDsl, SqliteConnection};
 use forksafe_pool::{CustomizeConnection, ForkStats, Pool};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use support::fork::{reap, run_child, spawn_child, ChildEnd};
+use support::inspect::points_at_dev_null;
 use support::runner::{child_result, expect_exit, run_cases, Check};
-use support::{points_at_dev_null, reap, run_child, spawn_child, ChildEnd};
 
 type SqlitePool = Pool<ConnectionManager<SqliteConnection>>;
 type SqliteConn = forksafe_pool::PooledConnection<ConnectionManager<SqliteConnection>>;
@@ -263,7 +264,7 @@ fn check_child_stats(pool: &SqlitePool, size: u64, leased: u64) -> Check {
     Ok(())
 }
 
-/// The scenario on a file database: a warm master forks 4 workers, each runs 300
+/// A pre-forking server on a file database: a warm master forks 4 workers, each runs 300
 /// requests (30 of them writes) that must all get their own answers; the master keeps its
 /// connections, and every worker's rows are in the file.
 fn workers_get_answers_of_their_own(journal: Journal) -> Check {

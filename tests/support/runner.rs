@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use super::ChildEnd;
+use super::fork::ChildEnd;
 
 /// The outcome of a case or of one of its checks: an error says what went wrong.
 pub type Check = Result<(), String>;

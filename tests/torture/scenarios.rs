@@ -1,16 +1,10 @@
-//! The fork torture scenarios, shared by `tests/torture.rs` (CI length) and
-//! `examples/fork_torture.rs` (full length).
+//! The fork torture scenarios of `tests/torture.rs`, at CI length or full length.
 //!
 //! Every scenario forks for real while parent threads use the pool, reaps every child with a
 //! deadline (a child still alive then is killed and counted as hung), checks in the child that
 //! each answer belongs to its own request, and checks in the parent that its threads never
 //! saw an error or a foreign answer. The FakeServer scenarios also check afterwards that no
 //! process ever wrote on a connection another process opened.
-#![allow(dead_code)]
-
-#[path = "../support/mod.rs"]
-pub mod support;
-
 use std::collections::VecDeque;
 use std::fmt;
 use std::os::unix::process::CommandExt;
@@ -20,15 +14,16 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::support::fake_server::{FakeManager, FakeServer};
+use crate::support::fork::{reap, spawn_child, spawn_raw, ChildEnd};
+use crate::support::no_io::{NoIoConnection, NoIoManager};
 use diesel::pg::PgConnection;
 use diesel::r2d2::ConnectionManager;
 use diesel::sql_types::Integer;
 use diesel::{QueryableByName, RunQueryDsl};
 use forksafe_pool::Pool;
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use support::{spawn_child, ChildEnd, FakeManager, FakeServer};
 
 /// How long a child may take before it counts as hung. Generous: a healthy child takes
 /// milliseconds, so only a real hang (or a machine under extreme load) reaches it.
@@ -204,60 +199,6 @@ pub fn run_all(scale: &Scale, only: &[u32], mut report: impl FnMut(&Outcome)) ->
         }
     }
     outcomes
-}
-
-/// Waits for `pid` until `deadline`, then kills it and reports it hung, like
-/// `support::reap`; with `FORKSAFE_TORTURE_GDB=1` a hung child's threads are first printed with
-/// gdb (`/tmp/forksafe-hung-PID.txt`), which is how the parking_lot hang was diagnosed.
-fn reap(pid: Pid, deadline: Duration) -> ChildEnd {
-    let until = Instant::now() + deadline;
-    loop {
-        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(_, code)) => return ChildEnd::Exited(code),
-            Ok(WaitStatus::Signaled(_, signal, _)) => return ChildEnd::Signaled(signal),
-            Err(error) => panic!("waitpid({pid}): {error}"),
-            Ok(_) if Instant::now() < until => std::thread::sleep(Duration::from_millis(1)),
-            Ok(_) => {
-                if std::env::var_os("FORKSAFE_TORTURE_GDB").is_some() {
-                    let path = format!("/tmp/forksafe-hung-{pid}.txt");
-                    let mut tasks = String::new();
-                    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-                        for task in dir.flatten() {
-                            let read = |name: &str| {
-                                std::fs::read_to_string(task.path().join(name)).unwrap_or_default()
-                            };
-                            tasks += &format!(
-                                "task {:?}: {} wchan={}\n{}\n",
-                                task.file_name(),
-                                read("stat"),
-                                read("wchan"),
-                                read("stack")
-                            );
-                        }
-                    }
-                    let gdb = Command::new("gdb")
-                        .args([
-                            "-p",
-                            &pid.to_string(),
-                            "-batch",
-                            "-ex",
-                            "thread apply all bt",
-                        ])
-                        .output();
-                    if let Ok(out) = gdb {
-                        let _ = std::fs::write(
-                            &path,
-                            [tasks.into_bytes(), out.stdout, out.stderr].concat(),
-                        );
-                        eprintln!("hung child {pid}: backtraces in {path}");
-                    }
-                }
-                let _ = kill(pid, Signal::SIGKILL);
-                let _ = waitpid(pid, None);
-                return ChildEnd::Hung;
-            }
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -443,38 +384,16 @@ fn postgres_storm(scale: &Scale) -> Outcome {
 // ---------------------------------------------------------------------------------------------
 // Scenario 2: no I/O at all, to hunt lock states
 
-/// A manager that does no I/O: a connection only remembers which process opened it.
-/// `connect` takes `connect_delay` (none by default), to widen a race.
-#[derive(Clone, Debug, Default)]
-pub struct NoIoManager {
-    pub connect_delay: Duration,
-}
-
-#[derive(Debug)]
-pub struct NoIoConnection {
-    pub opened_by: u32,
-}
-
-impl r2d2::ManageConnection for NoIoManager {
-    type Connection = NoIoConnection;
-    type Error = std::io::Error;
-
-    fn connect(&self) -> std::io::Result<NoIoConnection> {
-        if !self.connect_delay.is_zero() {
-            std::thread::sleep(self.connect_delay);
-        }
-        Ok(NoIoConnection {
-            opened_by: std::process::id(),
-        })
-    }
-
-    fn is_valid(&self, _: &mut NoIoConnection) -> std::io::Result<()> {
-        Ok(())
-    }
-
-    fn has_broken(&self, _: &mut NoIoConnection) -> bool {
-        false
-    }
+/// Parent load on a no-I/O pool: every checkout must be a connection this process opened.
+/// Nothing is allocated unless a checkout goes wrong.
+fn no_io_hammer(pool: &Pool<NoIoManager>) -> Hammer {
+    let pool = pool.clone();
+    let parent = std::process::id();
+    Hammer::start(move |_| match pool.get() {
+        Ok(conn) if conn.opened_by == parent => Ok(()),
+        Ok(_) => Err("a connection another process opened".into()),
+        Err(error) => Err(format!("get: {error}")),
+    })
 }
 
 fn no_io_pool() -> Pool<NoIoManager> {
@@ -526,7 +445,9 @@ fn fake_pool(server: &FakeServer) -> FakePool {
         .max_size(4)
         .min_idle(Some(2))
         .connection_timeout(Duration::from_secs(10))
-        .descriptor_locator(|conn: &mut support::FakeConnection| Some(vec![conn.fd()]))
+        .descriptor_locator(|conn: &mut crate::support::fake_server::FakeConnection| {
+            Some(vec![conn.fd()])
+        })
         .build(server.manager())
         .expect("fake pool")
 }
@@ -708,6 +629,17 @@ fn child_ends(scale: &Scale) -> Outcome {
 // ---------------------------------------------------------------------------------------------
 // Scenario 4: three levels of nested forks
 
+/// The exit code a child passes up when a process it forked did not exit 0: 5x when that one
+/// exited with x, 59 when it hung, 58 when a signal killed it.
+fn failure_below(end: ChildEnd) -> Option<i32> {
+    match end {
+        ChildEnd::Exited(0) => None,
+        ChildEnd::Exited(below) => Some(50 + below.min(9)),
+        ChildEnd::Hung => Some(59),
+        ChildEnd::Signaled(_) => Some(58),
+    }
+}
+
 fn nested_forks(scale: &Scale) -> Outcome {
     under_fake_load("4. nested forks, three levels", |_, pool, outcome| {
         fn level(pool: &FakePool, depth: u32) -> i32 {
@@ -718,13 +650,8 @@ fn nested_forks(scale: &Scale) -> Outcome {
             let pid = spawn_child(|| level(pool, depth + 1));
             // Use the pool while the child runs, then again after.
             let code = use_fake(pool, &format!("level{depth}-during"));
-            let end = reap(pid, CHILD_DEADLINE / 2);
-            match end {
-                ChildEnd::Exited(0) => {}
-                // 5x: the level below exited with x; 59: it hung; 58: it was killed by a signal.
-                ChildEnd::Exited(below) => return 50 + below.min(9),
-                ChildEnd::Hung => return 59,
-                ChildEnd::Signaled(_) => return 58,
+            if let Some(failed_below) = failure_below(reap(pid, CHILD_DEADLINE / 2)) {
+                return failed_below;
             }
             if code != 0 {
                 return code;
@@ -776,24 +703,6 @@ fn fork_from_non_main_thread(scale: &Scale) -> Outcome {
 // ---------------------------------------------------------------------------------------------
 // Scenario 6: a raw fork syscall, which runs no atfork handler
 
-/// Forks with the raw `fork` system call; the child runs `child` and `_exit`s with its result.
-fn spawn_raw(child: impl FnOnce() -> i32) -> Pid {
-    // SAFETY: the raw syscall skips libc's fork bookkeeping on purpose (that is what the
-    // scenario tests); the child only runs `child` and leaves with `_exit`.
-    let pid = unsafe { libc::syscall(libc::SYS_fork) };
-    assert!(
-        pid >= 0,
-        "raw fork failed: {}",
-        std::io::Error::last_os_error()
-    );
-    if pid == 0 {
-        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(101);
-        // SAFETY: `_exit` ends the process at once, without running the parent's handlers.
-        unsafe { libc::_exit(code) }
-    }
-    Pid::from_raw(pid as i32)
-}
-
 /// A raw `fork` skips glibc's own fork handling too: its malloc arena locks are copied as they
 /// are, so a child whose first `malloc` meets an arena a parent thread held at that instant
 /// waits forever, before any pool code runs (measured: with a FakeServer, whose threads
@@ -812,15 +721,7 @@ fn raw_fork_syscall(scale: &Scale) -> Outcome {
         .descriptor_locator(|_: &mut NoIoConnection| Some(Vec::new()))
         .build(NoIoManager::default())
         .expect("no-I/O pool");
-    let parent = std::process::id();
-    let hammer = {
-        let pool = pool.clone();
-        Hammer::start(move |_| match pool.get() {
-            Ok(conn) if conn.opened_by == parent => Ok(()),
-            Ok(_) => Err("a connection another process opened".into()),
-            Err(_) => Err("get failed".into()),
-        })
-    };
+    let hammer = no_io_hammer(&pool);
     for _ in 0..scale.raw_fork {
         let pid = spawn_raw(|| {
             let conn = match pool.get() {
@@ -857,24 +758,14 @@ fn raw_fork_syscall(scale: &Scale) -> Outcome {
 /// that have nothing to do with the pool. The crate itself spawns no thread in a child.
 fn fork_during_rebuild(scale: &Scale) -> Outcome {
     let mut outcome = Outcome::new("7. a child forks during its own first get()");
-    let manager = NoIoManager {
-        connect_delay: Duration::from_millis(1),
-    };
+    let manager = NoIoManager::with_connect_delay(Duration::from_millis(1));
     let pool: Pool<NoIoManager> = Pool::builder()
         .max_size(4)
         .connection_timeout(Duration::from_secs(10))
         .descriptor_locator(|_: &mut NoIoConnection| Some(Vec::new()))
         .build(manager)
         .expect("no-I/O pool");
-    let parent = std::process::id();
-    let hammer = {
-        let pool = pool.clone();
-        Hammer::start(move |_| match pool.get() {
-            Ok(conn) if conn.opened_by == parent => Ok(()),
-            Ok(_) => Err("a connection another process opened".into()),
-            Err(error) => Err(format!("get: {error}")),
-        })
-    };
+    let hammer = no_io_hammer(&pool);
     fn use_own(pool: &Pool<NoIoManager>) -> i32 {
         match pool.get() {
             Ok(conn) if conn.opened_by == std::process::id() => 0,
@@ -896,11 +787,8 @@ fn fork_during_rebuild(scale: &Scale) -> Outcome {
             let grandchild = spawn_child(|| use_own(&pool));
             let grandchild_end = reap(grandchild, CHILD_DEADLINE / 2);
             let first = first.join().unwrap_or(101);
-            match grandchild_end {
-                ChildEnd::Exited(0) => {}
-                ChildEnd::Exited(below) => return 50 + below.min(9),
-                ChildEnd::Hung => return 59,
-                ChildEnd::Signaled(_) => return 58,
+            if let Some(failed_below) = failure_below(grandchild_end) {
+                return failed_below;
             }
             if first != 0 {
                 return first;
@@ -925,7 +813,9 @@ fn command_spawn(scale: &Scale) -> Outcome {
     let pool: FakePool = Pool::builder()
         .max_size(4)
         .connection_timeout(Duration::from_secs(10))
-        .descriptor_locator(|conn: &mut support::FakeConnection| Some(vec![conn.fd()]))
+        .descriptor_locator(|conn: &mut crate::support::fake_server::FakeConnection| {
+            Some(vec![conn.fd()])
+        })
         .build(manager)
         .expect("fake pool");
     let stats_before = pool.fork_stats();
