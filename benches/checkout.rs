@@ -18,26 +18,9 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, Criterion};
 
-/// A connection manager whose connections are plain numbers: no I/O at all.
-#[derive(Clone, Debug, Default)]
-struct NoIoManager;
+mod support;
 
-impl r2d2::ManageConnection for NoIoManager {
-    type Connection = u64;
-    type Error = std::io::Error;
-
-    fn connect(&self) -> Result<u64, std::io::Error> {
-        Ok(42)
-    }
-
-    fn is_valid(&self, _: &mut u64) -> Result<(), std::io::Error> {
-        Ok(())
-    }
-
-    fn has_broken(&self, _: &mut u64) -> bool {
-        false
-    }
-}
+use support::NoIoManager;
 
 const POOL_SIZE: u32 = 4;
 

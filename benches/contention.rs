@@ -30,26 +30,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-/// A connection manager whose connections are plain numbers: no I/O at all.
-#[derive(Clone, Debug, Default)]
-struct NoIoManager;
+mod support;
 
-impl r2d2::ManageConnection for NoIoManager {
-    type Connection = u64;
-    type Error = std::io::Error;
-
-    fn connect(&self) -> Result<u64, std::io::Error> {
-        Ok(42)
-    }
-
-    fn is_valid(&self, _: &mut u64) -> Result<(), std::io::Error> {
-        Ok(())
-    }
-
-    fn has_broken(&self, _: &mut u64) -> bool {
-        false
-    }
-}
+use support::NoIoManager;
 
 /// Both pools behind one face.
 trait Checkouts: Send + Sync + 'static {
