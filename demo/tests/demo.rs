@@ -248,8 +248,9 @@ fn every_mode_on_sqlite_with_heap_state() {
     }
 }
 
-#[test]
-fn forksafe_and_lazy_with_shared_state() {
+/// forksafe and lazy, one round, with the state in `memory`: the report names it and both
+/// modes serve every request.
+fn forksafe_and_lazy_with_state_in(memory: &str) {
     let db = scratch();
     let run = run_demo(
         Some(&sqlite_url(&db)),
@@ -257,33 +258,24 @@ fn forksafe_and_lazy_with_shared_state() {
             "--modes",
             "forksafe,lazy",
             "--state-memory",
-            "shared",
+            memory,
             "--rounds",
             "1",
         ],
     );
-    assert_eq!(run.report["state_memory"], "shared");
+    assert_eq!(run.report["state_memory"], memory);
     assert_served_everything(&run.report, "forksafe", REQUESTS);
     assert_served_everything(&run.report, "lazy", REQUESTS);
 }
 
 #[test]
+fn forksafe_and_lazy_with_shared_state() {
+    forksafe_and_lazy_with_state_in("shared");
+}
+
+#[test]
 fn forksafe_and_lazy_with_huge_page_state() {
-    let db = scratch();
-    let run = run_demo(
-        Some(&sqlite_url(&db)),
-        &[
-            "--modes",
-            "forksafe,lazy",
-            "--state-memory",
-            "huge",
-            "--rounds",
-            "1",
-        ],
-    );
-    assert_eq!(run.report["state_memory"], "huge");
-    assert_served_everything(&run.report, "forksafe", REQUESTS);
-    assert_served_everything(&run.report, "lazy", REQUESTS);
+    forksafe_and_lazy_with_state_in("huge");
 }
 
 #[test]
