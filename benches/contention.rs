@@ -26,8 +26,8 @@
 
 use std::hint::black_box;
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod support;
@@ -131,23 +131,39 @@ impl Options {
 }
 
 /// One round: `threads` threads check out and return for `length`; checkouts per second. With
-/// `waits`, every checkout is timed and the waits (ns) of all threads are returned too, with
+/// `timed`, every checkout is timed and the waits (ns) of all threads are returned too, with
 /// each thread's count.
+///
+/// The workers first all count themselves ready, then spin until this thread lets them go; it
+/// reads the clock just before it lets them go and just before it stops them, so only
+/// checkouts inside the window count. (A `Barrier` would let the fastest workers start while
+/// the others still queue for its mutex: with a pool whose threads never block they then wait
+/// behind the running workers for a core, for hundreds of milliseconds, and this thread too,
+/// before it reads the clock while their checkouts already count.)
 fn round<P: Checkouts>(
     pool: &Arc<P>,
     threads: u32,
     length: Duration,
     timed: bool,
 ) -> (f64, Vec<u64>, Vec<u64>) {
+    let go = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
-    let start = Arc::new(Barrier::new(threads as usize + 1));
+    let ready = Arc::new(AtomicU32::new(0));
     let workers: Vec<_> = (0..threads)
         .map(|_| {
-            let (pool, stop, start) = (Arc::clone(pool), Arc::clone(&stop), Arc::clone(&start));
+            let (pool, go, stop, ready) = (
+                Arc::clone(pool),
+                Arc::clone(&go),
+                Arc::clone(&stop),
+                Arc::clone(&ready),
+            );
             std::thread::spawn(move || {
                 let mut waits = Vec::new();
                 let mut count = 0u64;
-                start.wait();
+                ready.fetch_add(1, Ordering::AcqRel);
+                while !go.load(Ordering::Acquire) {
+                    std::thread::yield_now();
+                }
                 while !stop.load(Ordering::Relaxed) {
                     if timed {
                         let before = Instant::now();
@@ -162,11 +178,14 @@ fn round<P: Checkouts>(
             })
         })
         .collect();
-    start.wait();
+    while ready.load(Ordering::Acquire) < threads {
+        std::thread::yield_now();
+    }
     let began = Instant::now();
+    go.store(true, Ordering::Release);
     std::thread::sleep(length);
-    stop.store(true, Ordering::Relaxed);
     let elapsed = began.elapsed();
+    stop.store(true, Ordering::Relaxed);
     let mut counts = Vec::new();
     let mut waits = Vec::new();
     for worker in workers {
