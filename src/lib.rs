@@ -448,6 +448,7 @@ mod fork;
 mod fork_local;
 mod generation;
 mod guarded;
+mod idle_slots;
 pub mod locate;
 mod manager;
 mod pool;

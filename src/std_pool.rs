@@ -53,39 +53,69 @@
 //!
 //! # Under contention
 //!
-//! Services run more threads than cores, so the thread that holds the pool's mutex, or the
-//! connection another thread waits for, is most often a thread waiting for a core. Blocking in the
-//! kernel then costs a futex wait, a futex wake on the other side (the unlocking or returning
-//! thread pays that system call) and two context switches, only to let the preempted thread run. So
-//! a thread that finds the mutex locked first retries it after short busy waits (2, 4 and 8 pauses,
-//! for a holder running on another core), then yields its core up to `LOCK_YIELDS` times, and only
-//! then blocks in `Mutex::lock` — at once if other threads already sleep there (`blocked_on_lock`),
-//! so that a stream of spinning newcomers cannot keep cutting in front of them (parking_lot's mutex
-//! follows the same rule); and a `get` that finds every connection checked out and none being
-//! opened yields up to `WAIT_YIELDS` times before it waits on the condition variable. Both are
-//! bounded: a lock or a connection held for long costs the waiting threads a few yields, then
-//! nothing. Uncontended, none of this runs: the first `try_lock` succeeds. A thread that comes back
-//! from a yield may take a connection before a woken waiter does; r2d2 lets threads barge in the
-//! same way. `benches/contention.rs` (part `wait`) measures the waits this leaves, p99 and maximum,
-//! beside r2d2's.
+//! Services run more threads than cores, so a thread that holds a lock, or the connection another
+//! thread waits for, is most often a thread waiting for a core. A pool whose every checkout and
+//! return takes one mutex (r2d2's) stalls whenever the holder is preempted inside it, and then pays
+//! for futex waits, wakes and context switches to let it finish. So the common case takes no lock:
+//! the idle connections live in one atomic slot each (`IdleSlots`), a checkout exchanges a full
+//! slot for null and a return puts the connection back into the slot it owns. Nothing can be
+//! preempted while holding anything another thread needs. The lock is left for what changes the
+//! counts (connects, closes, `release_idle`, the reaper) and for waiting.
 //!
-//! All of it stays fork-safe, because it adds no state outside the pool: `try_lock` is a
-//! compare-and-swap on the mutex's own word, `blocked_on_lock` is a counter in the pool, the pauses
-//! are `spin_loop` hints, and `yield_now` is the `sched_yield` system call, which takes no lock in
-//! user space. Nothing is registered per thread or per process (parking_lot's adaptive spinning
-//! comes with its process-global table of parked threads, the hazard described above), so a fork
-//! that catches a parent thread spinning or yielding on the parent's pool leaves the child nothing
-//! to trip on: the child never touches that pool, and its own pool starts unlocked. The other ways
-//! to the same end were weighed and left: a lock-free idle stack would split the idle list from the
-//! counts (`open`, `connecting`) that must change with it in one critical section (see above), and
-//! needs memory reclamation against ABA; handing each returned connection to the longest waiter is
-//! fair but forces a context switch per checkout under contention, where a running thread could
-//! have reused the connection at once.
+//! The counts and the idle slots still agree, by construction and by four pairings in which each
+//! side writes its atomic and then reads the other's (all sequentially consistent, so of two racing
+//! threads at least one sees the other):
+//! - A new connection becomes open and idle in one critical section (see above); a checkout or a
+//!   return of an idle one changes no count.
+//! - `full` (`open + connecting` has reached `max_size`): a checkout that finds it set needs no
+//!   `min_idle` top-up, so it skips the lock. A close clears it before `replenish` counts the idle
+//!   slots, and a checkout reads it after taking its slot: either the count misses the taken
+//!   connection, or the checkout sees the flag cleared and tops up itself.
+//! - `releases`: `release_idle` counts the release, then empties the slots; a return puts the
+//!   connection back, then reads the count. A connection of an earlier release that slipped back
+//!   in is taken out again by its returner, or by whichever checkout took it first; either closes
+//!   it.
+//! - `waiters`: a `get` about to wait counts itself, then looks at the slots once more; a return
+//!   puts its connection back, then reads the count, and if someone waits takes the lock (so the
+//!   waiter is asleep by then) and wakes one.
+//!
+//! The slots need no memory reclamation: a slot only ever holds the connection that owns its
+//! number (numbers are handed out and taken back under the lock), so no pointer can be replaced by
+//! another at the same address while a thread reads it (the ABA problem of lock-free stacks), and
+//! every access is a single exchange that hands the box to exactly one thread.
+//!
+//! When the lock is needed and taken, a thread that finds it locked first retries after short
+//! busy waits (2, 4 and 8 pauses, for a holder running on another core), then yields its core up to
+//! `LOCK_YIELDS` times, and only then blocks in `Mutex::lock` — at once if other threads already
+//! sleep there (`blocked_on_lock`), so that spinning newcomers cannot keep cutting in front of them
+//! (parking_lot's mutex follows the same rule). A `get` that finds every connection checked out
+//! and none being opened yields up to `WAIT_YIELDS` times before it waits.
+//!
+//! # Fairness
+//!
+//! A running thread takes a connection put back at once, before a woken waiter gets a core; r2d2
+//! lets threads barge in the same way. So that a waiting `get` is not passed over for ever, one
+//! that has waited `FAIR_AFTER` (500 µs, as parking_lot's eventual fairness) raises `starving`,
+//! and from then on every connection put back is handed straight to the longest waiting `get`
+//! instead of into its slot, until none has waited that long. `benches/contention.rs` (part
+//! `wait`) measures the waits this leaves, p99 and maximum, and how evenly the threads were
+//! served, beside r2d2's.
+//!
+//! # Fork safety of all this
+//!
+//! It adds no state outside the pool: the slots and flags are atomics in the pool, `try_lock` is a
+//! compare-and-swap on the mutex's own word, the pauses are `spin_loop` hints, and `yield_now` is
+//! the `sched_yield` system call, which takes no lock in user space. Nothing is registered per
+//! thread or per process (parking_lot's adaptive spinning comes with its process-global table of
+//! parked threads, the hazard described above), so a fork that catches a parent thread anywhere in
+//! the parent's pool leaves the child nothing to trip on: the child never touches that pool, and
+//! its own pool starts empty and unlocked.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
@@ -93,6 +123,7 @@ use r2d2::{CustomizeConnection, HandleError, ManageConnection};
 use scheduled_thread_pool::ScheduledThreadPool;
 
 use crate::config::Settings;
+use crate::idle_slots::IdleSlots;
 use crate::manager::{ConnectError, ForkSafeManager, Tracked};
 use crate::r2d2_compat::{r2d2_error, r2d2_state};
 
@@ -109,6 +140,8 @@ const LOCK_SPINS: u32 = 3;
 const LOCK_YIELDS: u32 = 7;
 /// A `get` that finds every connection checked out: yields of the core before it waits.
 const WAIT_YIELDS: u32 = 3;
+/// A `get` that has waited this long is handed the next connection put back.
+const FAIR_AFTER: Duration = Duration::from_micros(500);
 
 /// A pool on std's locks; cheap to clone, like r2d2's.
 pub(crate) struct StdPool<M: ManageConnection> {
@@ -133,23 +166,40 @@ struct Shared<M: ManageConnection> {
     connector: Connector,
     error_handler: Box<dyn HandleError<Error<M>>>,
     customizer: Box<dyn CustomizeConnection<Conn<M>, Error<M>>>,
+    /// The idle connections, each in the slot it owns (`Pooled::slot`); taken and given back
+    /// without the lock (see the module docs, "Under contention").
+    idle: IdleSlots<Pooled<M>>,
+    /// The counts and the rest; a checkout or return of an idle connection does not lock it.
     state: Mutex<State<M>>,
     /// Signalled when a connection becomes idle, a slot frees up, or an attempt fails.
     changed: Condvar,
+    /// `get` calls waiting on `changed`: with none, nobody is woken (std's `notify_*` always
+    /// makes a futex system call, which would double the cost of every checkin). Changed under
+    /// the lock; read without it by a returning connection, after it is back in its slot.
+    waiters: AtomicU32,
+    /// How many times `release_idle` emptied the pool. A connection whose attempt was reserved
+    /// before the latest release is closed when it arrives or comes back, never pooled (see
+    /// `StdPool::release_idle`). Changed under the lock.
+    releases: AtomicU64,
+    /// Whether `open + connecting` has reached `max_size`, kept with the counts under the
+    /// lock. A checkout that finds it so needs no lock: nothing can be opened to keep
+    /// `min_idle`.
+    full: AtomicBool,
+    /// Whether a `get` has waited `FAIR_AFTER` or longer: a connection put back then goes to
+    /// the longest waiting `get`, not into its slot (see the module docs, "Fairness").
+    starving: AtomicBool,
     /// Threads blocked in `Mutex::lock` on `state`, past their spins and yields.
     blocked_on_lock: AtomicU32,
 }
 
 struct State<M: ManageConnection> {
-    idle: Vec<Idle<M>>,
     /// Open connections, idle or checked out.
     open: u32,
     /// Connection attempts running, on threads of their own (or on the thread of a `get` that
     /// could have none).
     connecting: u32,
-    /// `get` calls waiting on `changed`: with none, nobody is woken (std's `notify_*` always
-    /// makes a futex system call, which would double the cost of every checkin).
-    waiters: u32,
+    /// The slot numbers no open connection owns; a new connection takes one.
+    free_slots: Vec<u32>,
     /// Connection attempts that have ended, either way; a waiting `get` starts another attempt
     /// only once one has ended since its last.
     attempts_ended: u64,
@@ -159,13 +209,15 @@ struct State<M: ManageConnection> {
     failures: u32,
     /// No new attempt before this instant, after a failure.
     retry_at: Option<Instant>,
-    /// How many times `release_idle` emptied the pool. A connection whose attempt was
-    /// reserved before the latest release is closed when it arrives or comes back, never
-    /// pooled (see `StdPool::release_idle`).
-    releases: u64,
-    /// Set by `release_idle`, cleared by the next checkout, `get`, `try_get` or `warm_up`:
-    /// until then nothing is opened in the background, so a released pool stays empty.
+    /// Set by `release_idle`, cleared by the next `get`, `try_get` or `warm_up`: until then
+    /// nothing is opened in the background, so a released pool stays empty.
     dormant: bool,
+    /// `get` calls waiting for a connection, longest waiting first: their tickets, and when
+    /// they started to wait.
+    queue: VecDeque<(u64, Instant)>,
+    /// Connections handed to a waiting `get` (by ticket) that has not picked them up yet.
+    handed: Vec<(u64, Box<Pooled<M>>)>,
+    next_ticket: u64,
 }
 
 /// Where a new connection goes.
@@ -176,18 +228,34 @@ enum Destination {
     Idle,
 }
 
-struct Idle<M: ManageConnection> {
-    conn: Pooled<M>,
-    /// When it went idle; only kept with an `idle_timeout`.
-    since: Option<Instant>,
+impl<M: ManageConnection> State<M> {
+    /// Queues a `get` that is about to wait: its ticket, and `now`.
+    fn enqueue(&mut self, now: Instant) -> (u64, Instant) {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.queue.push_back((ticket, now));
+        (ticket, now)
+    }
+
+    /// The connection handed to the `get` holding `ticket`, if any.
+    fn take_handed(&mut self, ticket: u64) -> Option<Box<Pooled<M>>> {
+        let index = self.handed.iter().position(|&(to, _)| to == ticket)?;
+        Some(self.handed.swap_remove(index).1)
+    }
 }
 
+/// An open connection, boxed once for its life: it moves between its idle slot and its leases
+/// as a pointer.
 struct Pooled<M: ManageConnection> {
     conn: Conn<M>,
     extensions: r2d2::Extensions,
     birth: Instant,
-    /// `State::releases` when its attempt was reserved.
+    /// When it went idle; only kept with an `idle_timeout`.
+    idle_since: Option<Instant>,
+    /// `Shared::releases` when its attempt was reserved.
     releases: u64,
+    /// The idle slot it owns.
+    slot: u32,
 }
 
 impl<M: ManageConnection> Clone for StdPool<M> {
@@ -225,19 +293,26 @@ impl<M: ManageConnection> StdPool<M> {
                 connector,
                 error_handler,
                 customizer,
+                idle: IdleSlots::new(settings.max_size as usize),
                 state: Mutex::new(State {
-                    idle: Vec::new(),
                     open: 0,
                     connecting: 0,
-                    waiters: 0,
+                    // Popped from the end: the lowest numbers first.
+                    free_slots: (0..settings.max_size).rev().collect(),
                     attempts_ended: 0,
                     last_error: None,
                     failures: 0,
                     retry_at: None,
-                    releases: 0,
                     dormant: false,
+                    queue: VecDeque::new(),
+                    handed: Vec::new(),
+                    next_ticket: 0,
                 }),
                 changed: Condvar::new(),
+                waiters: AtomicU32::new(0),
+                releases: AtomicU64::new(0),
+                full: AtomicBool::new(false),
+                starving: AtomicBool::new(false),
                 blocked_on_lock: AtomicU32::new(0),
             }),
         };
@@ -258,12 +333,13 @@ impl<M: ManageConnection> StdPool<M> {
     }
 
     /// Checks out a connection, waiting at most `timeout`, like `r2d2::Pool::get_timeout`.
+    #[inline]
     pub(crate) fn get_timeout(&self, timeout: Duration) -> Result<Lease<M>, r2d2::Error> {
-        let shared = &self.shared;
-        let state = shared.lock();
-        match shared.take_idle(state) {
-            Ok(lease) => Ok(lease),
-            Err(state) => shared.wait_for_connection(state, Instant::now() + timeout, timeout),
+        match self.shared.take_idle() {
+            Some(lease) => Ok(lease),
+            None => self
+                .shared
+                .wait_for_connection(Instant::now() + timeout, timeout),
         }
     }
 
@@ -298,8 +374,7 @@ impl<M: ManageConnection> StdPool<M> {
             while state.open + state.connecting < wanted
                 && state.retry_at.is_none_or(|at| at <= now)
             {
-                state.connecting += 1;
-                let releases = state.releases;
+                let releases = shared.reserve_attempt(&mut state);
                 drop(state);
                 if !shared.start_attempt(releases) {
                     // No thread to be had: connect here.
@@ -308,20 +383,18 @@ impl<M: ManageConnection> StdPool<M> {
                 state = shared.lock();
             }
             if state.open < wanted {
-                state = shared.wait_until(state, Instant::now(), deadline);
+                state = shared.wait_until(state, Instant::now(), deadline, false);
             }
         }
     }
 
     /// An idle connection if there is one, without waiting, like `r2d2::Pool::try_get`.
     pub(crate) fn try_get(&self) -> Option<Lease<M>> {
-        match self.shared.take_idle(self.shared.lock()) {
-            Ok(lease) => Some(lease),
-            Err(mut state) => {
-                self.shared.in_use_again(&mut state);
-                None
-            }
+        let lease = self.shared.take_idle();
+        if lease.is_none() {
+            self.shared.in_use_again(&mut self.shared.lock());
         }
+        lease
     }
 
     /// Closes every idle connection now, and makes every connection opened (or being opened)
@@ -335,15 +408,17 @@ impl<M: ManageConnection> StdPool<M> {
     pub(crate) fn release_idle(&self) -> u32 {
         let shared = &self.shared;
         let mut state = shared.lock();
-        state.releases += 1;
+        // Counted before the slots are emptied; a connection put back into its slot meanwhile
+        // reads the count after, and takes itself out again (see `put_back`).
+        shared.releases.fetch_add(1, Ordering::SeqCst);
         state.dormant = true;
-        let idle = std::mem::take(&mut state.idle);
-        let closed = idle.len() as u32;
-        shared.closing(&mut state, closed);
+        let idle = shared.idle.take_all();
+        shared.closing(&mut state, idle.iter().map(|conn| conn.slot));
         // A waiting `get` may use the freed slots.
         shared.wake_all(state);
-        for idle in idle {
-            shared.close(idle.conn);
+        let closed = idle.len() as u32;
+        for conn in idle {
+            shared.close(*conn);
         }
         closed
     }
@@ -351,7 +426,7 @@ impl<M: ManageConnection> StdPool<M> {
     /// Connection counts, like `r2d2::Pool::state`.
     pub(crate) fn state(&self) -> r2d2::State {
         let state = self.shared.lock();
-        r2d2_state(state.open, state.idle.len() as u32)
+        r2d2_state(state.open, self.shared.idle.count() as u32)
     }
 }
 
@@ -395,15 +470,33 @@ impl<M: ManageConnection> Shared<M> {
         state
     }
 
+    /// Counts one more attempt as running, reserved at the current release count (returned).
+    fn reserve_attempt(&self, state: &mut State<M>) -> u64 {
+        state.connecting += 1;
+        self.counts_changed(state);
+        self.releases.load(Ordering::SeqCst)
+    }
+
+    /// `open` or `connecting` changed: whether the pool is full is read without the lock.
+    fn counts_changed(&self, state: &State<M>) {
+        self.full.store(
+            state.open + state.connecting >= self.settings.max_size,
+            Ordering::SeqCst,
+        );
+    }
+
     /// Waits on `changed`, counted as a waiter (see `wake`), until `deadline` — or, when a
     /// failure's back-off ends sooner and a slot is free for another attempt, until then, so
     /// that the caller can start it (an attempt still running, which may hang, would wake us
-    /// only when it ends).
+    /// only when it ends). With `unless_idle` (a `get`), does not wait if a connection is idle
+    /// by the time the call counts itself as a waiter: one put back before then may have seen
+    /// no waiter to wake.
     fn wait_until<'a>(
         &'a self,
-        mut state: MutexGuard<'a, State<M>>,
+        state: MutexGuard<'a, State<M>>,
         now: Instant,
         deadline: Instant,
+        unless_idle: bool,
     ) -> MutexGuard<'a, State<M>> {
         let wake = match state.retry_at {
             Some(at) if at > now && state.open + state.connecting < self.settings.max_size => {
@@ -411,20 +504,28 @@ impl<M: ManageConnection> Shared<M> {
             }
             _ => deadline,
         };
-        state.waiters += 1;
-        let mut state = self
-            .changed
-            .wait_timeout(state, wake - now)
-            .unwrap_or_else(PoisonError::into_inner)
-            .0;
-        state.waiters -= 1;
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let state = if unless_idle && self.idle.any() {
+            state
+        } else {
+            self.changed
+                .wait_timeout(state, wake - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0
+        };
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
         state
     }
 
-    /// `count` open connections leave the pool, to be closed: they no longer count, and in the
-    /// building process others are started to keep `min_idle`, as r2d2 does after every close.
-    fn closing(self: &Arc<Self>, state: &mut State<M>, count: u32) {
-        state.open -= count;
+    /// Connections owning `slots` leave the pool, to be closed: their slots are free for new
+    /// ones, they no longer count, and in the building process others are started to keep
+    /// `min_idle`, as r2d2 does after every close.
+    fn closing(self: &Arc<Self>, state: &mut State<M>, slots: impl IntoIterator<Item = u32>) {
+        for slot in slots {
+            state.open -= 1;
+            state.free_slots.push(slot);
+        }
+        self.counts_changed(state);
         self.replenish(state);
     }
 
@@ -434,31 +535,42 @@ impl<M: ManageConnection> Shared<M> {
         self.settings.idle_timeout.is_some() || self.settings.max_lifetime.is_some()
     }
 
-    fn is_stale(&self, idle: &Idle<M>, now: Instant) -> bool {
+    fn is_stale(&self, conn: &Pooled<M>, now: Instant) -> bool {
         let settings = &self.settings;
         settings
             .idle_timeout
-            .zip(idle.since)
+            .zip(conn.idle_since)
             .is_some_and(|(timeout, since)| now - since >= timeout)
             || settings
                 .max_lifetime
-                .is_some_and(|lifetime| now - idle.conn.birth >= lifetime)
+                .is_some_and(|lifetime| now - conn.birth >= lifetime)
     }
 
     /// The slow half of `get_timeout`: no idle connection was fresh. Starts attempts and waits
     /// for a connection until `deadline`.
     #[cold]
     #[inline(never)]
-    fn wait_for_connection<'a>(
-        self: &'a Arc<Self>,
-        mut state: MutexGuard<'a, State<M>>,
+    fn wait_for_connection(
+        self: &Arc<Self>,
         deadline: Instant,
         timeout: Duration,
     ) -> Result<Lease<M>, r2d2::Error> {
+        let mut state = self.lock();
         self.in_use_again(&mut state);
         let mut my_attempt: Option<u64> = None;
         let mut yields_left = WAIT_YIELDS;
+        // This call's place in the queue, once it has waited.
+        let mut queued: Option<(u64, Instant)> = None;
         loop {
+            if let Some(conn) = queued.and_then(|(ticket, _)| state.take_handed(ticket)) {
+                queued = None;
+                drop(state);
+                if let Some(lease) = self.check_out(conn) {
+                    return Ok(lease);
+                }
+                state = self.lock();
+                continue;
+            }
             let now = Instant::now();
             // One attempt per waiting call at a time: another only once some attempt ended.
             let may_start = my_attempt.is_none_or(|ended| state.attempts_ended != ended);
@@ -466,22 +578,18 @@ impl<M: ManageConnection> Shared<M> {
                 && state.open + state.connecting < self.settings.max_size
                 && state.retry_at.is_none_or(|at| at <= now)
             {
-                state.connecting += 1;
                 my_attempt = Some(state.attempts_ended);
-                let releases = state.releases;
+                let releases = self.reserve_attempt(&mut state);
                 drop(state);
                 // Connect on another thread, so this call still waits no longer than
                 // `timeout` when a connect hangs (a server that never answers).
                 if !self.start_attempt(releases) {
                     // No thread to be had: connect here; the wait is then the connect's.
                     if let Some(conn) = self.connect_one(Destination::Caller, releases) {
-                        return Ok(Lease {
-                            pool: Arc::clone(self),
-                            conn: Some(conn),
-                        });
+                        self.leave_queue(queued);
+                        return Ok(self.lease(conn));
                     }
                 }
-                state = self.lock();
             } else if now >= deadline {
                 let message = state.last_error.take().or_else(|| {
                     matches!(self.connector, Connector::Detached).then(|| {
@@ -492,6 +600,8 @@ impl<M: ManageConnection> Shared<M> {
                         )
                     })
                 });
+                drop(state);
+                self.leave_queue(queued);
                 return Err(r2d2_error(message));
             } else if yields_left > 0
                 && state.connecting == 0
@@ -503,56 +613,97 @@ impl<M: ManageConnection> Shared<M> {
                 yields_left -= 1;
                 drop(state);
                 std::thread::yield_now();
-                state = self.lock();
             } else {
-                state = self.wait_until(state, now, deadline);
+                let (_, since) = *queued.get_or_insert_with(|| state.enqueue(now));
+                let fair_at = since + FAIR_AFTER;
+                let until = if fair_at > now {
+                    fair_at.min(deadline)
+                } else {
+                    deadline
+                };
+                state = self.wait_until(state, now, until, true);
+                if Instant::now() >= fair_at && !state.queue.is_empty() {
+                    self.starving.store(true, Ordering::SeqCst);
+                }
+                drop(state);
             }
-            match self.take_idle(state) {
-                Ok(lease) => return Ok(lease),
-                Err(again) => state = again,
+            if let Some(lease) = self.take_idle() {
+                self.leave_queue(queued);
+                return Ok(lease);
+            }
+            state = self.lock();
+        }
+    }
+
+    /// A waiting `get` leaves the queue, taking back any connection handed to it meanwhile.
+    fn leave_queue(self: &Arc<Self>, queued: Option<(u64, Instant)>) {
+        let Some((ticket, _)) = queued else {
+            return;
+        };
+        let mut state = self.lock();
+        state.queue.retain(|&(waiting, _)| waiting != ticket);
+        let handed = state.take_handed(ticket);
+        drop(state);
+        if let Some(conn) = handed {
+            self.put_back(conn);
+        }
+    }
+
+    /// Takes idle connections until one can be checked out (see `check_out`); `None` when
+    /// none is idle.
+    #[inline]
+    fn take_idle(self: &Arc<Self>) -> Option<Lease<M>> {
+        loop {
+            if let Some(lease) = self.check_out(self.idle.take_any()?) {
+                return Some(lease);
             }
         }
     }
 
-    /// Pops idle connections until one is fresh and (with `test_on_check_out`) valid; gives
-    /// the lock back when there is none. Closes the stale ones unlocked.
-    fn take_idle<'a>(
-        self: &'a Arc<Self>,
-        mut state: MutexGuard<'a, State<M>>,
-    ) -> Result<Lease<M>, MutexGuard<'a, State<M>>> {
-        loop {
-            let Some(idle) = state.idle.pop() else {
-                return Err(state);
-            };
-            if self.ages() && self.is_stale(&idle, Instant::now()) {
-                self.closing(&mut state, 1);
-                drop(state);
-                self.close(idle.conn);
-                state = self.lock();
-                continue;
-            }
-            state.dormant = false;
-            self.replenish(&mut state);
-            drop(state);
-            let mut conn = idle.conn;
-            if self.settings.test_on_check_out {
-                if let Err(error) = self.manager.is_valid(&mut conn.conn) {
-                    let message = error.to_string();
-                    self.error_handler.handle_error(error);
-                    let mut relocked = self.lock();
-                    relocked.last_error = Some(message);
-                    self.closing(&mut relocked, 1);
-                    drop(relocked);
-                    self.close(conn);
-                    state = self.lock();
-                    continue;
-                }
-            }
-            return Ok(Lease {
-                pool: Arc::clone(self),
-                conn: Some(conn),
-            });
+    /// Checks out a connection taken out of its slot or handed over, unless it is of an
+    /// earlier release, stale or (with `test_on_check_out`) invalid: then it is closed and
+    /// `None` returned. Takes the lock only to close it, or when the pool is not full (to keep
+    /// `min_idle`, as r2d2 does after every checkout).
+    #[inline]
+    fn check_out(self: &Arc<Self>, mut conn: Box<Pooled<M>>) -> Option<Lease<M>> {
+        // Read after the connection was taken: a `release_idle` that emptied the slots before
+        // this took it has counted the release by then.
+        let outdated = conn.releases != self.releases.load(Ordering::SeqCst);
+        if outdated || (self.ages() && self.is_stale(&conn, Instant::now())) {
+            self.discard(*conn);
+            return None;
         }
+        // A connection of the latest release was opened while the pool was in use, so the
+        // pool is not dormant: a checkout has nothing to clear. Read after the take, paired
+        // with `closing`, which lowers it before `replenish` counts the idle slots.
+        if !self.full.load(Ordering::SeqCst) {
+            self.replenish(&mut self.lock());
+        }
+        if self.settings.test_on_check_out {
+            if let Err(error) = self.manager.is_valid(&mut conn.conn) {
+                let message = error.to_string();
+                self.error_handler.handle_error(error);
+                self.lock().last_error = Some(message);
+                self.discard(*conn);
+                return None;
+            }
+        }
+        Some(self.lease(conn))
+    }
+
+    fn lease(self: &Arc<Self>, conn: Box<Pooled<M>>) -> Lease<M> {
+        Lease {
+            pool: Arc::clone(self),
+            conn: Some(conn),
+        }
+    }
+
+    /// Closes a connection taken out of the pool, waking `get` calls that may use its slot.
+    fn discard(self: &Arc<Self>, conn: Pooled<M>) {
+        let mut state = self.lock();
+        self.closing(&mut state, [conn.slot]);
+        self.wake_all(state);
+        self.close(conn);
     }
 
     /// The pool is used after `release_idle`: it keeps `min_idle` in the background again.
@@ -572,15 +723,15 @@ impl<M: ManageConnection> Shared<M> {
             return;
         }
         let wanted = self.settings.min_idle_or_max_size();
-        while state.idle.len() as u32 + state.connecting < wanted
-            && state.open + state.connecting < self.settings.max_size
+        while state.open + state.connecting < self.settings.max_size
+            && (self.idle.count() as u32) + state.connecting < wanted
             && state.retry_at.is_none_or(|at| at <= Instant::now())
             && !state.dormant
             && !self.manager.is_retired()
         {
-            state.connecting += 1;
+            let releases = self.reserve_attempt(state);
             // Always started: a thread pool takes every job.
-            self.start_attempt(state.releases);
+            self.start_attempt(releases);
         }
     }
 
@@ -622,27 +773,39 @@ impl<M: ManageConnection> Shared<M> {
         });
     }
 
+    /// Closes the idle connections that are stale. Each is taken out of its slot to be looked
+    /// at; fresh ones go straight back, so a checkout meanwhile may miss one and wait on the
+    /// lock held here, then find it.
     fn reap(self: &Arc<Self>) {
         let mut state = self.lock();
         let now = Instant::now();
-        let (stale, fresh): (Vec<_>, Vec<_>) = std::mem::take(&mut state.idle)
-            .into_iter()
-            .partition(|idle| self.is_stale(idle, now));
-        state.idle = fresh;
-        self.closing(&mut state, stale.len() as u32);
+        let mut stale = Vec::new();
+        for conn in self.idle.take_all() {
+            if self.is_stale(&conn, now) {
+                stale.push(conn);
+            } else {
+                self.idle.put(conn.slot as usize, conn);
+            }
+        }
+        self.closing(&mut state, stale.iter().map(|conn| conn.slot));
         drop(state);
-        for idle in stale {
-            self.close(idle.conn);
+        for conn in stale {
+            self.close(*conn);
         }
     }
 
     /// One connection attempt on the current thread, reserved by the caller (`connecting`
-    /// counts it) when `State::releases` was `releases`. A new connection leaves `connecting` and counts as open in the same critical
-    /// section that puts it where it goes, so no one counting the pool sees it in neither
-    /// place (and starts a connect too many for `min_idle`, or finds it neither idle nor
-    /// checked out). A connect that panics counts as a failed attempt whose error is the
-    /// panic's message, so the slot it held is freed and the `get` waiting for it can say why.
-    fn connect_one(self: &Arc<Self>, destination: Destination, releases: u64) -> Option<Pooled<M>> {
+    /// counts it) when `Shared::releases` was `releases`. A new connection leaves `connecting`
+    /// and counts as open in the same critical section that puts it where it goes, so no one
+    /// counting the pool sees it in neither place (and starts a connect too many for
+    /// `min_idle`, or finds it neither idle nor checked out). A connect that panics counts as
+    /// a failed attempt whose error is the panic's message, so the slot it held is freed and
+    /// the `get` waiting for it can say why.
+    fn connect_one(
+        self: &Arc<Self>,
+        destination: Destination,
+        releases: u64,
+    ) -> Option<Box<Pooled<M>>> {
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             self.manager
                 .connect()
@@ -657,27 +820,32 @@ impl<M: ManageConnection> Shared<M> {
                 state.last_error = None;
                 state.failures = 0;
                 state.retry_at = None;
-                let conn = Pooled {
+                let slot = state
+                    .free_slots
+                    .pop()
+                    .expect("an open connection within max_size has a free slot");
+                let conn = Box::new(Pooled {
                     conn,
                     extensions: r2d2::Extensions::new(),
                     birth: Instant::now(),
+                    idle_since: None,
                     releases,
-                };
+                    slot,
+                });
                 return match destination {
                     Destination::Caller => Some(conn),
                     // `release_idle` was called since the attempt was reserved: the connection
                     // belongs to what was released, so it is closed instead of going idle.
-                    Destination::Idle if releases != state.releases => {
-                        self.closing(&mut state, 1);
+                    Destination::Idle if releases != self.releases.load(Ordering::SeqCst) => {
+                        self.closing(&mut state, [slot]);
                         self.wake_all(state);
-                        self.close(conn);
+                        self.close(*conn);
                         None
                     }
                     Destination::Idle => {
-                        state.idle.push(Idle {
-                            since: self.settings.idle_timeout.map(|_| Instant::now()),
-                            conn,
-                        });
+                        let mut conn = conn;
+                        conn.idle_since = self.settings.idle_timeout.map(|_| Instant::now());
+                        self.idle.put(slot as usize, conn);
                         self.wake_all(state);
                         None
                     }
@@ -713,6 +881,7 @@ impl<M: ManageConnection> Shared<M> {
     /// `try_get` fills up). A forked child's pool has no thread to wait on; it tries again when
     /// a `get` or `warm_up` needs a connection.
     fn failed(self: &Arc<Self>, mut state: MutexGuard<'_, State<M>>, message: String) {
+        self.counts_changed(&state);
         state.last_error = Some(message);
         state.failures = state.failures.saturating_add(1);
         let backoff = Duration::from_millis(200)
@@ -736,29 +905,17 @@ impl<M: ManageConnection> Shared<M> {
 
     /// Wakes every waiting `get`, if any.
     fn wake_all(&self, state: MutexGuard<'_, State<M>>) {
-        self.wake(state, Condvar::notify_all);
-    }
-
-    /// Wakes one waiting `get`, if any.
-    fn wake_one(&self, state: MutexGuard<'_, State<M>>) {
-        self.wake(state, Condvar::notify_one);
-    }
-
-    /// Unlocks, then notifies only if a `get` waits. The count is read under the lock, so a
-    /// `get` about to wait has either registered (and is woken) or will see the change before
-    /// it waits.
-    fn wake(&self, state: MutexGuard<'_, State<M>>, notify: fn(&Condvar)) {
-        let waiting = state.waiters > 0;
         drop(state);
-        if waiting {
-            notify(&self.changed);
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_all();
         }
     }
 
     /// Takes a connection back, like r2d2's `put_back`: broken (or past `max_lifetime`) ones,
     /// and those opened before the latest `release_idle`, are closed through the customizer's
-    /// `on_release`.
-    fn put_back(self: &Arc<Self>, mut conn: Pooled<M>) {
+    /// `on_release`. Any other goes back into its slot without the lock; only a `get` waiting
+    /// for it costs the lock and a wake-up.
+    fn put_back(self: &Arc<Self>, mut conn: Box<Pooled<M>>) {
         let now = self.ages().then(Instant::now);
         let broken = self.manager.has_broken(&mut conn.conn)
             || self
@@ -766,18 +923,55 @@ impl<M: ManageConnection> Shared<M> {
                 .max_lifetime
                 .zip(now)
                 .is_some_and(|(lifetime, now)| now - conn.birth >= lifetime);
-        let mut state = self.lock();
-        if broken || conn.releases != state.releases {
-            self.closing(&mut state, 1);
-            self.wake_all(state);
-            self.close(conn);
-        } else {
-            state.idle.push(Idle {
-                conn,
-                since: self.settings.idle_timeout.and(now),
-            });
-            self.wake_one(state);
+        if broken || conn.releases != self.releases.load(Ordering::SeqCst) {
+            self.discard(*conn);
+            return;
         }
+        if self.starving.load(Ordering::SeqCst) {
+            match self.hand_over(conn) {
+                Some(unwanted) => conn = unwanted,
+                None => return,
+            }
+        }
+        conn.idle_since = self.settings.idle_timeout.and(now);
+        let (slot, releases) = (conn.slot as usize, conn.releases);
+        self.idle.put(slot, conn);
+        // Both read after the connection is back in its slot. A `release_idle` that emptied
+        // the slots before then has counted the release: the connection is taken out again
+        // and closed (unless a `get` took it first; that one closes it). A `get` that counted
+        // itself as waiting before then is woken; one that counts itself later sees the slot
+        // full and does not wait.
+        if releases != self.releases.load(Ordering::SeqCst) {
+            if let Some(conn) = self.idle.take(slot) {
+                self.discard(*conn);
+            }
+        } else if self.waiters.load(Ordering::SeqCst) > 0 {
+            // Taking the lock makes sure the waiter, which counted itself under the lock, is
+            // waiting by now and gets this notification.
+            drop(self.lock());
+            self.changed.notify_one();
+        }
+    }
+
+    /// Hands a connection put back to the longest waiting `get`; gives it back if none waits.
+    #[cold]
+    #[inline(never)]
+    fn hand_over(&self, conn: Box<Pooled<M>>) -> Option<Box<Pooled<M>>> {
+        let mut state = self.lock();
+        let Some((ticket, _)) = state.queue.pop_front() else {
+            self.starving.store(false, Ordering::SeqCst);
+            return Some(conn);
+        };
+        state.handed.push((ticket, conn));
+        let starving = state
+            .queue
+            .front()
+            .is_some_and(|&(_, since)| since.elapsed() >= FAIR_AFTER);
+        self.starving.store(starving, Ordering::SeqCst);
+        drop(state);
+        // The one waiter it is for cannot be told apart on the condition variable.
+        self.changed.notify_all();
+        None
     }
 
     fn close(&self, conn: Pooled<M>) {
@@ -789,7 +983,7 @@ impl<M: ManageConnection> Shared<M> {
 pub(crate) struct Lease<M: ManageConnection> {
     pool: Arc<Shared<M>>,
     /// `None` only while dropping.
-    conn: Option<Pooled<M>>,
+    conn: Option<Box<Pooled<M>>>,
 }
 
 impl<M: ManageConnection> Lease<M> {
@@ -839,6 +1033,22 @@ impl<M: ManageConnection> Drop for Lease<M> {
 }
 
 #[cfg(test)]
+mod tests_support {
+    pub(super) use super::tests::{reaping_pool, Counting};
+    use super::*;
+    pub(super) fn settings(size: u32) -> Settings {
+        Settings {
+            max_size: size,
+            min_idle: None,
+            test_on_check_out: false,
+            max_lifetime: None,
+            idle_timeout: None,
+            connection_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::descriptors::DescriptorTable;
@@ -848,7 +1058,7 @@ mod tests {
 
     /// Connections are numbers; counts every connect.
     #[derive(Debug, Default)]
-    struct Counting(AtomicU32);
+    pub(super) struct Counting(pub(super) AtomicU32);
 
     impl ManageConnection for Counting {
         type Connection = u32;
@@ -868,7 +1078,7 @@ mod tests {
     }
 
     /// A building-process pool of `Counting` connections that reaps every 20 ms.
-    fn reaping_pool(manager: &Arc<Counting>, settings: Settings) -> StdPool<Counting> {
+    pub(super) fn reaping_pool(manager: &Arc<Counting>, settings: Settings) -> StdPool<Counting> {
         let manager = ForkSafeManager::new(
             Arc::clone(manager),
             DescriptorTable::new(settings.max_size, Arc::new(Counters::default())),
@@ -937,7 +1147,52 @@ mod tests {
             1,
             "a connection was replaced"
         );
-        let state = pool.shared.lock();
-        assert!(state.idle.iter().all(|idle| idle.since.is_none()));
+        let idle = pool.shared.idle.take_all();
+        assert_eq!(idle.len(), 1);
+        assert!(idle.iter().all(|conn| conn.idle_since.is_none()));
+    }
+}
+
+#[cfg(test)]
+mod contention_tests {
+    use super::tests_support::*;
+    use super::*;
+
+    /// Threads racing on the lock-free slots and the handover to waiting calls: every
+    /// connection is back in its slot afterwards, none was opened twice, and every thread got
+    /// a connection within its timeout (each checks out at least once).
+    #[test]
+    fn every_connection_comes_back_under_contention() {
+        for (threads, size) in [(32u32, 32u32), (32, 4), (8, 2), (128, 4)] {
+            let manager = Arc::new(Counting::default());
+            let pool = reaping_pool(&manager, settings(size));
+            pool.wait_for_initial_connections(Duration::from_secs(5))
+                .expect("initial connections");
+            let stop = Arc::new(AtomicBool::new(false));
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    let (pool, stop) = (pool.clone(), Arc::clone(&stop));
+                    std::thread::spawn(move || {
+                        let mut first = true;
+                        while first || !stop.load(Ordering::Relaxed) {
+                            drop(pool.get_timeout(Duration::from_secs(10)).expect("checkout"));
+                            first = false;
+                        }
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_millis(200));
+            stop.store(true, Ordering::Relaxed);
+            for worker in workers {
+                worker.join().expect("worker");
+            }
+            let state = pool.state();
+            assert_eq!(
+                (state.connections, state.idle_connections),
+                (size, size),
+                "{threads} threads, pool of {size}"
+            );
+            assert_eq!(manager.0.load(Ordering::SeqCst), size);
+        }
     }
 }
