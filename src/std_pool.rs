@@ -97,9 +97,13 @@
 //! lets threads barge in the same way. So that a waiting `get` is not passed over for ever, one
 //! that has waited `FAIR_AFTER` (500 µs, as parking_lot's eventual fairness) raises `starving`,
 //! and from then on every connection put back is handed straight to the longest waiting `get`
-//! instead of into its slot, until none has waited that long. `benches/contention.rs` (part
-//! `wait`) measures the waits this leaves, p99 and maximum, and how evenly the threads were
-//! served, beside r2d2's.
+//! instead of into its slot, until none has waited that long. Each queued `get` sleeps on a
+//! condition variable of its own, so a connection put back or handed over wakes one waiter, not
+//! all of them (which would then queue for the lock, one context switch each, before the one it
+//! was for could run). `benches/contention.rs` (part `wait`) measures the waits this leaves, p99
+//! and maximum, and how evenly the threads were served, beside r2d2's. The waits are shorter than
+//! r2d2's; the share of checkouts is less even with a pool much smaller than the thread count,
+//! because a thread that holds a core keeps reusing connections while the others wait for one.
 //!
 //! # Fork safety of all this
 //!
@@ -171,7 +175,8 @@ struct Shared<M: ManageConnection> {
     idle: IdleSlots<Pooled<M>>,
     /// The counts and the rest; a checkout or return of an idle connection does not lock it.
     state: Mutex<State<M>>,
-    /// Signalled when a connection becomes idle, a slot frees up, or an attempt fails.
+    /// Signalled, with every queued `get`'s own (`Waiter::wake`), when a connection opens, a
+    /// slot frees up, or an attempt fails; `build` and `warm_up` wait on it.
     changed: Condvar,
     /// `get` calls waiting on `changed`: with none, nobody is woken (std's `notify_*` always
     /// makes a futex system call, which would double the cost of every checkin). Changed under
@@ -212,9 +217,8 @@ struct State<M: ManageConnection> {
     /// Set by `release_idle`, cleared by the next `get`, `try_get` or `warm_up`: until then
     /// nothing is opened in the background, so a released pool stays empty.
     dormant: bool,
-    /// `get` calls waiting for a connection, longest waiting first: their tickets, and when
-    /// they started to wait.
-    queue: VecDeque<(u64, Instant)>,
+    /// `get` calls waiting for a connection, longest waiting first.
+    queue: VecDeque<Waiter>,
     /// Connections handed to a waiting `get` (by ticket) that has not picked them up yet.
     handed: Vec<(u64, Box<Pooled<M>>)>,
     next_ticket: u64,
@@ -228,13 +232,48 @@ enum Destination {
     Idle,
 }
 
+/// A `get` waiting for a connection.
+#[derive(Clone)]
+struct Waiter {
+    ticket: u64,
+    /// When it started to wait.
+    since: Instant,
+    /// Its own condition variable, so that a connection handed to it, or put back while it
+    /// sleeps, wakes it alone: one shared by all would wake every waiter, and each would have
+    /// to take the lock in turn before the one it was for could run.
+    wake: Arc<Wake>,
+}
+
+struct Wake {
+    condvar: Condvar,
+    /// Set under the lock just before the waiter sleeps on `condvar`, cleared under the lock by
+    /// whoever wakes it: a connection put back wakes a waiter that sleeps, never one that is
+    /// awake already (and will look at the slots before it sleeps again).
+    asleep: AtomicBool,
+}
+
+impl Wake {
+    /// Wakes the waiter; under the lock.
+    fn notify(&self) {
+        self.asleep.store(false, Ordering::Relaxed);
+        self.condvar.notify_one();
+    }
+}
+
 impl<M: ManageConnection> State<M> {
-    /// Queues a `get` that is about to wait: its ticket, and `now`.
-    fn enqueue(&mut self, now: Instant) -> (u64, Instant) {
-        let ticket = self.next_ticket;
+    /// Queues a `get` that is about to wait.
+    fn enqueue(&mut self, now: Instant) -> Waiter {
+        let waiter = Waiter {
+            ticket: self.next_ticket,
+            since: now,
+            wake: Arc::new(Wake {
+                condvar: Condvar::new(),
+                asleep: AtomicBool::new(false),
+            }),
+        };
         self.next_ticket += 1;
-        self.queue.push_back((ticket, now));
-        (ticket, now)
+        self.queue.push_back(waiter.clone());
+        waiter
     }
 
     /// The connection handed to the `get` holding `ticket`, if any.
@@ -383,7 +422,7 @@ impl<M: ManageConnection> StdPool<M> {
                 state = shared.lock();
             }
             if state.open < wanted {
-                state = shared.wait_until(state, Instant::now(), deadline, false);
+                state = shared.wait_until(state, Instant::now(), deadline, None);
             }
         }
     }
@@ -485,18 +524,18 @@ impl<M: ManageConnection> Shared<M> {
         );
     }
 
-    /// Waits on `changed`, counted as a waiter (see `wake`), until `deadline` — or, when a
-    /// failure's back-off ends sooner and a slot is free for another attempt, until then, so
-    /// that the caller can start it (an attempt still running, which may hang, would wake us
-    /// only when it ends). With `unless_idle` (a `get`), does not wait if a connection is idle
-    /// by the time the call counts itself as a waiter: one put back before then may have seen
-    /// no waiter to wake.
+    /// Waits, counted as a waiter (see `put_back`), until `deadline` — or, when a failure's
+    /// back-off ends sooner and a slot is free for another attempt, until then, so that the
+    /// caller can start it (an attempt still running, which may hang, would wake us only when
+    /// it ends). A queued `get` (`waiter`) sleeps on its own condition variable, and not at all
+    /// if a connection is idle by the time it counts itself as a waiter: one put back before
+    /// then may have seen no waiter to wake. `build` and `warm_up` sleep on `changed`.
     fn wait_until<'a>(
         &'a self,
         state: MutexGuard<'a, State<M>>,
         now: Instant,
         deadline: Instant,
-        unless_idle: bool,
+        waiter: Option<&Wake>,
     ) -> MutexGuard<'a, State<M>> {
         let wake = match state.retry_at {
             Some(at) if at > now && state.open + state.connecting < self.settings.max_size => {
@@ -505,13 +544,24 @@ impl<M: ManageConnection> Shared<M> {
             _ => deadline,
         };
         self.waiters.fetch_add(1, Ordering::SeqCst);
-        let state = if unless_idle && self.idle.any() {
-            state
-        } else {
-            self.changed
-                .wait_timeout(state, wake - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0
+        let state = match waiter {
+            Some(_) if self.idle.any() => state,
+            Some(waiter) => {
+                waiter.asleep.store(true, Ordering::Relaxed);
+                let state = waiter
+                    .condvar
+                    .wait_timeout(state, wake - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+                waiter.asleep.store(false, Ordering::Relaxed);
+                state
+            }
+            None => {
+                self.changed
+                    .wait_timeout(state, wake - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0
+            }
         };
         self.waiters.fetch_sub(1, Ordering::SeqCst);
         state
@@ -560,9 +610,12 @@ impl<M: ManageConnection> Shared<M> {
         let mut my_attempt: Option<u64> = None;
         let mut yields_left = WAIT_YIELDS;
         // This call's place in the queue, once it has waited.
-        let mut queued: Option<(u64, Instant)> = None;
+        let mut queued: Option<Waiter> = None;
         loop {
-            if let Some(conn) = queued.and_then(|(ticket, _)| state.take_handed(ticket)) {
+            if let Some(conn) = queued
+                .as_ref()
+                .and_then(|waiter| state.take_handed(waiter.ticket))
+            {
                 queued = None;
                 drop(state);
                 if let Some(lease) = self.check_out(conn) {
@@ -614,14 +667,14 @@ impl<M: ManageConnection> Shared<M> {
                 drop(state);
                 std::thread::yield_now();
             } else {
-                let (_, since) = *queued.get_or_insert_with(|| state.enqueue(now));
-                let fair_at = since + FAIR_AFTER;
+                let waiter = queued.get_or_insert_with(|| state.enqueue(now)).clone();
+                let fair_at = waiter.since + FAIR_AFTER;
                 let until = if fair_at > now {
                     fair_at.min(deadline)
                 } else {
                     deadline
                 };
-                state = self.wait_until(state, now, until, true);
+                state = self.wait_until(state, now, until, Some(&waiter.wake));
                 if Instant::now() >= fair_at && !state.queue.is_empty() {
                     self.starving.store(true, Ordering::SeqCst);
                 }
@@ -636,12 +689,12 @@ impl<M: ManageConnection> Shared<M> {
     }
 
     /// A waiting `get` leaves the queue, taking back any connection handed to it meanwhile.
-    fn leave_queue(self: &Arc<Self>, queued: Option<(u64, Instant)>) {
-        let Some((ticket, _)) = queued else {
+    fn leave_queue(self: &Arc<Self>, queued: Option<Waiter>) {
+        let Some(Waiter { ticket, .. }) = queued else {
             return;
         };
         let mut state = self.lock();
-        state.queue.retain(|&(waiting, _)| waiting != ticket);
+        state.queue.retain(|waiter| waiter.ticket != ticket);
         let handed = state.take_handed(ticket);
         drop(state);
         if let Some(conn) = handed {
@@ -903,8 +956,11 @@ impl<M: ManageConnection> Shared<M> {
         self.wake_all(state);
     }
 
-    /// Wakes every waiting `get`, if any.
+    /// Wakes every waiting `get`, `build` and `warm_up`, if any.
     fn wake_all(&self, state: MutexGuard<'_, State<M>>) {
+        for waiter in &state.queue {
+            waiter.wake.notify();
+        }
         drop(state);
         if self.waiters.load(Ordering::SeqCst) > 0 {
             self.changed.notify_all();
@@ -946,10 +1002,16 @@ impl<M: ManageConnection> Shared<M> {
                 self.discard(*conn);
             }
         } else if self.waiters.load(Ordering::SeqCst) > 0 {
-            // Taking the lock makes sure the waiter, which counted itself under the lock, is
-            // waiting by now and gets this notification.
-            drop(self.lock());
-            self.changed.notify_one();
+            // Taking the lock makes sure a waiter, which counted itself under the lock, is
+            // asleep by now. The longest waiting of those asleep is woken.
+            let state = self.lock();
+            if let Some(waiter) = state
+                .queue
+                .iter()
+                .find(|waiter| waiter.wake.asleep.load(Ordering::Relaxed))
+            {
+                waiter.wake.notify();
+            }
         }
     }
 
@@ -958,19 +1020,17 @@ impl<M: ManageConnection> Shared<M> {
     #[inline(never)]
     fn hand_over(&self, conn: Box<Pooled<M>>) -> Option<Box<Pooled<M>>> {
         let mut state = self.lock();
-        let Some((ticket, _)) = state.queue.pop_front() else {
+        let Some(waiter) = state.queue.pop_front() else {
             self.starving.store(false, Ordering::SeqCst);
             return Some(conn);
         };
-        state.handed.push((ticket, conn));
+        state.handed.push((waiter.ticket, conn));
         let starving = state
             .queue
             .front()
-            .is_some_and(|&(_, since)| since.elapsed() >= FAIR_AFTER);
+            .is_some_and(|next| next.since.elapsed() >= FAIR_AFTER);
         self.starving.store(starving, Ordering::SeqCst);
-        drop(state);
-        // The one waiter it is for cannot be told apart on the condition variable.
-        self.changed.notify_all();
+        waiter.wake.notify();
         None
     }
 
