@@ -276,11 +276,11 @@ impl<M: ManageConnection> Pool<M> {
             .map(|lease| PooledConnection::new(Checkout::Std(lease), epoch))
     }
 
-    /// Not this crate's pool in a generation that is never retired: a forked child's first
-    /// checkout (which rebuilds the pool), r2d2's pool (a pool with an event handler, in the
-    /// process that built it), or none (a refusing child's). Returns the checkout and the
-    /// epoch of the generation it came from. `once_more`: after `release_idle` retired the
-    /// generation it waited on, it waits once more, on the new one.
+    /// Every checkout but the hot path's: a forked child's first (which rebuilds the pool),
+    /// one from r2d2's pool (a pool with an event handler, in the process that built it), and
+    /// a refusing child's. Returns the checkout and the epoch of the generation it came from.
+    /// `once_more`: after `release_idle` retired the generation it waited on, it waits once
+    /// more, on the new one.
     #[cold]
     #[inline(never)]
     fn checkout_elsewhere(
@@ -425,14 +425,22 @@ impl<M: ManageConnection> Pool<M> {
     /// reopens `min_idle` connections as soon as any are closed. There this process's r2d2 pool
     /// (its *generation*) is retired instead, and the next use builds a new one. A retired
     /// generation opens no connection and closes every connection that comes back to it or
-    /// whose connect ends after the call, and a job on the thread pool closes what r2d2 parks
+    /// whose connect ends after the call, and a job on its thread pool closes what r2d2 parks
     /// in its idle list until none of its connections is open. A forked child releases what
-    /// every retired generation still holds. A retired generation itself stays allocated
-    /// until the `Pool` is dropped, because another thread may be using it at that instant,
-    /// and r2d2's worker threads keep trying to reopen its `min_idle` connections, backing off
-    /// to one attempt per missing connection every `connection_timeout / 2`, which it refuses;
-    /// so on such a pool call `release_idle` before forking, not in a loop. A thread that was
-    /// waiting in `get` on it waits out its timeout and then tries the new generation.
+    /// every retired generation still holds. The generation is freed once no thread is still
+    /// inside a call that reached it (a `get` waiting on it holds only r2d2's pool, which lives
+    /// as long as that wait and the connections it hands out), and r2d2's pool is dropped with
+    /// its last connection. Without a [`thread_pool`](Builder::thread_pool) of yours, each
+    /// generation runs on three threads of its own, as r2d2 would give it, which end with its
+    /// r2d2 pool, and with them r2d2's jobs for it (its reaper, its retries of the reconnects
+    /// the retired generation refuses). So nothing of a retired generation outlives its
+    /// connections, and `release_idle` may be called as often as needed; each call costs the
+    /// next use a new r2d2 pool and three new threads. With a thread pool of yours, r2d2
+    /// leaves its reaper job on it for each retired generation, as dropping any `r2d2::Pool`
+    /// does: a job every 30 seconds that finds its pool gone, about half a kilobyte each (5 MiB
+    /// after 10 000 calls), so there call it before forking rather than in a loop. A thread
+    /// that was waiting in `get` on a retired generation waits out its timeout and then tries
+    /// the new one.
     pub fn release_idle(&self) -> u32 {
         let Some(generation) = self.shared.generation.read() else {
             return 0;

@@ -348,16 +348,39 @@ fn release_idle_on_r2d2_lets_each_retired_generation_go() -> Check {
         .map_err(|error| format!("build: {error}"))?;
     // This test's reference, the pool's configuration, and what one generation holds.
     let one_generation = Arc::strong_count(&threads);
-    let mut held = None;
-    for cycle in 0..200 {
-        pool.release_idle();
-        let conn = pool
-            .get()
-            .map_err(|error| format!("cycle {cycle}: get: {error}"))?;
-        // Every tenth lease stays out across the next `release_idle`.
-        held = if cycle % 10 == 0 { Some(conn) } else { None };
-    }
-    drop(held);
+    // Two more threads check out and read the state meanwhile, so generations are retired
+    // while other threads use them. (Without waiting: a `get` waiting in a generation that is
+    // retired waits out its timeout.)
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| -> Check {
+        let users: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        drop(pool.try_get());
+                        std::hint::black_box(pool.state());
+                    }
+                })
+            })
+            .collect();
+        let mut held = None;
+        let cycles = (0..200).try_for_each(|cycle| {
+            pool.release_idle();
+            let conn = pool
+                .get()
+                .map_err(|error| format!("cycle {cycle}: get: {error}"))?;
+            // Every tenth lease stays out across the next `release_idle`.
+            held = if cycle % 10 == 0 { Some(conn) } else { None };
+            Ok(())
+        });
+        drop(held);
+        stop.store(true, Ordering::Relaxed);
+        for user in users {
+            user.join()
+                .map_err(|_| "another thread panicked".to_string())?;
+        }
+        cycles
+    })?;
     wait_until(
         || {
             format!(
@@ -418,6 +441,49 @@ fn release_idle_on_r2d2_leaves_no_r2d2_thread_behind() -> Check {
     }
     ensure!(pool.get().is_ok(), "the pool does not serve after it");
     Ok(())
+}
+
+/// Children forked while another thread retires and rebuilds the r2d2 generation in a loop
+/// (reads of it counted, retired ones freed as reads end) each build a pool of their own and
+/// use it: a child never waits on the reader counts or the retired generations it inherits.
+fn forks_while_release_idle_loops_on_r2d2() -> Check {
+    const FORKS: usize = 100;
+    let manager = NoIoManager::default();
+    let pool = no_io_pool(Inner::R2d2, &manager)?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let cycling = scope.spawn(|| -> Result<usize, String> {
+            let mut cycles = 0;
+            while !stop.load(Ordering::Relaxed) {
+                pool.release_idle();
+                pool.get()
+                    .map(drop)
+                    .map_err(|error| format!("cycle {cycles}: get: {error}"))?;
+                cycles += 1;
+            }
+            Ok(cycles)
+        });
+        let children = (0..FORKS).try_for_each(|fork| {
+            let end = run_child(DEADLINE, || {
+                child_result((|| {
+                    let conn = pool.get().map_err(|error| format!("child get: {error}"))?;
+                    ensure!(
+                        conn.opened_by == std::process::id(),
+                        "the child got {}'s connection",
+                        conn.opened_by
+                    );
+                    Ok(())
+                })())
+            });
+            expect_exit(&format!("child {fork}"), end, 0)
+        });
+        stop.store(true, Ordering::Relaxed);
+        let cycles = cycling
+            .join()
+            .map_err(|_| "the cycling thread panicked".to_string())??;
+        println!("  {FORKS} children forked during {cycles} release_idle cycles");
+        children
+    })
 }
 
 /// Connections from before several `release_idle` calls, still leased at the fork (the last
@@ -676,7 +742,7 @@ fn on_fork_fail_refuses_in_a_child_at_once() -> Check {
 }
 
 fn main() {
-    let cases: [Case; 14] = [
+    let cases: [Case; 15] = [
         (
             "release_idle_before_fork_leaves_children_nothing_to_discard",
             release_idle_before_fork_leaves_children_nothing_to_discard,
@@ -710,6 +776,10 @@ fn main() {
         (
             "release_idle_on_r2d2_leaves_no_r2d2_thread_behind",
             release_idle_on_r2d2_leaves_no_r2d2_thread_behind,
+        ),
+        (
+            "forks_while_release_idle_loops_on_r2d2",
+            forks_while_release_idle_loops_on_r2d2,
         ),
         (
             "a_child_releases_connections_leased_across_release_idle",

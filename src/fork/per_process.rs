@@ -35,8 +35,17 @@ use super::grace::{Drained, ReaderCounts, BOTH_DRAINED};
 ///
 /// Who frees a retired value: whoever finds both counters drained while holding the install
 /// lock — the end of a counted read while retired values wait (it only tries the lock, never
-/// waits for it), and `Drop`. So a retired value is freed by the first read to end after the
-/// last read that could have seen it, or with the container.
+/// waits for it), and `Drop`. So a retired value is freed soon after the last read that could
+/// have seen it ends: by the end of a later read (of two, while reads keep one counter busy),
+/// or with the container. A counter cannot tell which value a read saw, so a read in flight
+/// holds back everything retired meanwhile: callers keep counted reads short (the pool holds a
+/// clone of r2d2's pool, not the generation, while it waits for a connection).
+///
+/// Why counters: a reader must be known to the reclaimer before it loads the pointer, or the
+/// value could be freed between the load and the first use. An `Arc` per value would need the
+/// same (its count is in the value it protects); hazard pointers would need a slot per thread.
+/// Two shared counters cost a read two atomic read-modify-writes, paid only where a value can
+/// be retired.
 pub(crate) struct PerProcess<T> {
     /// The calling process's value when it is not retirable, or one inherited from a parent;
     /// freed only by `Drop`, so borrowed without counting.
@@ -175,7 +184,8 @@ impl<T> PerProcess<T> {
     ///
     /// # Panics
     ///
-    /// In the process whose values can be retired (use [`read_or_try_init`](Self::read_or_try_init)).
+    /// In the process whose values can be retired: use
+    /// [`read_or_try_init`](Self::read_or_try_init) there.
     pub(crate) fn get_or_try_init<E>(
         &self,
         init: impl FnOnce(Option<&T>) -> Result<T, E>,
