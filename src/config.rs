@@ -263,7 +263,9 @@ impl<M: ManageConnection> Builder<M> {
     /// pool. Its threads do not exist in a forked child; the pool rebuilt there runs no threads
     /// at all and opens connections on the threads that call `get`.
     ///
-    /// Defaults to a new pool of three threads per pool, as in r2d2.
+    /// Defaults to a new pool of three threads per pool, as in r2d2; for a pool with an
+    /// [`event_handler`](Builder::event_handler), to three threads per r2d2 pool it builds (a
+    /// new one after each [`Pool::release_idle`](crate::Pool::release_idle)), which end with it.
     pub fn thread_pool(mut self, thread_pool: Arc<ScheduledThreadPool>) -> Self {
         self.config.thread_pool = Some(thread_pool);
         self

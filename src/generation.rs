@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use r2d2::event::{AcquireEvent, CheckinEvent, CheckoutEvent, ReleaseEvent, TimeoutEvent};
 use r2d2::{CustomizeConnection, HandleEvent, ManageConnection};
-use scheduled_thread_pool::ScheduledThreadPool;
+use scheduled_thread_pool::{OnPoolDropBehavior, ScheduledThreadPool};
 
 use crate::any_pool::AnyPool;
 use crate::config::Config;
@@ -36,6 +36,9 @@ pub(crate) struct Generation<M: ManageConnection> {
     /// The open connections of a generation on r2d2, counted by its customizer
     /// (`R2d2GenerationCustomizer`); once retired, it is swept until none is left.
     r2d2_connections: Arc<AtomicU64>,
+    /// The thread pool a generation on r2d2 runs its background work on: the user's, or one
+    /// of its own that ends with its r2d2 pool (see `generation_thread_pool`).
+    r2d2_threads: Option<Arc<ScheduledThreadPool>>,
 }
 
 /// Where a generation is built, which decides what it runs on.
@@ -78,6 +81,7 @@ impl<M: ManageConnection> Generation<M> {
                     descriptors,
                     retired: Arc::default(),
                     r2d2_connections: Arc::default(),
+                    r2d2_threads: None,
                 })
             }
             Site::BuildingProcess { wait_for_min_idle } => (false, wait_for_min_idle),
@@ -116,6 +120,7 @@ impl<M: ManageConnection> Generation<M> {
             descriptors,
             retired,
             r2d2_connections: Arc::default(),
+            r2d2_threads: None,
         })
     }
 
@@ -147,9 +152,11 @@ impl<M: ManageConnection> Generation<M> {
             builder =
                 builder.event_handler(Box::new(EventHandlerAdapter(Arc::clone(event_handler))));
         }
-        if let Some(thread_pool) = &config.thread_pool {
-            builder = builder.thread_pool(Arc::clone(thread_pool));
-        }
+        let threads = match &config.thread_pool {
+            Some(threads) => Arc::clone(threads),
+            None => Arc::new(generation_thread_pool()),
+        };
+        builder = builder.thread_pool(Arc::clone(&threads));
         let pool = if wait {
             builder.build(manager)?
         } else {
@@ -160,18 +167,20 @@ impl<M: ManageConnection> Generation<M> {
             descriptors,
             retired,
             r2d2_connections,
+            r2d2_threads: Some(threads),
         })
     }
 
-    pub(crate) fn is_retired(&self) -> bool {
-        self.retired.load(Ordering::Acquire)
+    /// Set once `release_idle` has retired this generation.
+    pub(crate) fn retired_flag(&self) -> &Arc<AtomicBool> {
+        &self.retired
     }
 
     /// Retires a generation on r2d2 (which would reopen `min_idle` connections at once if they
     /// were only closed): it opens no more connections, its idle ones are closed now and the
-    /// rest as they come back, by a job on `threads` that ends once none is open. Returns how
-    /// many idle connections were closed now.
-    pub(crate) fn retire(&self, threads: Option<&Arc<ScheduledThreadPool>>) -> u32 {
+    /// rest as they come back, by a job on its thread pool that ends once none is open.
+    /// Returns how many idle connections were closed now.
+    pub(crate) fn retire(&self) -> u32 {
         // Sequentially consistent with the customizer's count and check: a connection either
         // is counted before the sweep below reads the count, or sees the generation retired.
         self.retired.store(true, Ordering::SeqCst);
@@ -180,8 +189,12 @@ impl<M: ManageConnection> Generation<M> {
         let closed = idle_before.saturating_sub(self.pool.state().idle_connections);
         // Connections still leased, or past the customizer but not yet in r2d2's idle list,
         // come back later: r2d2 parks the latter as idle, so a job on the thread pool keeps
-        // closing idle ones until the generation has none open, then ends.
-        if let (AnyPool::R2d2(pool), Some(threads)) = (&self.pool, threads) {
+        // closing idle ones until the generation has none open, then ends. (A connect not yet
+        // past the customizer is refused there; none open now means none later.)
+        if self.r2d2_connections.load(Ordering::SeqCst) == 0 {
+            return closed;
+        }
+        if let (AnyPool::R2d2(pool), Some(threads)) = (&self.pool, &self.r2d2_threads) {
             let pool = AnyPool::R2d2(pool.clone());
             let open = Arc::clone(&self.r2d2_connections);
             let mut pause = Duration::from_millis(1);
@@ -196,6 +209,20 @@ impl<M: ManageConnection> Generation<M> {
         }
         closed
     }
+}
+
+/// The thread pool of a generation on r2d2 when the user gave none: r2d2's default (three
+/// threads), one per generation, because r2d2 leaves jobs on its thread pool that only the
+/// thread pool's end stops — its reaper, scheduled at a fixed rate with a handle it drops, and
+/// its reconnect retries, which end only once its pool is gone. The last owner of a
+/// generation's r2d2 pool drops this with it (see `PerProcess` for when a retired generation
+/// is freed); pending jobs are then discarded and the threads end.
+fn generation_thread_pool() -> ScheduledThreadPool {
+    ScheduledThreadPool::builder()
+        .num_threads(3)
+        .thread_name_pattern("r2d2-worker-{}")
+        .on_drop_behavior(OnPoolDropBehavior::DiscardPendingScheduled)
+        .build()
 }
 
 /// Closes a retired generation's idle connections: each comes back as broken and is closed.

@@ -21,7 +21,7 @@ use crate::any_pool::AnyPool;
 use crate::config::{Builder, Config, OnFork};
 use crate::connection::{Checkout, PooledConnection};
 use crate::descriptors::DescriptorTable;
-use crate::fork::{current_epoch, Epoch, PerProcess};
+use crate::fork::{current_epoch, Epoch, PerProcess, Read};
 use crate::generation::{Generation, GenerationParts, Site};
 use crate::r2d2_compat::r2d2_error;
 use crate::stats::{Counters, ForkStats};
@@ -162,7 +162,7 @@ impl<M: ManageConnection> fmt::Debug for Pool<M> {
         let mut out = f.debug_struct("Pool");
         out.field("max_size", &self.shared.config.settings.max_size)
             .field("fork_stats", &self.fork_stats());
-        if let Some(generation) = self.shared.generation.get() {
+        if let Some(generation) = self.shared.generation.read() {
             out.field("state", &generation.pool.state());
         }
         out.finish_non_exhaustive()
@@ -192,15 +192,18 @@ impl<M: ManageConnection> Pool<M> {
         manager: M,
         wait: bool,
     ) -> Result<Pool<M>, r2d2::Error> {
-        // r2d2's default, three threads, made here once so that every generation of this
-        // process shares it: one retired by `release_idle` then adds no threads.
-        if config.thread_pool.is_none() {
+        // r2d2's default, three threads, for this crate's pool in this process. A pool on r2d2
+        // (one with an event handler) without a thread pool of the user's gives each of its
+        // generations one of its own instead, which ends with it (see `generation`).
+        if config.thread_pool.is_none() && config.event_handler.is_none() {
             config.thread_pool = Some(Arc::new(fresh_thread_pool()));
         }
         let counters = Arc::new(Counters::default());
         let manager = Arc::new(manager);
-        // On r2d2, retired generations' connections live beside the current one's.
-        let generations_at_once = if config.event_handler.is_some() { 2 } else { 1 };
+        // On r2d2, retired generations' connections live beside the current one's, and
+        // `release_idle` retires generations, which are freed once no thread reads them.
+        let on_r2d2 = config.event_handler.is_some();
+        let generations_at_once = if on_r2d2 { 2 } else { 1 };
         let building_descriptors = DescriptorTable::new(
             config.settings.max_size.saturating_mul(generations_at_once),
             Arc::clone(&counters),
@@ -218,7 +221,11 @@ impl<M: ManageConnection> Pool<M> {
             shared: Arc::new(Shared {
                 config,
                 manager,
-                generation: PerProcess::new(generation),
+                generation: if on_r2d2 {
+                    PerProcess::new_retirable(generation)
+                } else {
+                    PerProcess::new(generation)
+                },
                 counters,
                 built_in: current_epoch(),
                 latest_generation_in: AtomicU64::new(current_epoch().get()),
@@ -255,68 +262,64 @@ impl<M: ManageConnection> Pool<M> {
     // checkout (benches/checkout.rs measures it against r2d2's).
     #[inline(always)]
     fn checkout(&self, timeout: Duration) -> Result<PooledConnection<M>, r2d2::Error> {
-        let (generation, epoch) = self.generation_with_epoch();
-        let AnyPool::Std(pool) = &generation.pool else {
+        // This crate's pool in a generation that is never retired, borrowed without counting;
+        // everything else (a forked child's first use, a pool on r2d2, a refusing child) takes
+        // the cold path.
+        let found = self.shared.generation.get_with_epoch();
+        let Some((AnyPool::Std(pool), epoch)) = found.map(|(found, epoch)| (&found.pool, epoch))
+        else {
             return self
-                .checkout_elsewhere(generation, timeout)
-                .map(|checkout| PooledConnection::new(checkout, epoch));
+                .checkout_elsewhere(timeout, true)
+                .map(|(checkout, epoch)| PooledConnection::new(checkout, epoch));
         };
-        match pool.get_timeout(timeout) {
-            Ok(lease) => Ok(PooledConnection::new(Checkout::Std(lease), epoch)),
-            Err(error) => self
-                .checkout_after_error(generation, error, timeout)
-                .map(|checkout| PooledConnection::new(checkout, epoch)),
-        }
+        pool.get_timeout(timeout)
+            .map(|lease| PooledConnection::new(Checkout::Std(lease), epoch))
     }
 
-    /// Not this crate's pool: r2d2's (a pool with an event handler, in the process that
-    /// built it), or none (a refusing child's).
+    /// Every checkout but the hot path's: a forked child's first (which rebuilds the pool),
+    /// one from r2d2's pool (a pool with an event handler, in the process that built it), and
+    /// a refusing child's. Returns the checkout and the epoch of the generation it came from.
+    /// `once_more`: after `release_idle` retired the generation it waited on, it waits once
+    /// more, on the new one.
     #[cold]
     #[inline(never)]
     fn checkout_elsewhere(
         &self,
-        generation: &Generation<M>,
         timeout: Duration,
-    ) -> Result<Checkout<M>, r2d2::Error> {
-        match generation.pool.get_timeout(timeout) {
-            Err(error) => self.checkout_after_error(generation, error, timeout),
-            result => result,
+        once_more: bool,
+    ) -> Result<(Checkout<M>, Epoch), r2d2::Error> {
+        let generation = self.generation();
+        let epoch = generation.epoch();
+        let AnyPool::R2d2(pool) = &generation.pool else {
+            return generation
+                .pool
+                .get_timeout(timeout)
+                .map(|checkout| (checkout, epoch));
+        };
+        // The wait can be long (up to `timeout`): it holds r2d2's pool, not the generation, so
+        // that a generation `release_idle` retires meanwhile can be freed at once; r2d2's pool
+        // lives on as long as this wait and the connections it hands out.
+        let (pool, retired) = (pool.clone(), Arc::clone(generation.retired_flag()));
+        drop(generation);
+        match pool.get_timeout(timeout) {
+            Ok(conn) => Ok((Checkout::R2d2(conn), epoch)),
+            Err(_) if once_more && retired.load(Ordering::Acquire) => {
+                drop(pool);
+                self.checkout_elsewhere(timeout, false)
+            }
+            Err(error) => Err(error),
         }
-    }
-
-    /// `get` failed: after `release_idle` retired the generation it waited on, it tries the
-    /// new one.
-    #[cold]
-    #[inline(never)]
-    fn checkout_after_error(
-        &self,
-        generation: &Generation<M>,
-        error: r2d2::Error,
-        timeout: Duration,
-    ) -> Result<Checkout<M>, r2d2::Error> {
-        if generation.is_retired() {
-            return self.checkout_after_retirement(timeout);
-        }
-        Err(error)
-    }
-
-    /// `release_idle` retired the generation this call was waiting on: the wait is tried once
-    /// more on the new one.
-    #[cold]
-    #[inline(never)]
-    fn checkout_after_retirement(&self, timeout: Duration) -> Result<Checkout<M>, r2d2::Error> {
-        self.generation().pool.get_timeout(timeout)
     }
 
     /// Checks out an idle connection if there is one, without waiting, like
     /// [`r2d2::Pool::try_get`]. `None` in a forked child of a pool built with
     /// [`OnFork::Fail`](crate::OnFork::Fail).
     pub fn try_get(&self) -> Option<PooledConnection<M>> {
-        let (generation, epoch) = self.generation_with_epoch();
+        let generation = self.generation();
         generation
             .pool
             .try_get()
-            .map(|conn| PooledConnection::new(conn, epoch))
+            .map(|conn| PooledConnection::new(conn, generation.epoch()))
     }
 
     /// Waits until this process's pool holds its `min_idle` connections (all `max_size` when
@@ -367,11 +370,17 @@ impl<M: ManageConnection> Pool<M> {
                     None => opened_too_few(opened),
                 });
         }
-        // r2d2's pool keeps trying on its own worker threads.
-        while generation.pool.state().connections < wanted {
+        // r2d2's pool keeps trying on its own worker threads. The wait holds r2d2's pool, not
+        // the generation (see `checkout_elsewhere`).
+        let AnyPool::R2d2(pool) = &generation.pool else {
+            unreachable!("a generation is this crate's pool, r2d2's or a refusing one");
+        };
+        let pool = pool.clone();
+        drop(generation);
+        while pool.state().connections < wanted {
             if Instant::now() >= deadline {
-                let opened = generation.pool.state().connections;
-                return Err(match generation.pool.get_timeout(Duration::from_nanos(1)) {
+                let opened = pool.state().connections;
+                return Err(match pool.get_timeout(Duration::from_nanos(1)) {
                     Err(error) => error,
                     Ok(_) => opened_too_few(opened),
                 });
@@ -416,25 +425,33 @@ impl<M: ManageConnection> Pool<M> {
     /// reopens `min_idle` connections as soon as any are closed. There this process's r2d2 pool
     /// (its *generation*) is retired instead, and the next use builds a new one. A retired
     /// generation opens no connection and closes every connection that comes back to it or
-    /// whose connect ends after the call, and a job on the thread pool closes what r2d2 parks
+    /// whose connect ends after the call, and a job on its thread pool closes what r2d2 parks
     /// in its idle list until none of its connections is open. A forked child releases what
-    /// every retired generation still holds. A retired generation itself stays allocated
-    /// until the `Pool` is dropped, because another thread may be using it at that instant,
-    /// and r2d2's worker threads keep trying to reopen its `min_idle` connections, backing off
-    /// to one attempt per missing connection every `connection_timeout / 2`, which it refuses;
-    /// so on such a pool call `release_idle` before forking, not in a loop. A thread that was
-    /// waiting in `get` on it waits out its timeout and then tries the new generation.
+    /// every retired generation still holds. The generation is freed once no thread is still
+    /// inside a call that reached it (a `get` waiting on it holds only r2d2's pool, which lives
+    /// as long as that wait and the connections it hands out), and r2d2's pool is dropped with
+    /// its last connection. Without a [`thread_pool`](Builder::thread_pool) of yours, each
+    /// generation runs on three threads of its own, as r2d2 would give it, which end with its
+    /// r2d2 pool, and with them r2d2's jobs for it (its reaper, its retries of the reconnects
+    /// the retired generation refuses). So nothing of a retired generation outlives its
+    /// connections, and `release_idle` may be called as often as needed; each call costs the
+    /// next use a new r2d2 pool and three new threads. With a thread pool of yours, r2d2
+    /// leaves its reaper job on it for each retired generation, as dropping any `r2d2::Pool`
+    /// does: a job every 30 seconds that finds its pool gone, about half a kilobyte each (5 MiB
+    /// after 10 000 calls), so there call it before forking rather than in a loop. A thread
+    /// that was waiting in `get` on a retired generation waits out its timeout and then tries
+    /// the new one.
     pub fn release_idle(&self) -> u32 {
-        let closed = match self.shared.generation.get() {
-            Some(Generation {
-                pool: AnyPool::Std(pool),
-                ..
-            }) => pool.release_idle(),
-            Some(Generation {
-                pool: AnyPool::R2d2(_),
-                ..
-            }) => self.retire_r2d2_generation(),
-            _ => return 0,
+        let Some(generation) = self.shared.generation.read() else {
+            return 0;
+        };
+        let closed = match &generation.pool {
+            AnyPool::Std(pool) => pool.release_idle(),
+            AnyPool::R2d2(_) => {
+                drop(generation);
+                self.retire_r2d2_generation()
+            }
+            AnyPool::Refusing(_) => return 0,
         };
         tracing::debug!(
             pid = std::process::id(),
@@ -448,7 +465,7 @@ impl<M: ManageConnection> Pool<M> {
     /// once: its generation is retired and the next use builds another.
     fn retire_r2d2_generation(&self) -> u32 {
         match self.shared.generation.retire() {
-            Some(retired) => retired.retire(self.shared.config.thread_pool.as_ref()),
+            Some(retired) => retired.retire(),
             None => 0,
         }
     }
@@ -493,26 +510,22 @@ impl<M: ManageConnection> Pool<M> {
         self.shared.config.settings.connection_timeout
     }
 
-    /// This process's generation, rebuilding it first if the pool came across a fork.
+    /// This process's generation, rebuilding it first if the pool came across a fork or
+    /// `release_idle` retired it. Keep it briefly: a retired generation is freed only once
+    /// every such borrow of it has ended.
     #[inline]
-    fn generation(&self) -> &Generation<M> {
-        self.generation_with_epoch().0
-    }
-
-    /// [`generation`](Self::generation) and the calling process's epoch, for the guard.
-    #[inline]
-    fn generation_with_epoch(&self) -> (&Generation<M>, Epoch) {
-        match self.shared.generation.get_with_epoch() {
+    fn generation(&self) -> Read<'_, Generation<M>> {
+        match self.shared.generation.read() {
             Some(found) => found,
-            None => (self.rebuild_after_fork(), current_epoch()),
+            None => self.rebuild(),
         }
     }
 
     #[cold]
     #[inline(never)]
-    fn rebuild_after_fork(&self) -> &Generation<M> {
+    fn rebuild(&self) -> Read<'_, Generation<M>> {
         let shared = &*self.shared;
-        let rebuilt = shared.generation.get_or_try_init(|inherited| {
+        let rebuilt = shared.generation.read_or_try_init(|inherited| {
             let here = current_epoch();
             // False after `release_idle` in this same process: then nothing crossed a fork.
             let crossed_fork =
@@ -578,7 +591,7 @@ impl<M: ManageConnection> Drop for Shared<M> {
     /// A pool dropped in a child that never used it still lets go of the inherited sockets;
     /// `PerProcess` then leaks the inherited generation instead of dropping it.
     fn drop(&mut self) {
-        if self.generation.get().is_some() {
+        if self.generation.read().is_some() {
             return;
         }
         let inherited = match self.generation.get_even_inherited() {

@@ -9,14 +9,16 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forksafe_pool::{OnFork, Pool};
+use scheduled_thread_pool::ScheduledThreadPool;
 use support::fake_server::{
     fake_pool, only_we_wrote_on, refused_at_once, warm_connections, FakeConnection, FakeServer,
 };
 use support::fork::{reap, run_child, spawn_child, ChildEnd};
-use support::inspect::{points_at_dev_null, resident_bytes};
+use support::inspect::{points_at_dev_null, resident_bytes, threads_named};
 use support::no_io::NoIoManager;
 use support::runner::{child_result, expect_exit, run_cases, Case, Check};
 
@@ -281,14 +283,15 @@ fn release_idle_leaves_nothing_open_once_connects_in_flight_end(inner: Inner) ->
     Ok(())
 }
 
-/// Each `release_idle` cycle costs no memory that outlives it.
-fn release_idle_cycles_keep_memory_bounded() -> Check {
+/// Each `release_idle` cycle costs no memory that outlives it. On r2d2 each cycle retires a
+/// generation (an r2d2 pool and its threads) and the next `get` builds another.
+fn release_idle_cycles_keep_memory_bounded(inner: Inner) -> Check {
     const CYCLES: usize = 10_000;
     // 420 bytes a cycle: less than one inner pool (its state, descriptor table, reaper job)
     // or a few connections kept per cycle, far more than allocator noise.
     const ALLOWED_GROWTH: u64 = 4 << 20;
     let manager = NoIoManager::default();
-    let pool = no_io_pool(Inner::Std, &manager)?;
+    let pool = no_io_pool(inner, &manager)?;
     let cycle = |cycle: usize| -> Check {
         pool.release_idle();
         pool.get()
@@ -317,6 +320,170 @@ fn release_idle_cycles_keep_memory_bounded() -> Check {
         manager.live()
     );
     Ok(())
+}
+
+/// Waits up to five seconds for `done`; `what` says what it waited for when it times out.
+fn wait_until(what: impl Fn() -> String, done: impl Fn() -> bool) -> Check {
+    let until = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        ensure!(Instant::now() < until, "{}", what());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// On r2d2 with a thread pool of the user's: every generation `release_idle` retired lets go
+/// of its r2d2 pool once its connections are closed. An r2d2 pool keeps the thread pool in its
+/// configuration, so the thread pool's reference count tells whether retired ones are alive;
+/// r2d2's reconnect retries for a pool end once that pool is gone.
+fn release_idle_on_r2d2_lets_each_retired_generation_go() -> Check {
+    let threads = Arc::new(ScheduledThreadPool::new(2));
+    let manager = NoIoManager::default();
+    let pool = Inner::R2d2
+        .builder()
+        .max_size(3)
+        .connection_timeout(Duration::from_secs(5))
+        .thread_pool(Arc::clone(&threads))
+        .build(manager.clone())
+        .map_err(|error| format!("build: {error}"))?;
+    // This test's reference, the pool's configuration, and what one generation holds.
+    let one_generation = Arc::strong_count(&threads);
+    // Two more threads check out and read the state meanwhile, so generations are retired
+    // while other threads use them. (Without waiting: a `get` waiting in a generation that is
+    // retired waits out its timeout.)
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| -> Check {
+        let users: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        drop(pool.try_get());
+                        std::hint::black_box(pool.state());
+                    }
+                })
+            })
+            .collect();
+        let mut held = None;
+        let cycles = (0..200).try_for_each(|cycle| {
+            pool.release_idle();
+            let conn = pool
+                .get()
+                .map_err(|error| format!("cycle {cycle}: get: {error}"))?;
+            // Every tenth lease stays out across the next `release_idle`.
+            held = if cycle % 10 == 0 { Some(conn) } else { None };
+            Ok(())
+        });
+        drop(held);
+        stop.store(true, Ordering::Relaxed);
+        for user in users {
+            user.join()
+                .map_err(|_| "another thread panicked".to_string())?;
+        }
+        cycles
+    })?;
+    wait_until(
+        || {
+            format!(
+                "{} references to the thread pool after 200 release_idle cycles, {} with one \
+                 generation",
+                Arc::strong_count(&threads),
+                one_generation
+            )
+        },
+        || Arc::strong_count(&threads) == one_generation,
+    )?;
+    pool.release_idle();
+    wait_until(
+        || {
+            format!(
+                "{} references to the thread pool after the last release_idle, expected 2 (this \
+                 test's and the pool configuration's); {} connections open",
+                Arc::strong_count(&threads),
+                manager.live()
+            )
+        },
+        || Arc::strong_count(&threads) == 2 && manager.live() == 0,
+    )?;
+    ensure!(pool.get().is_ok(), "the pool does not serve after it");
+    Ok(())
+}
+
+/// On r2d2 with the default thread pool: the threads of a retired generation, and with them
+/// the jobs r2d2 left on them (its reaper, its reconnect retries), end once its connections
+/// are closed, so a released pool keeps no thread. Threads are told apart by their ids: those
+/// of earlier cases' thread pools may still be ending.
+fn release_idle_on_r2d2_leaves_no_r2d2_thread_behind() -> Check {
+    let earlier = threads_named("r2d2-worker")?;
+    let ours = || -> Result<usize, String> {
+        Ok(threads_named("r2d2-worker")?.difference(&earlier).count())
+    };
+    let manager = NoIoManager::default();
+    let pool = no_io_pool(Inner::R2d2, &manager)?;
+    let mut most = ours()?;
+    for cycle in 0..300 {
+        pool.release_idle();
+        pool.get()
+            .map(drop)
+            .map_err(|error| format!("cycle {cycle}: get: {error}"))?;
+        most = most.max(ours()?);
+    }
+    println!("  at most {most} r2d2 worker threads over 300 release_idle cycles");
+    pool.release_idle();
+    let until = Instant::now() + Duration::from_secs(5);
+    while ours()? > 0 || manager.live() > 0 {
+        ensure!(
+            Instant::now() < until,
+            "{} r2d2 worker threads left after the last release_idle, {} connections open",
+            ours()?,
+            manager.live()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    ensure!(pool.get().is_ok(), "the pool does not serve after it");
+    Ok(())
+}
+
+/// Children forked while another thread retires and rebuilds the r2d2 generation in a loop
+/// (reads of it counted, retired ones freed as reads end) each build a pool of their own and
+/// use it: a child never waits on the reader counts or the retired generations it inherits.
+fn forks_while_release_idle_loops_on_r2d2() -> Check {
+    const FORKS: usize = 100;
+    let manager = NoIoManager::default();
+    let pool = no_io_pool(Inner::R2d2, &manager)?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let cycling = scope.spawn(|| -> Result<usize, String> {
+            let mut cycles = 0;
+            while !stop.load(Ordering::Relaxed) {
+                pool.release_idle();
+                pool.get()
+                    .map(drop)
+                    .map_err(|error| format!("cycle {cycles}: get: {error}"))?;
+                cycles += 1;
+            }
+            Ok(cycles)
+        });
+        let children = (0..FORKS).try_for_each(|fork| {
+            let end = run_child(DEADLINE, || {
+                child_result((|| {
+                    let conn = pool.get().map_err(|error| format!("child get: {error}"))?;
+                    ensure!(
+                        conn.opened_by == std::process::id(),
+                        "the child got {}'s connection",
+                        conn.opened_by
+                    );
+                    Ok(())
+                })())
+            });
+            expect_exit(&format!("child {fork}"), end, 0)
+        });
+        stop.store(true, Ordering::Relaxed);
+        let cycles = cycling
+            .join()
+            .map_err(|_| "the cycling thread panicked".to_string())??;
+        println!("  {FORKS} children forked during {cycles} release_idle cycles");
+        children
+    })
 }
 
 /// Connections from before several `release_idle` calls, still leased at the fork (the last
@@ -575,7 +742,7 @@ fn on_fork_fail_refuses_in_a_child_at_once() -> Check {
 }
 
 fn main() {
-    let cases: [Case; 11] = [
+    let cases: [Case; 15] = [
         (
             "release_idle_before_fork_leaves_children_nothing_to_discard",
             release_idle_before_fork_leaves_children_nothing_to_discard,
@@ -596,9 +763,23 @@ fn main() {
             "release_idle_leaves_nothing_open_once_connects_in_flight_end_on_r2d2",
             || release_idle_leaves_nothing_open_once_connects_in_flight_end(Inner::R2d2),
         ),
+        ("release_idle_cycles_keep_memory_bounded", || {
+            release_idle_cycles_keep_memory_bounded(Inner::Std)
+        }),
+        ("release_idle_cycles_keep_memory_bounded_on_r2d2", || {
+            release_idle_cycles_keep_memory_bounded(Inner::R2d2)
+        }),
         (
-            "release_idle_cycles_keep_memory_bounded",
-            release_idle_cycles_keep_memory_bounded,
+            "release_idle_on_r2d2_lets_each_retired_generation_go",
+            release_idle_on_r2d2_lets_each_retired_generation_go,
+        ),
+        (
+            "release_idle_on_r2d2_leaves_no_r2d2_thread_behind",
+            release_idle_on_r2d2_leaves_no_r2d2_thread_behind,
+        ),
+        (
+            "forks_while_release_idle_loops_on_r2d2",
+            forks_while_release_idle_loops_on_r2d2,
         ),
         (
             "a_child_releases_connections_leased_across_release_idle",

@@ -368,14 +368,22 @@ fn sessions_named(application_name: &str) -> Result<i64, String> {
 
 /// `release_idle` between checkouts while the pool reopens `min_idle` in the background: once
 /// the last release's connects in flight have ended, the server has no session of the pool's
-/// left.
-fn release_idle_cycles_leave_no_session_open() -> Check {
-    let application_name = format!("forksafe-release-idle-{}", std::process::id());
+/// left. `on_r2d2`: a pool with an event handler, whose every release retires an r2d2 pool.
+fn release_idle_cycles_leave_no_session_open(on_r2d2: bool) -> Check {
+    let application_name = format!(
+        "forksafe-release-idle-{}{}",
+        std::process::id(),
+        if on_r2d2 { "-r2d2" } else { "" }
+    );
     let url = with_param(
         &plain_url(),
         &format!("application_name={application_name}"),
     );
-    let pool = Pool::builder()
+    let mut builder = Pool::builder();
+    if on_r2d2 {
+        builder = builder.event_handler(Box::new(forksafe_pool::NopEventHandler));
+    }
+    let pool = builder
         .max_size(3)
         .connection_timeout(Duration::from_secs(10))
         .build(ConnectionManager::<PgConnection>::new(url))
@@ -633,15 +641,17 @@ fn main() {
     if let Ok(spec) = std::env::var(PROXY_ENV) {
         run_proxy(&spec);
     }
-    let own: [Case; 4] = [
+    let own: [Case; 5] = [
         (
             "bad_input_is_a_clear_error_in_time",
             bad_input_is_a_clear_error_in_time,
         ),
-        (
-            "release_idle_cycles_leave_no_session_open",
-            release_idle_cycles_leave_no_session_open,
-        ),
+        ("release_idle_cycles_leave_no_session_open", || {
+            release_idle_cycles_leave_no_session_open(false)
+        }),
+        ("release_idle_cycles_leave_no_session_open_on_r2d2", || {
+            release_idle_cycles_leave_no_session_open(true)
+        }),
         (
             "server_down_at_fork_and_back_later",
             server_down_at_fork_and_back_later,

@@ -23,7 +23,8 @@
 //! see the new epoch beside the parent's pid, judge it stale and claim a second one.
 //!
 //! [`PerProcess`] builds on the epoch: it holds a value per process and is what the pool and
-//! `ForkLocal` keep their per-process state in.
+//! `ForkLocal` keep their per-process state in. It can also retire a value and free it once no
+//! thread reads it any more; `grace` holds the reader counts that tell when.
 //!
 //! [`DriverSection`] is the one thing the atfork *prepare* handler does: a libc `fork()` waits
 //! (boundedly) for connects and closes running on other threads, because database drivers'
@@ -34,16 +35,18 @@
 //! a fork must not copy mid-use (SQLite's lock records).
 //!
 //! One concept per file: `epoch` (the epoch and fork detection), `atfork` (the handlers),
-//! `per_process` ([`PerProcess`] and its install lock), `driver_section` ([`DriverSection`],
-//! [`ForkWaitingLease`], [`ForkWaitsForDrop`]). Each file that needs `unsafe` allows it for
-//! itself (the crate root denies it); every block says why it is sound.
+//! `per_process` ([`PerProcess`] and its install lock), `grace` (the reader counts of retired
+//! values), `driver_section` ([`DriverSection`], [`ForkWaitingLease`], [`ForkWaitsForDrop`]).
+//! Each file that needs `unsafe` allows it for itself (the crate root denies it); every block
+//! says why it is sound.
 
 mod atfork;
 mod driver_section;
 mod epoch;
+mod grace;
 mod per_process;
 
 pub(crate) use driver_section::{DriverSection, ForkWaitingLease, ForkWaitsForDrop};
 pub(crate) use epoch::{current_epoch, Epoch};
 pub use epoch::{fork_detection, ForkDetection};
-pub(crate) use per_process::PerProcess;
+pub(crate) use per_process::{PerProcess, Read};

@@ -2,10 +2,12 @@
 #![allow(unsafe_code)]
 
 use std::fmt;
-use std::ptr;
-use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::ops::Deref;
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use super::epoch::{current_epoch, Epoch};
+use super::grace::{Drained, ReaderCounts, BOTH_DRAINED};
 
 /// A value per process: the value of the process that made it, replaced on first use in a
 /// forked child by a value that child makes.
@@ -17,12 +19,48 @@ use super::epoch::{current_epoch, Epoch};
 /// Lock-free for readers: a load, an epoch compare. Installing takes a fork-aware lock whose
 /// word holds the installer's epoch, so a lock word left by a parent thread that the fork
 /// caught mid-install reads as free in the child.
+///
+/// # Retiring
+///
+/// One made with [`new_retirable`](Self::new_retirable) can take the value of the process that
+/// made it out of service ([`retire`](Self::retire)) and free it once no thread uses it any
+/// more. Only that process's values are retirable, and only they are read through
+/// [`read`](Self::read) with a count (see `grace`): a read enters a reader counter, so that a
+/// retired value is freed after every read that could have seen it has ended. Reads elsewhere
+/// — every value of one made with [`new`](Self::new) or [`empty`](Self::empty), every value of
+/// a forked child — count nothing and stay a load and a compare. A child never frees, counts or
+/// looks at the counters and retired values it inherits: parent threads that do not exist in
+/// the child may have been in the middle of a read; those values are leaked like any
+/// inherited one.
+///
+/// Who frees a retired value: whoever finds both counters drained while holding the install
+/// lock — the end of a counted read while retired values wait (it only tries the lock, never
+/// waits for it), and `Drop`. So a retired value is freed soon after the last read that could
+/// have seen it ends: by the end of a later read (of two, while reads keep one counter busy),
+/// or with the container. A counter cannot tell which value a read saw, so a read in flight
+/// holds back everything retired meanwhile: callers keep counted reads short (the pool holds a
+/// clone of r2d2's pool, not the generation, while it waits for a connection).
+///
+/// Why counters: a reader must be known to the reclaimer before it loads the pointer, or the
+/// value could be freed between the load and the first use. An `Arc` per value would need the
+/// same (its count is in the value it protects); hazard pointers would need a slot per thread.
+/// Two shared counters cost a read two atomic read-modify-writes, paid only where a value can
+/// be retired.
 pub(crate) struct PerProcess<T> {
+    /// The calling process's value when it is not retirable, or one inherited from a parent;
+    /// freed only by `Drop`, so borrowed without counting.
     current: AtomicPtr<Owned<T>>,
+    /// The value of the process `retirable_in`, which only counted reads borrow.
+    counted: AtomicPtr<Owned<T>>,
+    /// The process whose values can be retired; `None` for a container that never retires.
+    retirable_in: Option<Epoch>,
+    readers: ReaderCounts,
     installing: AtomicU64,
-    /// Values retired with [`PerProcess::retire`], newest first, linked through
-    /// `Owned::retired_next`; freed by `Drop` (those of other processes are leaked).
+    /// Retired values not freed yet, newest first, linked through `Owned::retired_next`; only
+    /// touched under the install lock, and only in the process `retirable_in`.
     retired: AtomicPtr<Owned<T>>,
+    /// How many values `retired` holds: the end of a read looks here before trying to free.
+    waiting: AtomicUsize,
 }
 
 struct Owned<T> {
@@ -31,55 +69,123 @@ struct Owned<T> {
     /// The next older retired value; only written under the install lock, before this value
     /// is linked into `PerProcess::retired`.
     retired_next: AtomicPtr<Owned<T>>,
+    /// Which reader counters were seen drained since this value was unpublished (under the
+    /// install lock); freed when both were.
+    drained: AtomicU8,
 }
 
 // SAFETY: a `PerProcess<T>` hands out `&T` to any thread (so `T: Sync`) and may drop its `T`
-// on whichever thread drops it (so `T: Send`); that is the same contract as `OnceLock<T>`.
+// on whichever thread drops it or ends the last read of a retired value (so `T: Send`); that
+// is the same contract as `OnceLock<T>`.
 unsafe impl<T: Send + Sync> Sync for PerProcess<T> {}
 // SAFETY: as above: moving the container moves ownership of the `T` it may drop.
 unsafe impl<T: Send> Send for PerProcess<T> {}
+
+/// A borrow of a [`PerProcess`] value, counted when the value can be retired (see the type
+/// docs); the value stays allocated until this is dropped.
+pub(crate) struct Read<'a, T> {
+    /// A raw pointer, not a reference: once the count is given back the value may be freed
+    /// while this struct is still being dropped.
+    owned: NonNull<Owned<T>>,
+    /// The container and the reader counter this read entered, for a counted read.
+    counted: Option<(&'a PerProcess<T>, usize)>,
+}
 
 impl<T> PerProcess<T> {
     /// Holds nothing yet: the first `get_or_try_init` in each process makes that process's
     /// value. `const`, so it can live in a `static`.
     pub(crate) const fn empty() -> Self {
-        PerProcess {
-            current: AtomicPtr::new(ptr::null_mut()),
-            installing: AtomicU64::new(0),
-            retired: AtomicPtr::new(ptr::null_mut()),
-        }
+        PerProcess::with(ptr::null_mut(), ptr::null_mut(), None)
     }
 
     /// Holds `value`, owned by the calling process.
     pub(crate) fn new(value: T) -> Self {
+        PerProcess::with(Owned::boxed(value), ptr::null_mut(), None)
+    }
+
+    /// Holds `value`, owned by the calling process, whose values can be retired and are read
+    /// with [`read`](Self::read).
+    pub(crate) fn new_retirable(value: T) -> Self {
+        PerProcess::with(ptr::null_mut(), Owned::boxed(value), Some(current_epoch()))
+    }
+
+    const fn with(
+        current: *mut Owned<T>,
+        counted: *mut Owned<T>,
+        retirable_in: Option<Epoch>,
+    ) -> Self {
         PerProcess {
-            current: AtomicPtr::new(Owned::boxed(value)),
+            current: AtomicPtr::new(current),
+            counted: AtomicPtr::new(counted),
+            retirable_in,
+            readers: ReaderCounts::new(),
             installing: AtomicU64::new(0),
             retired: AtomicPtr::new(ptr::null_mut()),
+            waiting: AtomicUsize::new(0),
         }
     }
 
-    /// The calling process's value, if it has one.
+    /// The calling process's value, if it has one and it cannot be retired; see
+    /// [`read`](Self::read) for one made with `new_retirable`.
     #[inline]
     pub(crate) fn get(&self) -> Option<&T> {
         self.get_with_epoch().map(|(value, _)| value)
     }
 
     /// Like [`get`](Self::get), with the calling process's epoch, saving callers a second check.
+    /// The hot path: a load and a compare.
     #[inline]
     pub(crate) fn get_with_epoch(&self) -> Option<(&T, Epoch)> {
-        let owned = self.load()?;
+        let owned = self.current.load(Ordering::Acquire);
+        // SAFETY: `current` is null or points at an `Owned<T>` from `Box::into_raw`, published
+        // with `Release`. A value published there is freed only by `Drop` (which has
+        // `&mut self`); a replaced one is leaked. So the pointee outlives this borrow of `self`.
+        let owned = unsafe { owned.as_ref() }?;
         (owned.epoch == current_epoch()).then_some((&owned.value, owned.epoch))
     }
 
-    /// The value as the calling process found it, even if a parent made it: only for reading
+    /// The calling process's value, if it has one, counted if it can be retired.
+    pub(crate) fn read(&self) -> Option<Read<'_, T>> {
+        if let Some(owned) = self.own_uncounted() {
+            return Some(Read::uncounted(owned));
+        }
+        if self.retirable_in != Some(current_epoch()) {
+            return None;
+        }
+        let counter = self.readers.enter();
+        match NonNull::new(self.counted.load(Ordering::SeqCst)) {
+            Some(owned) => Some(Read::counted(owned, self, counter)),
+            None => {
+                self.end_read(counter);
+                None
+            }
+        }
+    }
+
+    /// The latest value the calling process found, even if a parent made it: only for reading
     /// what must be let go of (a table of atomics); never for using the parent's resources.
+    /// Never a value the calling process could retire.
     pub(crate) fn get_even_inherited(&self) -> Option<&T> {
-        self.load().map(|owned| &owned.value)
+        // SAFETY: as in `get_with_epoch`: what `current` points at lives as long as `self`.
+        if let Some(owned) = unsafe { self.current.load(Ordering::Acquire).as_ref() } {
+            return Some(&owned.value);
+        }
+        if self.retirable_in == Some(current_epoch()) {
+            return None;
+        }
+        // SAFETY: outside the process `retirable_in`, nothing frees what `counted` points at
+        // (only that process retires, reclaims and, in `Drop`, frees it), so it lives as long
+        // as `self`.
+        unsafe { self.counted.load(Ordering::Acquire).as_ref() }.map(|owned| &owned.value)
     }
 
     /// The calling process's value, made with `init` if it has none. `init` is given the value
     /// inherited from the parent, if any, to let go of what it holds.
+    ///
+    /// # Panics
+    ///
+    /// In the process whose values can be retired: use
+    /// [`read_or_try_init`](Self::read_or_try_init) there.
     pub(crate) fn get_or_try_init<E>(
         &self,
         init: impl FnOnce(Option<&T>) -> Result<T, E>,
@@ -87,55 +193,154 @@ impl<T> PerProcess<T> {
         if let Some(value) = self.get() {
             return Ok(value);
         }
-        self.install(init)
+        let read = self.install(init)?;
+        assert!(
+            read.counted.is_none(),
+            "a retirable value is borrowed through `read`"
+        );
+        // SAFETY: an uncounted read is of a value published in `current`, which only `Drop`
+        // frees, so it outlives the borrow of `self`.
+        Ok(unsafe { &read.owned.as_ref().value })
+    }
+
+    /// Like [`get_or_try_init`](Self::get_or_try_init), for a container that may retire.
+    pub(crate) fn read_or_try_init<E>(
+        &self,
+        init: impl FnOnce(Option<&T>) -> Result<T, E>,
+    ) -> Result<Read<'_, T>, E> {
+        match self.read() {
+            Some(read) => Ok(read),
+            None => self.install(init),
+        }
     }
 
     #[cold]
-    fn install<E>(&self, init: impl FnOnce(Option<&T>) -> Result<T, E>) -> Result<&T, E> {
+    fn install<E>(&self, init: impl FnOnce(Option<&T>) -> Result<T, E>) -> Result<Read<'_, T>, E> {
         let here = current_epoch();
         let _lock = InstallLock::acquire(&self.installing, here);
-        // Another thread of this process may have installed while we waited.
-        if let Some(value) = self.get() {
-            return Ok(value);
+        if self.retirable_in == Some(here) {
+            // Nothing else publishes or retires while we hold the lock.
+            let counter = self.readers.enter();
+            if let Some(owned) = NonNull::new(self.counted.load(Ordering::SeqCst)) {
+                return Ok(Read::counted(owned, self, counter));
+            }
+            self.readers.exit(counter);
+            // A retired value is not inherited: it is this process's own, already let go of.
+            let fresh = Owned::boxed(init(None)?);
+            // Entered before publishing, as any read that may see the value must be.
+            let counter = self.readers.enter();
+            self.counted.store(fresh, Ordering::SeqCst);
+            // SAFETY: `fresh` came from `Box::into_raw` just now.
+            let owned = unsafe { NonNull::new_unchecked(fresh) };
+            return Ok(Read::counted(owned, self, counter));
         }
-        let inherited = self.load().map(|owned| &owned.value);
-        let fresh = Owned::boxed(init(inherited)?);
+        // Another thread of this process may have installed while we waited.
+        if let Some(owned) = self.own_uncounted() {
+            return Ok(Read::uncounted(owned));
+        }
+        let fresh = Owned::boxed(init(self.get_even_inherited())?);
         // The previous value (inherited, or none) is leaked on purpose: see the type docs.
         self.current.store(fresh, Ordering::Release);
-        // SAFETY: `fresh` came from `Box::into_raw` just now and is only freed by `Drop`,
-        // which needs `&mut self`, so it outlives the returned borrow of `self`.
-        Ok(unsafe { &(*fresh).value })
+        // SAFETY: `fresh` came from `Box::into_raw` just now.
+        Ok(Read::uncounted(unsafe { NonNull::new_unchecked(fresh) }))
     }
 
-    /// Takes the calling process's value out of service: `get` returns `None` until the next
-    /// `get_or_try_init` makes a new one (which is given no inherited value). The retired value
-    /// stays allocated, and is returned, because other threads may still hold borrows of it;
-    /// it is dropped with the `PerProcess`. `None` if the calling process has no value.
-    pub(crate) fn retire(&self) -> Option<&T> {
+    /// Takes the calling process's value out of service: `read` returns `None` until the next
+    /// `read_or_try_init` makes a new one (which is given no inherited value). The retired value
+    /// is returned as a read, and freed once that and every other read of it has ended. `None`
+    /// if the calling process has no value or its values cannot be retired.
+    pub(crate) fn retire(&self) -> Option<Read<'_, T>> {
         let here = current_epoch();
-        let _lock = InstallLock::acquire(&self.installing, here);
-        let owned = self.current.load(Ordering::Acquire);
-        // SAFETY: as in `load`: null, or a published `Owned<T>` that only `Drop` frees.
-        let value = unsafe { owned.as_ref() }?;
-        if value.epoch != here {
+        if self.retirable_in != Some(here) {
             return None;
         }
-        // Linked before it is unpublished, under the install lock (the only writer of the
-        // list), so `Drop` always finds it.
+        let _lock = InstallLock::acquire(&self.installing, here);
+        // The retirer's own read is entered before the value is unpublished, like any other.
+        let counter = self.readers.enter();
+        let Some(owned) = NonNull::new(self.counted.load(Ordering::SeqCst)) else {
+            self.readers.exit(counter);
+            return None;
+        };
+        self.counted.store(ptr::null_mut(), Ordering::SeqCst);
+        // SAFETY: `owned` was published until now, so it is allocated; its list fields are
+        // only written under the install lock, which we hold.
+        let value = unsafe { owned.as_ref() };
         value
             .retired_next
-            .store(self.retired.load(Ordering::Acquire), Ordering::Release);
-        self.retired.store(owned, Ordering::Release);
-        self.current.store(ptr::null_mut(), Ordering::Release);
-        Some(&value.value)
+            .store(self.retired.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.retired.store(owned.as_ptr(), Ordering::Relaxed);
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        Some(Read::counted(owned, self, counter))
     }
 
-    fn load(&self) -> Option<&Owned<T>> {
-        let owned = self.current.load(Ordering::Acquire);
-        // SAFETY: `current` is null or points at an `Owned<T>` from `Box::into_raw`, published
-        // with `Release`. A published value is freed only by `Drop` (which has `&mut self`);
-        // a replaced one is leaked. So the pointee outlives this borrow of `self`.
-        unsafe { owned.as_ref() }
+    /// This process's value in `current`.
+    fn own_uncounted(&self) -> Option<NonNull<Owned<T>>> {
+        let owned = NonNull::new(self.current.load(Ordering::Acquire))?;
+        // SAFETY: as in `get_with_epoch`.
+        (unsafe { owned.as_ref() }.epoch == current_epoch()).then_some(owned)
+    }
+
+    /// Ends a counted read; if retired values wait, frees those no read can see any more
+    /// (unless another thread holds the install lock: it, or a later read, will).
+    fn end_read(&self, counter: usize) {
+        self.readers.exit(counter);
+        if self.waiting.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        // A read carried across `fork()` by the forking thread ends in the child: its counters
+        // and retired values are the parent's, so it frees nothing.
+        let here = current_epoch();
+        if self.retirable_in != Some(here) {
+            return;
+        }
+        let Some(lock) = InstallLock::try_acquire(&self.installing, here) else {
+            return;
+        };
+        let freed = self.unlink_unreachable();
+        drop(lock);
+        // Dropped outside the lock: a value's drop may take time (a pool closing connections).
+        let mut next = freed;
+        while let Some(owned) = NonNull::new(next) {
+            // SAFETY: `unlink_unreachable` took these out of the list, which held each once;
+            // both reader counters were seen drained after each was unpublished, so no read
+            // of them is alive (see `grace`), and nothing else points at them.
+            let owned = unsafe { Box::from_raw(owned.as_ptr()) };
+            next = owned.retired_next.load(Ordering::Relaxed);
+            drop(owned);
+        }
+    }
+
+    /// Under the install lock: looks at the reader counters once, and takes out of the retired
+    /// list, as a list of their own, the values no read can see any more.
+    fn unlink_unreachable(&self) -> *mut Owned<T> {
+        let drained: Drained = self.readers.drained();
+        if drained == 0 {
+            return ptr::null_mut();
+        }
+        let mut freed = ptr::null_mut();
+        let mut link = &self.retired;
+        loop {
+            let current = link.load(Ordering::Relaxed);
+            // SAFETY: the list holds values from `Box::into_raw`, unlinked (and then freed)
+            // only here, under the install lock, which we hold.
+            let Some(owned) = (unsafe { current.as_ref() }) else {
+                break;
+            };
+            let seen = owned.drained.load(Ordering::Relaxed) | drained;
+            owned.drained.store(seen, Ordering::Relaxed);
+            if seen == BOTH_DRAINED {
+                link.store(
+                    owned.retired_next.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+                owned.retired_next.store(freed, Ordering::Relaxed);
+                freed = current;
+                self.waiting.fetch_sub(1, Ordering::Relaxed);
+            } else {
+                link = &owned.retired_next;
+            }
+        }
+        freed
     }
 }
 
@@ -145,7 +350,49 @@ impl<T> Owned<T> {
             epoch: current_epoch(),
             value,
             retired_next: AtomicPtr::new(ptr::null_mut()),
+            drained: AtomicU8::new(0),
         }))
+    }
+}
+
+impl<'a, T> Read<'a, T> {
+    fn uncounted(owned: NonNull<Owned<T>>) -> Self {
+        Read {
+            owned,
+            counted: None,
+        }
+    }
+
+    fn counted(owned: NonNull<Owned<T>>, container: &'a PerProcess<T>, counter: usize) -> Self {
+        Read {
+            owned,
+            counted: Some((container, counter)),
+        }
+    }
+
+    /// The epoch of the process that made the value: the calling process's.
+    pub(crate) fn epoch(&self) -> Epoch {
+        // SAFETY: see `deref`.
+        unsafe { self.owned.as_ref() }.epoch
+    }
+}
+
+impl<T> Deref for Read<'_, T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        // SAFETY: an uncounted read is of a value only `Drop` of the container frees, and the
+        // container outlives `'a`; a counted one holds a reader count, so the value is not
+        // freed before this read is dropped (see `grace`).
+        unsafe { &self.owned.as_ref().value }
+    }
+}
+
+impl<T> Drop for Read<'_, T> {
+    fn drop(&mut self) {
+        if let Some((container, counter)) = self.counted {
+            container.end_read(counter);
+        }
     }
 }
 
@@ -153,33 +400,35 @@ impl<T> Drop for PerProcess<T> {
     /// Drops the values only in the process that made them; inherited ones are leaked.
     fn drop(&mut self) {
         let here = current_epoch();
-        let mut next = *self.retired.get_mut();
-        while !next.is_null() {
-            // SAFETY: every retired pointer came from `Box::into_raw` and was linked exactly
-            // once; `&mut self` proves no borrow handed out by `get` or `retire` is alive.
-            let owned = unsafe { Box::from_raw(next) };
-            next = owned.retired_next.load(Ordering::Acquire);
+        if self.retirable_in == Some(here) {
+            // `&mut self` proves that no read is alive, so every retired value can go. (In
+            // another process the list may have been caught mid-update by the fork, and its
+            // values are the parent's: it is not even walked.)
+            let mut next = *self.retired.get_mut();
+            while let Some(owned) = NonNull::new(next) {
+                // SAFETY: every retired pointer came from `Box::into_raw` and is linked once.
+                let owned = unsafe { Box::from_raw(owned.as_ptr()) };
+                next = owned.retired_next.load(Ordering::Relaxed);
+            }
+        }
+        for slot in [self.current.get_mut(), self.counted.get_mut()] {
+            let Some(owned) = NonNull::new(*slot) else {
+                continue;
+            };
+            // SAFETY: a published pointer came from `Box::into_raw`; `&mut self` proves no
+            // read of it is alive, and nothing else frees it.
+            let owned = unsafe { Box::from_raw(owned.as_ptr()) };
             if owned.epoch != here {
                 std::mem::forget(owned);
             }
-        }
-        let owned = *self.current.get_mut();
-        if owned.is_null() {
-            return;
-        }
-        // SAFETY: non-null `current` came from `Box::into_raw`; `&mut self` proves no borrow
-        // handed out by `get` is alive, and nothing else frees it.
-        let owned = unsafe { Box::from_raw(owned) };
-        if owned.epoch != here {
-            std::mem::forget(owned);
         }
     }
 }
 
 impl<T: fmt::Debug> fmt::Debug for PerProcess<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.get() {
-            Some(value) => f.debug_tuple("PerProcess").field(value).finish(),
+        match self.read() {
+            Some(value) => f.debug_tuple("PerProcess").field(&*value).finish(),
             None => f.write_str("PerProcess(<none in this process>)"),
         }
     }
@@ -192,14 +441,8 @@ impl<'a> InstallLock<'a> {
     fn acquire(word: &'a AtomicU64, here: Epoch) -> Self {
         let mut waits = 0u32;
         loop {
-            let holder = word.load(Ordering::Acquire);
-            // 0 is free; another epoch's value was left by a thread that does not exist here.
-            if holder != here.get()
-                && word
-                    .compare_exchange(holder, here.get(), Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            {
-                return InstallLock(word);
+            if let Some(lock) = InstallLock::try_acquire(word, here) {
+                return lock;
             }
             // A thread of this process is installing. A pool generation installs without
             // connecting, so the wait is short; a `ForkLocal` or `GuardedPool` initialiser may
@@ -211,6 +454,17 @@ impl<'a> InstallLock<'a> {
                 std::thread::sleep(std::time::Duration::from_micros(200));
             }
         }
+    }
+
+    fn try_acquire(word: &'a AtomicU64, here: Epoch) -> Option<Self> {
+        let holder = word.load(Ordering::Acquire);
+        // 0 is free; another epoch's value was left by a thread that does not exist here.
+        let taken = holder != here.get()
+            && word
+                .compare_exchange(holder, here.get(), Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+        // Made only once taken: dropping a lock releases it.
+        taken.then(|| InstallLock(word))
     }
 }
 
@@ -224,30 +478,151 @@ impl Drop for InstallLock<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
 
-    #[test]
-    fn retired_values_stay_valid_and_are_dropped_with_the_container() {
-        use std::sync::atomic::AtomicUsize;
-        static DROPS: AtomicUsize = AtomicUsize::new(0);
-        struct Counted(u32);
-        impl Drop for Counted {
-            fn drop(&mut self) {
-                DROPS.fetch_add(1, Ordering::SeqCst);
+    /// A value that counts its drops in `drops`.
+    struct Counted {
+        number: u32,
+        drops: Arc<AtomicUsize>,
+    }
+
+    impl Counted {
+        fn new(number: u32, drops: &Arc<AtomicUsize>) -> Counted {
+            Counted {
+                number,
+                drops: Arc::clone(drops),
             }
         }
-        let slot = PerProcess::new(Counted(1));
+    }
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.drops.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_retired_value_is_freed_when_its_last_read_ends() {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let slot = PerProcess::new_retirable(Counted::new(1, &drops));
+        assert!(
+            slot.get().is_none(),
+            "a retirable value is only read with a count"
+        );
+        let reading = slot.read().expect("the value");
         let retired = slot.retire().expect("a value to retire");
-        assert!(slot.get().is_none());
+        assert!(slot.read().is_none());
         assert!(slot.retire().is_none(), "nothing left to retire");
-        let fresh = slot.get_or_try_init(|inherited| {
+        let fresh = slot.read_or_try_init(|inherited| {
             assert!(inherited.is_none(), "a retired value is not inherited");
-            Ok::<_, ()>(Counted(2))
+            Ok::<_, ()>(Counted::new(2, &drops))
         });
-        assert_eq!(fresh.map(|value| value.0), Ok(2));
-        assert_eq!(retired.0, 1, "still readable after its replacement");
-        assert!(slot.retire().is_some());
-        assert_eq!(DROPS.load(Ordering::SeqCst), 0);
+        assert_eq!(fresh.map(|value| value.number), Ok(2));
+        assert_eq!(retired.number, 1, "still readable after its replacement");
+        drop(retired);
+        assert_eq!(drops.load(Ordering::SeqCst), 0, "a read of it is alive");
+        assert_eq!(reading.number, 1);
+        drop(reading);
+        assert_eq!(drops.load(Ordering::SeqCst), 1, "freed by its last read");
+        // With no read alive, the retirer's own read frees it.
+        drop(slot.retire());
+        assert_eq!(drops.load(Ordering::SeqCst), 2);
+        let third = slot.read_or_try_init(|_| Ok::<_, ()>(Counted::new(3, &drops)));
+        drop(third);
         drop(slot);
-        assert_eq!(DROPS.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            3,
+            "the container frees the rest"
+        );
+    }
+
+    #[test]
+    fn values_retired_during_a_read_wait_for_it_then_go() {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let slot = PerProcess::new_retirable(Counted::new(0, &drops));
+        let long = slot.read().expect("the value");
+        for number in 1..=100 {
+            drop(slot.retire());
+            drop(slot.read_or_try_init(|_| Ok::<_, ()>(Counted::new(number, &drops))));
+        }
+        // A read's counter cannot say which value it saw: every value retired while it is in
+        // flight waits for it (which is why the pool keeps its reads short).
+        assert_eq!(drops.load(Ordering::SeqCst), 0);
+        assert_eq!(long.number, 0);
+        drop(long);
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            100,
+            "freed by the end of the read"
+        );
+        drop(slot);
+        assert_eq!(drops.load(Ordering::SeqCst), 101);
+    }
+
+    #[test]
+    fn readers_never_see_a_freed_value_while_another_thread_retires() {
+        struct Checked {
+            alive: AtomicBool,
+            drops: Arc<AtomicUsize>,
+        }
+        impl Drop for Checked {
+            fn drop(&mut self) {
+                self.alive.store(false, Ordering::SeqCst);
+                self.drops.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let drops = Arc::new(AtomicUsize::new(0));
+        let make = || Checked {
+            alive: AtomicBool::new(true),
+            drops: Arc::clone(&drops),
+        };
+        let slot = PerProcess::new_retirable(make());
+        let stop = AtomicBool::new(false);
+        let made = AtomicUsize::new(1);
+        std::thread::scope(|scope| {
+            for _ in 0..3 {
+                scope.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        let read = slot.read_or_try_init(|_| {
+                            made.fetch_add(1, Ordering::SeqCst);
+                            Ok::<_, ()>(make())
+                        });
+                        let read = read.expect("infallible");
+                        for _ in 0..10 {
+                            assert!(read.alive.load(Ordering::SeqCst), "read a freed value");
+                        }
+                    }
+                });
+            }
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while made.load(Ordering::SeqCst) < 500 && std::time::Instant::now() < until {
+                drop(slot.retire());
+                std::thread::yield_now();
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        drop(slot.read());
+        let made = made.load(Ordering::SeqCst);
+        let freed = drops.load(Ordering::SeqCst);
+        assert!(made >= 500, "only {made} values made");
+        // The last read freed every retired value; only the current one is left.
+        assert!(made - freed <= 1, "{freed} of {made} values freed");
+        drop(slot);
+        assert_eq!(drops.load(Ordering::SeqCst), made);
+    }
+
+    #[test]
+    fn values_of_a_container_that_never_retires_are_read_without_a_count() {
+        let slot = PerProcess::new(7);
+        let read = slot.read().expect("the value");
+        assert!(read.counted.is_none());
+        assert_eq!(*read, 7);
+        assert_eq!(slot.get(), Some(&7));
+        assert!(
+            slot.retire().is_none(),
+            "only a retirable container retires"
+        );
     }
 }

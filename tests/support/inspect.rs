@@ -1,5 +1,6 @@
 //! What a test reads about its own process: memory in use and where a descriptor points.
 
+use std::collections::BTreeSet;
 use std::os::fd::RawFd;
 use std::os::unix::fs::MetadataExt;
 
@@ -25,4 +26,25 @@ pub fn points_at_dev_null(fd: RawFd) -> bool {
     };
     nix::sys::stat::fstat(fd)
         .is_ok_and(|stat| (stat.st_dev, stat.st_ino) == (null.dev(), null.ino()))
+}
+
+/// The thread ids of this process's threads whose name starts with `prefix` (the kernel keeps
+/// the first 15 bytes of a name), from `/proc/self/task`.
+pub fn threads_named(prefix: &str) -> Result<BTreeSet<u32>, String> {
+    let tasks = std::fs::read_dir("/proc/self/task")
+        .map_err(|error| format!("/proc/self/task: {error}"))?;
+    let mut named = BTreeSet::new();
+    for task in tasks.flatten() {
+        // A thread that ends while we read has no `comm` any more: it no longer counts.
+        let Ok(name) = std::fs::read_to_string(task.path().join("comm")) else {
+            continue;
+        };
+        if let (true, Some(tid)) = (
+            name.starts_with(prefix),
+            task.file_name().to_str().and_then(|tid| tid.parse().ok()),
+        ) {
+            named.insert(tid);
+        }
+    }
+    Ok(named)
 }
