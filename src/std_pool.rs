@@ -94,16 +94,16 @@
 //! # Fairness
 //!
 //! A running thread takes a connection put back at once, before a woken waiter gets a core; r2d2
-//! lets threads barge in the same way. So that a waiting `get` is not passed over for ever, one
-//! that has waited `FAIR_AFTER` (500 µs, as parking_lot's eventual fairness) raises `starving`,
-//! and from then on every connection put back is handed straight to the longest waiting `get`
-//! instead of into its slot, until none has waited that long. Each queued `get` sleeps on a
-//! condition variable of its own, so a connection put back or handed over wakes one waiter, not
-//! all of them (which would then queue for the lock, one context switch each, before the one it
-//! was for could run). `benches/contention.rs` (part `wait`) measures the waits this leaves, p99
-//! and maximum, and how evenly the threads were served, beside r2d2's. The waits are shorter than
-//! r2d2's; the share of checkouts is less even with a pool much smaller than the thread count,
-//! because a thread that holds a core keeps reusing connections while the others wait for one.
+//! lets threads barge in the same way. So that a waiting `get` is not passed over for ever, the
+//! pool keeps its waiting `get` calls in a queue, and the longest waiting one keeps time: once it
+//! has waited `FAIR_AFTER` (500 µs, the interval of parking_lot's eventual fairness) it raises
+//! `starving`, and the next connection put back is handed straight to it instead of into its
+//! slot. The next handover comes no sooner than `FAIR_AFTER` later, so handing over, a context
+//! switch each, stays the exception even when many threads wait for a few connections. Each
+//! queued `get` sleeps on a condition variable of its own, so a connection put back or handed over
+//! wakes one waiter, not all of them (which would then queue for the lock, one context switch
+//! each, before the one it was for could run). `benches/contention.rs` (part `wait`) measures the
+//! waits this leaves, p99 and maximum, and how evenly the threads were served, beside r2d2's.
 //!
 //! # Fork safety of all this
 //!
@@ -144,7 +144,8 @@ const LOCK_SPINS: u32 = 3;
 const LOCK_YIELDS: u32 = 7;
 /// A `get` that finds every connection checked out: yields of the core before it waits.
 const WAIT_YIELDS: u32 = 3;
-/// A `get` that has waited this long is handed the next connection put back.
+/// A `get` that has waited this long is handed the next connection put back, and handovers
+/// are at least this far apart (see the module docs, "Fairness").
 const FAIR_AFTER: Duration = Duration::from_micros(500);
 
 /// A pool on std's locks; cheap to clone, like r2d2's.
@@ -222,6 +223,8 @@ struct State<M: ManageConnection> {
     /// Connections handed to a waiting `get` (by ticket) that has not picked them up yet.
     handed: Vec<(u64, Box<Pooled<M>>)>,
     next_ticket: u64,
+    /// No connection is handed over before this instant (see `State::fair_turn`).
+    next_fair_turn: Instant,
 }
 
 /// Where a new connection goes.
@@ -274,6 +277,24 @@ impl<M: ManageConnection> State<M> {
         self.next_ticket += 1;
         self.queue.push_back(waiter.clone());
         waiter
+    }
+
+    /// When `waiter`, if it is the longest waiting `get`, may have the next connection put back
+    /// handed to it: once it has waited `FAIR_AFTER`, and no sooner than `FAIR_AFTER` after
+    /// the last handover, so that handing over (a context switch each) stays the exception.
+    fn fair_turn(&self, waiter: &Waiter) -> Option<Instant> {
+        let front = self.queue.front()?;
+        (front.ticket == waiter.ticket)
+            .then(|| (waiter.since + FAIR_AFTER).max(self.next_fair_turn))
+    }
+
+    /// Wakes the longest waiting `get` if it sleeps, so that it keeps time for fairness.
+    fn wake_front(&self) {
+        if let Some(front) = self.queue.front() {
+            if front.wake.asleep.load(Ordering::Relaxed) {
+                front.wake.notify();
+            }
+        }
     }
 
     /// The connection handed to the `get` holding `ticket`, if any.
@@ -346,6 +367,7 @@ impl<M: ManageConnection> StdPool<M> {
                     queue: VecDeque::new(),
                     handed: Vec::new(),
                     next_ticket: 0,
+                    next_fair_turn: Instant::now(),
                 }),
                 changed: Condvar::new(),
                 waiters: AtomicU32::new(0),
@@ -668,14 +690,17 @@ impl<M: ManageConnection> Shared<M> {
                 std::thread::yield_now();
             } else {
                 let waiter = queued.get_or_insert_with(|| state.enqueue(now)).clone();
-                let fair_at = waiter.since + FAIR_AFTER;
-                let until = if fair_at > now {
-                    fair_at.min(deadline)
-                } else {
-                    deadline
+                // Only the longest waiting `get` keeps time for fairness; the others sleep until
+                // they are woken or time out, and it wakes the next when it leaves the queue.
+                let until = match state.fair_turn(&waiter) {
+                    Some(turn) if turn > now => turn.min(deadline),
+                    _ => deadline,
                 };
                 state = self.wait_until(state, now, until, Some(&waiter.wake));
-                if Instant::now() >= fair_at && !state.queue.is_empty() {
+                if state
+                    .fair_turn(&waiter)
+                    .is_some_and(|turn| turn <= Instant::now())
+                {
                     self.starving.store(true, Ordering::SeqCst);
                 }
                 drop(state);
@@ -694,7 +719,14 @@ impl<M: ManageConnection> Shared<M> {
             return;
         };
         let mut state = self.lock();
+        let was_front = state
+            .queue
+            .front()
+            .is_some_and(|front| front.ticket == ticket);
         state.queue.retain(|waiter| waiter.ticket != ticket);
+        if was_front {
+            state.wake_front();
+        }
         let handed = state.take_handed(ticket);
         drop(state);
         if let Some(conn) = handed {
@@ -1020,17 +1052,14 @@ impl<M: ManageConnection> Shared<M> {
     #[inline(never)]
     fn hand_over(&self, conn: Box<Pooled<M>>) -> Option<Box<Pooled<M>>> {
         let mut state = self.lock();
+        self.starving.store(false, Ordering::SeqCst);
         let Some(waiter) = state.queue.pop_front() else {
-            self.starving.store(false, Ordering::SeqCst);
             return Some(conn);
         };
         state.handed.push((waiter.ticket, conn));
-        let starving = state
-            .queue
-            .front()
-            .is_some_and(|next| next.since.elapsed() >= FAIR_AFTER);
-        self.starving.store(starving, Ordering::SeqCst);
+        state.next_fair_turn = Instant::now() + FAIR_AFTER;
         waiter.wake.notify();
+        state.wake_front();
         None
     }
 
@@ -1253,6 +1282,41 @@ mod contention_tests {
                 "{threads} threads, pool of {size}"
             );
             assert_eq!(manager.0.load(Ordering::SeqCst), size);
+        }
+    }
+
+    /// A connection put back while `get` calls wait reaches one of them (woken by the return,
+    /// or at the latest by the longest waiting one's fairness timer), never left idle while
+    /// they sleep out their 10 s timeout; 300 times, the return racing the waiters' going to
+    /// sleep.
+    #[test]
+    fn a_connection_put_back_wakes_a_waiting_get() {
+        let manager = Arc::new(Counting::default());
+        let pool = reaping_pool(&manager, settings(1));
+        pool.wait_for_initial_connections(Duration::from_secs(5))
+            .expect("initial connection");
+        for round in 0..300u64 {
+            let held = pool.get_timeout(Duration::from_secs(1)).expect("checkout");
+            let waiters: Vec<_> = (0..2)
+                .map(|_| {
+                    let pool = pool.clone();
+                    std::thread::spawn(move || {
+                        let began = Instant::now();
+                        drop(pool.get_timeout(Duration::from_secs(10)).expect("checkout"));
+                        began.elapsed()
+                    })
+                })
+                .collect();
+            // From "before the waiters sleep" to "long after".
+            std::thread::sleep(Duration::from_micros(round % 30 * 50));
+            drop(held);
+            for waiter in waiters {
+                let waited = waiter.join().expect("waiter");
+                assert!(
+                    waited < Duration::from_secs(2),
+                    "round {round}: a get waited {waited:?} for a connection put back"
+                );
+            }
         }
     }
 }
