@@ -3,7 +3,7 @@
 //! The manager does no I/O and `test_on_check_out` is off, so what is measured is the pools'
 //! own bookkeeping: each pool's mutex, idle list, guard and clock reads, plus, for
 //! forksafe-pool, the epoch checks on `get()` and on the guard's drop. Target: forksafe ≤ 1.03 ×
-//! r2d2 (measured: about 0.70 ×, see docs/measurements.md).
+//! r2d2 (measured: about 0.55 ×, see docs/measurements.md).
 //!
 //! `cargo bench --bench checkout`
 //!
