@@ -725,6 +725,8 @@ impl<M: ManageConnection> Shared<M> {
             .is_some_and(|front| front.ticket == ticket);
         state.queue.retain(|waiter| waiter.ticket != ticket);
         if was_front {
+            // Whatever it raised was for itself: the next in line keeps its own time.
+            self.starving.store(false, Ordering::SeqCst);
             state.wake_front();
         }
         let handed = state.take_handed(ticket);
