@@ -36,7 +36,7 @@ use diesel::sql_types::Text;
 use diesel::{QueryableByName, RunQueryDsl};
 use forksafe_pool::{ManageConnection, Pool, PooledConnection};
 use r2d2_postgres::postgres::types::Type;
-use r2d2_postgres::postgres::{Client, Config, NoTls};
+use r2d2_postgres::postgres::{Client, Config, NoTls, SimpleQueryMessage};
 use support::backend::{self, Backend};
 use support::fork::spawn_child;
 use support::runner::{Check, NamedCase};
@@ -81,7 +81,7 @@ trait Driver: Send + Sync + 'static {
 }
 
 /// diesel's `PgConnection`, as `diesel::r2d2::ConnectionManager` makes it, with diesel's
-/// statement cache off (see `backends::postgres` in the crate).
+/// statement cache off (see `Pool`'s docs, "Behind PgBouncer").
 struct Diesel;
 
 #[derive(QueryableByName)]
@@ -359,6 +359,108 @@ fn an_ambiguous_connect_is_left_open_and_counted<M: Mode, D: Driver>() -> Check 
     Ok(())
 }
 
+/// In transaction pooling PgBouncer runs each of a client's round trips on whichever server
+/// connection is free, so a named prepared statement made in one round trip and closed in a
+/// later one can stay behind on a server connection the client no longer holds, for as long as
+/// that server connection lives. What the pool asks of a new session (to name its socket) must
+/// leave nothing there: after 4 threads made 100 connections at once, each answering a query,
+/// no server connection of the database has a prepared statement made since the case began.
+fn connects_leave_no_prepared_statements_behind<D: Driver>() -> Check {
+    let began = first_column(&mut probe_client()?, "SELECT clock_timestamp()::text")?
+        .pop()
+        .ok_or("the server's clock gave no row")?;
+    let threads: Vec<_> = (0..4)
+        .map(|thread| {
+            std::thread::spawn(move || -> Check {
+                for round in 0..25 {
+                    let pool = pool_with::<TransactionPooling, D>(OtherSocket::None)?;
+                    let mut conn = pool.get().map_err(|error| format!("get: {error}"))?;
+                    Bounced::echo(&mut conn, &format!("thread {thread} round {round}"))?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread
+            .join()
+            .map_err(|_| String::from("a connecting thread panicked"))??;
+    }
+    let left = prepared_statements_since(&began)?;
+    ensure!(
+        left.is_empty(),
+        "{} prepared statements left on PgBouncer's server connections: {left:?}",
+        left.len()
+    );
+    Ok(())
+}
+
+/// A plain `postgres::Client` of the transaction-pooling database, outside any pool.
+fn probe_client() -> Result<Client, String> {
+    Client::connect(&mode_url::<TransactionPooling>(), NoTls)
+        .map_err(|error| format!("probe: {error}"))
+}
+
+/// The first column of every row of `query`, run as a simple query (one round trip, no
+/// prepared statement).
+fn first_column(client: &mut Client, query: &str) -> Result<Vec<String>, String> {
+    let messages = client
+        .simple_query(query)
+        .map_err(|error| format!("{query}: {error}"))?;
+    Ok(messages
+        .iter()
+        .filter_map(|message| match message {
+            SimpleQueryMessage::Row(row) => Some(row.get(0).unwrap_or("NULL").to_string()),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The prepared statements (`name: statement`) made since `began` (a server timestamp) on any
+/// server connection of the transaction-pooling database: as many probes as PgBouncer may open
+/// server connections for it each hold one in a transaction of its own, so together they hold
+/// every one.
+fn prepared_statements_since(began: &str) -> Result<Vec<String>, String> {
+    let database = admin_console("SHOW DATABASES")?
+        .into_iter()
+        .find(|database| {
+            database.get("name").map(String::as_str) == Some(TransactionPooling::DATABASE)
+        })
+        .ok_or("PgBouncer lists no transaction-pooling database")?;
+    let size = |column: &str| -> Result<usize, String> {
+        database
+            .get(column)
+            .and_then(|value| value.parse().ok())
+            .ok_or(format!("SHOW DATABASES has no {column}: {database:?}"))
+    };
+    let servers = size("pool_size")? + size("reserve_pool")?;
+    let mut probes = (0..servers)
+        .map(|_| probe_client())
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut held = BTreeSet::new();
+    for probe in &mut probes {
+        first_column(probe, "BEGIN")?;
+        held.extend(first_column(probe, "SELECT pg_backend_pid()")?);
+    }
+    ensure!(
+        held.len() == servers,
+        "{servers} probes hold {} server connections: {held:?}",
+        held.len()
+    );
+    let mut statements = Vec::new();
+    for probe in &mut probes {
+        statements.extend(first_column(
+            probe,
+            &format!(
+                "SELECT name || ': ' || statement FROM pg_prepared_statements \
+                 WHERE prepare_time >= '{began}'::timestamptz"
+            ),
+        )?);
+        first_column(probe, "COMMIT")?;
+    }
+    Ok(statements)
+}
+
 /// Why `Pool`'s docs tell diesel users to turn the statement cache off for transaction pooling:
 /// two clients take turns running one cacheable query. With the cache on, each prepares
 /// `__diesel_stmt_0` on whichever server connection PgBouncer lends it, and the name collides
@@ -427,6 +529,16 @@ fn main() {
         String::from("diesel::transaction::pooling_needs_the_statement_cache_off"),
         transaction_pooling_needs_the_statement_cache_off,
     );
+    let no_statements_left: [NamedCase; 2] = [
+        (
+            String::from("diesel::transaction::connects_leave_no_prepared_statements_behind"),
+            connects_leave_no_prepared_statements_behind::<Diesel>,
+        ),
+        (
+            String::from("postgres::transaction::connects_leave_no_prepared_statements_behind"),
+            connects_leave_no_prepared_statements_behind::<Postgres>,
+        ),
+    ];
     backend::run_all(
         "PgBouncer",
         reachable,
@@ -436,6 +548,7 @@ fn main() {
             .chain(cases::<TransactionPooling, Diesel>())
             .chain([statement_cache])
             .chain(cases::<SessionPooling, Postgres>())
-            .chain(cases::<TransactionPooling, Postgres>()),
+            .chain(cases::<TransactionPooling, Postgres>())
+            .chain(no_statements_left),
     );
 }
