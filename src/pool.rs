@@ -84,13 +84,14 @@ use crate::stats::{Counters, ForkStats};
 ///
 /// # Behind PgBouncer
 ///
-/// diesel's `PgConnection` through PgBouncer works in session and in transaction pooling mode,
-/// and a forked child releases its copies of the parent's sockets as with a direct connection:
-/// PostgreSQL cannot name them then (it sees PgBouncer's socket), so each connect is watched
-/// for the one socket that appears in this process while libpq connects. Connects of diesel
-/// `PgConnection`s in one process take turns for that; a connect made meanwhile outside this
-/// crate's pools makes the socket uncertain, and it is then left open in the child and counted
-/// in [`ForkStats::connections_leaked`].
+/// diesel's `PgConnection` and `postgres::Client` through PgBouncer work in session and in
+/// transaction pooling mode, and a forked child releases its copies of the parent's sockets as
+/// with a direct connection: PostgreSQL cannot name them then (it sees PgBouncer's socket), so
+/// each connect is watched for the one socket that appears in this process while the driver
+/// connects. Connects of these connections in one process take turns for that; a connect made
+/// meanwhile outside this crate's pools makes the socket uncertain, and it is then left open in
+/// the child and counted in [`ForkStats::connections_leaked`]. What the pool asks of a new
+/// session leaves no prepared statement behind, in either mode.
 ///
 /// In `pool_mode = transaction`, PgBouncer before 1.21 (Debian 12 ships 1.18) runs a client's
 /// statements on whichever server connection is free, and does not carry named prepared
@@ -123,6 +124,11 @@ use crate::stats::{Counters, ForkStats};
 /// # drop(pool);
 /// # }
 /// ```
+///
+/// `postgres::Client` has no statement cache, but its `query`, `query_one` and `execute` with a
+/// `&str` prepare a named statement in one round trip and run it in another, which PgBouncer
+/// may send to different server connections. In that mode use `query_typed` (one unnamed
+/// parse-bind-execute, with the parameters' types given) or `simple_query`.
 ///
 /// Session state (`SET`, advisory locks, `LISTEN`, temporary tables) does not last past a
 /// transaction in that mode; that is PgBouncer's rule.

@@ -14,10 +14,11 @@
 mod support;
 
 use std::collections::BTreeSet;
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use forksafe_pool::{HandleError, Pool, PooledConnection};
+use forksafe_pool::{HandleError, ManageConnection, Pool, PooledConnection};
 use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
 use postgres_openssl::MakeTlsConnector;
 use r2d2_postgres::postgres::{self, Client, Config, NoTls};
@@ -290,11 +291,65 @@ fn an_empty_locator_answer_hides_the_leak() -> Check {
     backend::expect_child_exit("child", pid, &report)
 }
 
+/// r2d2_postgres's manager, plus a socket pair of its own made (and kept) during every connect:
+/// the connect window sees three new sockets and names none.
+struct ExtraSockets(Plain);
+
+/// The extra sockets, kept open for as long as the test runs.
+static EXTRA_SOCKETS: Mutex<Vec<(UnixStream, UnixStream)>> = Mutex::new(Vec::new());
+
+impl ManageConnection for ExtraSockets {
+    type Connection = Client;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> Result<Client, postgres::Error> {
+        let client = self.0.connect()?;
+        let pair = UnixStream::pair().expect("a socket pair");
+        EXTRA_SOCKETS.lock().unwrap().push(pair);
+        Ok(client)
+    }
+
+    fn is_valid(&self, client: &mut Client) -> Result<(), postgres::Error> {
+        self.0.is_valid(client)
+    }
+
+    fn has_broken(&self, client: &mut Client) -> bool {
+        self.0.has_broken(client)
+    }
+}
+
+/// Over TCP the server's view alone names each connection's socket: with the connect window
+/// of every connect ambiguous, the child still releases every inherited socket and counts
+/// none as leaked.
+fn the_servers_view_names_a_tcp_connection() -> Check {
+    let pool = Pool::builder()
+        .max_size(2)
+        .min_idle(Some(2))
+        .build(ExtraSockets(Plain::manager(&Plain::url())?))
+        .map_err(|error| format!("build: {error}"))?;
+    let (report, child_report) = backend::datagram_pair()?;
+    let pid = spawn_child(|| {
+        backend::child_case(&child_report, || {
+            let mut client = pool.get().map_err(|error| format!("get: {error}"))?;
+            echo_on(&mut client, "after fork", false)?;
+            let stats = pool.fork_stats();
+            ensure!(
+                stats.connections_discarded == 2
+                    && stats.sockets_released == 2
+                    && stats.connections_leaked == 0,
+                "expected 2 connections discarded and released, none leaked: {stats:?}"
+            );
+            Ok(())
+        })
+    });
+    backend::expect_child_exit("child", pid, &report)
+}
+
 fn main() {
     let reachable = Client::connect(&Plain::url(), NoTls)
         .map(drop)
         .map_err(|error| format!("PostgreSQL at {} is unreachable: {error}", url()));
-    let own: [Case; 3] = [
+    let own: [Case; 4] = [
         (
             "bad_input_gives_the_drivers_error_in_time",
             bad_input_gives_the_drivers_error_in_time,
@@ -306,6 +361,10 @@ fn main() {
         (
             "an_empty_locator_answer_hides_the_leak",
             an_empty_locator_answer_hides_the_leak,
+        ),
+        (
+            "the_servers_view_names_a_tcp_connection",
+            the_servers_view_names_a_tcp_connection,
         ),
     ];
     let cases = backend::scenarios::<Plain>("plain::")

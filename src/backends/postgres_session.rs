@@ -7,8 +7,10 @@
 //!    `inet_server_port()` (its end). The connection's socket is then
 //!    [`locate::tcp_socket`](crate::locate::tcp_socket) of that pair: a TCP address pair names
 //!    at most one connection in a network namespace. One round trip per new connection (not per
-//!    checkout), on the connection itself, before anyone else sees it. TLS changes nothing: the
-//!    socket under it has the same addresses.
+//!    checkout), on the connection itself, before anyone else sees it, with no named prepared
+//!    statement (PgBouncer in transaction pooling may run each round trip on another server
+//!    connection, and would leave one behind). TLS changes nothing: the socket under it has the
+//!    same addresses.
 //! 2. The connect window (`connect_window`), when the server's view names no socket of ours:
 //!    through PgBouncer or another proxy (the server sees the proxy's socket) and over a Unix
 //!    socket (the server sees no address). The one socket that appeared in this process while
