@@ -215,6 +215,28 @@ fn watch_slot(slot_index: usize, slot: &Slot, workers: &Receiver<u32>, events: &
     }
 }
 
+/// Starts `run` on a new thread of the master named `name`, and returns once that thread runs.
+///
+/// Every std thread takes a process-global std mutex as it starts (the stack-overflow
+/// handler's thread-info map), and again as it ends. A fork while a thread of the master holds
+/// it leaves it locked in the worker for good, and every thread the worker then starts blocks
+/// before it runs a line: such a worker accepts connections and never answers them. A thread
+/// runs its closure only after std's start has let go of that mutex, and the master's threads
+/// never end, so a master that forks only once its threads run forks with the mutex free.
+fn start_thread(name: &str, run: impl FnOnce() + Send + 'static) -> Result<(), String> {
+    let (running, started) = channel();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let _ = running.send(());
+            run();
+        })
+        .map_err(|error| format!("cannot start the {name} thread: {error}"))?;
+    started
+        .recv()
+        .map_err(|_| format!("the {name} thread ended before it ran"))
+}
+
 /// Reaps workers for the master's loop. `waitpid` fails only while there is no child: between
 /// a last worker's death and its replacement, or after `quit`.
 fn reap(events: &Sender<Event>) {
@@ -273,12 +295,13 @@ pub fn serve(config: ServeConfig) -> Result<(), String> {
     {
         let quitting = Arc::clone(&quitting);
         let events = events.clone();
-        std::thread::spawn(move || {
+        start_thread("control", move || {
             control(slots.slots, start, &quitting);
             let _ = events.send(Event::Quit);
-        });
+        })?;
     }
-    // Every thread of the master starts here, before the first fork (see `watch_slot`).
+    // Every thread of the master starts here, and runs, before the first fork (see
+    // `start_thread` and `watch_slot`).
     let watchers: Vec<Sender<u32>> = slots
         .slots
         .iter()
@@ -286,11 +309,13 @@ pub fn serve(config: ServeConfig) -> Result<(), String> {
         .map(|(index, slot)| {
             let (watcher, workers) = channel();
             let events = events.clone();
-            std::thread::spawn(move || watch_slot(index, slot, &workers, &events));
-            watcher
+            start_thread(&format!("watch-slot-{index}"), move || {
+                watch_slot(index, slot, &workers, &events);
+            })?;
+            Ok(watcher)
         })
-        .collect();
-    std::thread::spawn(move || reap(&events));
+        .collect::<Result<_, String>>()?;
+    start_thread("reap", move || reap(&events))?;
 
     // Unreaped workers, and the slot each was forked for.
     let mut live: HashMap<u32, usize> = HashMap::new();
@@ -511,5 +536,39 @@ fn answer(app: &App, path: &str) -> (u16, String) {
         Some(Ok(body)) => (200, body),
         Some(Err(error)) => (500, format!("{error} pid={}\n", std::process::id())),
         None => (400, String::from("usage: GET /?n=<number>\n")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names of this process's threads, as the kernel has them.
+    fn thread_names() -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .expect("/proc/self/task")
+            .flatten()
+            .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+            .map(|name| name.trim_end().to_owned())
+            .collect()
+    }
+
+    /// std gives a thread its name in the kernel after its start has released the mutex a fork
+    /// must not copy locked, and before the thread's closure runs: a thread whose name shows
+    /// holds that mutex no more.
+    #[test]
+    fn a_started_thread_is_past_its_start_when_start_thread_returns() {
+        let mut not_yet = Vec::new();
+        for index in 0..200 {
+            let name = format!("started-{index}");
+            start_thread(&name, || loop {
+                std::thread::park();
+            })
+            .expect("a thread");
+            if !thread_names().contains(&name) {
+                not_yet.push(name);
+            }
+        }
+        assert_eq!(not_yet, Vec::<String>::new(), "not yet past their start");
     }
 }
