@@ -223,9 +223,12 @@ fn watch_slot(slot_index: usize, slot: &Slot, workers: &Receiver<u32>, events: &
 /// before it runs a line: such a worker accepts connections and never answers them. A thread
 /// runs its closure only after std's start has let go of that mutex, and the master's threads
 /// never end, so a master that forks only once its threads run forks with the mutex free.
-fn start_thread(name: &str, run: impl FnOnce() + Send + 'static) -> Result<(), String> {
+fn start_thread(
+    name: &str,
+    run: impl FnOnce() + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, String> {
     let (running, started) = channel();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(name.to_owned())
         .spawn(move || {
             let _ = running.send(());
@@ -234,7 +237,8 @@ fn start_thread(name: &str, run: impl FnOnce() + Send + 'static) -> Result<(), S
         .map_err(|error| format!("cannot start the {name} thread: {error}"))?;
     started
         .recv()
-        .map_err(|_| format!("the {name} thread ended before it ran"))
+        .map_err(|_| format!("the {name} thread ended before it ran"))?;
+    Ok(thread)
 }
 
 /// Reaps workers for the master's loop. `waitpid` fails only while there is no child: between
@@ -541,34 +545,39 @@ fn answer(app: &App, path: &str) -> (u16, String) {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::thread::JoinHandleExt;
+
     use super::*;
 
-    /// The names of this process's threads, as the kernel has them.
-    fn thread_names() -> Vec<String> {
-        std::fs::read_dir("/proc/self/task")
-            .expect("/proc/self/task")
-            .flatten()
-            .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
-            .map(|name| name.trim_end().to_owned())
-            .collect()
+    /// The name the kernel has for `thread`.
+    fn kernel_name(thread: &std::thread::JoinHandle<()>) -> String {
+        let mut name = [0 as libc::c_char; 16];
+        // SAFETY: the thread is alive (it never returns); `name` is a buffer of the size given.
+        let result =
+            unsafe { libc::pthread_getname_np(thread.as_pthread_t(), name.as_mut_ptr(), 16) };
+        assert_eq!(result, 0, "pthread_getname_np");
+        // SAFETY: `pthread_getname_np` wrote a NUL-terminated name into `name`.
+        unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
     }
 
-    /// std gives a thread its name in the kernel after its start has released the mutex a fork
-    /// must not copy locked, and before the thread's closure runs: a thread whose name shows
-    /// holds that mutex no more.
+    /// std gives a thread its name in the kernel as it starts, before the thread's closure
+    /// runs: a thread without its name has not finished starting, which is when a fork copies
+    /// std's thread-start mutex locked.
     #[test]
-    fn a_started_thread_is_past_its_start_when_start_thread_returns() {
+    fn a_started_thread_has_finished_starting_when_start_thread_returns() {
         let mut not_yet = Vec::new();
         for index in 0..200 {
             let name = format!("started-{index}");
-            start_thread(&name, || loop {
+            let thread = start_thread(&name, || loop {
                 std::thread::park();
             })
             .expect("a thread");
-            if !thread_names().contains(&name) {
+            if kernel_name(&thread) != name {
                 not_yet.push(name);
             }
         }
-        assert_eq!(not_yet, Vec::<String>::new(), "not yet past their start");
+        assert_eq!(not_yet, Vec::<String>::new(), "not finished starting");
     }
 }
