@@ -3,15 +3,15 @@
 //!
 //! Left to the scheduler, on a machine of two cores, the load generator's threads, the
 //! workers and the database's backends land wherever the scheduler puts them when a server
-//! starts, and mostly stay there while it runs; so two servers started a second apart ran at
-//! throughputs up to a third apart, from one server start to the next, whatever their mode
-//! (measured on 2 cores: the ratio of forksafe's to lazy's req/s ranged 0.97–1.32 over 8
-//! rounds; within a round, slice after slice, each server kept its own pace). With the load
-//! generator on one half of the CPUs and the servers with their database on the other, every
-//! start meets the same arrangement (the same 8 rounds: 0.99–1.03, one round of 0.91 when
-//! another program took the CPU), and the load generator cannot take CPU time from the
-//! servers it measures: with 8 clients, 4 workers and a private PostgreSQL on 2 cores, the
-//! servers' core runs at 99 % and the load generator's at about half.
+//! starts, and mostly stay there while it runs: two servers started a second apart, each
+//! keeping its own pace slice after slice, ran up to a third apart whatever their mode
+//! (measured on 2 cores while other programs ran: the ratio of forksafe's req/s to lazy's
+//! ranged 0.97–1.32 over 8 rounds). With the load generator on one half of the CPUs and the
+//! servers with their database on the other, every start meets the same arrangement (8 rounds:
+//! 0.99–1.03, and one round of 0.91 when another program took the CPU), and the load generator
+//! takes no CPU time from the servers it measures: with 8 clients, 4 workers and a private
+//! PostgreSQL on 2 cores, the servers' core runs at 99 % and the load generator's at about
+//! half.
 
 use std::os::unix::process::CommandExt;
 use std::process::Command;

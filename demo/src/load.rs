@@ -5,13 +5,13 @@
 //!
 //! - **Connections spread evenly.** A worker serves one request at a time, and a keep-alive
 //!   connection stays with the worker that accepted it. Clients that connect all at once let
-//!   the first worker woken take several connections before the others wake (measured: 8
-//!   connections over 4 workers split 4-4-0-0 or 5-3-0-0 as often as 2-2-2-2), so how many
-//!   workers served at all, and the throughput, changed from run to run. The kernel hands
-//!   connections to the workers waiting in `accept` in turn, so clients that connect one after
-//!   the other, each sending its first request before the next connects, land one per worker
-//!   in turn; a client whose first answer names a worker that has its share already connects
-//!   again.
+//!   the first worker woken take several connections before the others wake (measured: in 8
+//!   server starts no split of 8 connections over 4 workers was even, and in 2 one or two
+//!   workers got none), so how many workers served at all, and the throughput, changed from
+//!   run to run. The kernel hands connections to the workers waiting in `accept` in turn, so
+//!   clients that connect one after the other, each sending its first request before the next
+//!   connects, land one per worker in turn; a client whose first answer names a worker that
+//!   has its share already connects again.
 //! - **Servers in turns.** A machine's background load (another build, a database's own
 //!   work) changes over seconds. The servers of a round run side by side and take turns of a
 //!   slice each (A B B A A B …), so each server's figures come from the same stretch of time,
