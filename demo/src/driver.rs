@@ -7,19 +7,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::progress::Progress;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::app::{Answer, Database, Mode, StateMemory};
+use crate::app::{Database, Mode, StateMemory};
+use crate::cpus::Cpus;
+use crate::load::{self, agent, request, Load, Outcome, TIMED_OUT};
+use crate::progress::Progress;
 
 /// How long the driver waits for every worker to serve its first request.
 const STARTUP_LIMIT: Duration = Duration::from_secs(15);
 /// How long the driver waits for a killed worker's replacement to serve.
 const RESPAWN_LIMIT: Duration = Duration::from_secs(5);
-/// The failure of a request that got no answer in time.
-const TIMED_OUT: &str = "request timed out";
 
 /// How the driver runs every mode.
 #[derive(Clone, Debug)]
@@ -36,6 +36,29 @@ pub struct RunConfig {
     pub hang_after: Duration,
     /// Where the servers' standard error goes too, if anywhere.
     pub server_log: Option<std::path::PathBuf>,
+    /// Where the servers run, apart from the load generator; `None`: anywhere.
+    pub cpus: Option<Cpus>,
+}
+
+#[cfg(test)]
+impl RunConfig {
+    /// The demo's defaults, on a database no test connects to.
+    pub fn for_tests() -> RunConfig {
+        RunConfig {
+            database: Database::Postgres(String::from("postgres://127.0.0.1/demo")),
+            workers: 4,
+            table_mib: 256,
+            state_memory: StateMemory::Heap,
+            pool_size: 2,
+            requests: 4000,
+            clients: 8,
+            request_timeout: Duration::from_secs(2),
+            load_time_limit: Duration::from_secs(10),
+            hang_after: Duration::from_secs(2),
+            server_log: None,
+            cpus: None,
+        }
+    }
 }
 
 /// Everything measured for one mode; the table's columns.
@@ -53,6 +76,8 @@ pub struct ModeResult {
     pub wrong_answers: u64,
     pub hung_workers: usize,
     pub req_per_s: f64,
+    /// Each slice's req/s, in turn order (see `load`).
+    pub slice_req_per_s: Vec<f64>,
     pub p99_latency_ms: f64,
     pub cpu_seconds_starting: f64,
     /// Workers that answered before the start-up deadline (all of them, normally).
@@ -62,6 +87,8 @@ pub struct ModeResult {
     pub respawn_forked_ms: Option<f64>,
     pub total_pss_mib: f64,
     pub pss_ratio_to_lazy: Option<f64>,
+    /// How many of the load's connections each worker took, most first (see `load`).
+    pub connections_per_worker: Vec<usize>,
     /// The error answers, with counts, in the order they first appeared.
     pub errors: Vec<(String, u64)>,
     /// Set when the server could not be run at all.
@@ -116,7 +143,11 @@ impl Server {
             ),
             None => None,
         };
-        let mut child = Command::new(exe)
+        let mut command = Command::new(exe);
+        if let Some(cpus) = &config.cpus {
+            cpus.for_servers(&mut command);
+        }
+        let mut child = command
             .args([
                 "serve",
                 "--mode",
@@ -271,23 +302,6 @@ fn read_line(view: &mut View, line: &str) {
     }
 }
 
-/// What one load client saw: latencies, answers right, answers wrong, and errors with when
-/// each request that met one was sent.
-type ClientTally = (Vec<Duration>, u64, u64, Vec<(Instant, String)>);
-
-/// One HTTP request's outcome.
-enum Outcome {
-    Ok(Answer),
-    Wrong,
-    /// The worker answered with an error; the pid it named, if it did.
-    ErrorAnswer {
-        message: String,
-        pid: Option<u32>,
-    },
-    /// No answer (a timeout, a closed connection).
-    Failed(String),
-}
-
 /// What a probe learnt.
 enum Probe {
     /// This worker answered right.
@@ -298,48 +312,6 @@ enum Probe {
     TimedOut,
     /// Anything else: refused, wrong, unnamed.
     Other,
-}
-
-fn agent(timeout: Duration, keep_alive: bool) -> ureq::Agent {
-    let config = ureq::Agent::config_builder()
-        .timeout_global(Some(timeout))
-        .http_status_as_error(false)
-        .max_idle_connections(if keep_alive { 4 } else { 0 })
-        .max_idle_connections_per_host(if keep_alive { 4 } else { 0 })
-        .build();
-    config.into()
-}
-
-fn request(agent: &ureq::Agent, port: u16, n: u64, table_mib: usize) -> Outcome {
-    let response = agent.get(&format!("http://127.0.0.1:{port}/?n={n}")).call();
-    let mut response = match response {
-        Ok(response) => response,
-        Err(ureq::Error::Timeout(_)) => return Outcome::Failed(String::from(TIMED_OUT)),
-        Err(error) => return Outcome::Failed(format!("http: {error}")),
-    };
-    let status = response.status().as_u16();
-    let body = match response.body_mut().read_to_string() {
-        Ok(body) => body,
-        Err(ureq::Error::Timeout(_)) => return Outcome::Failed(String::from(TIMED_OUT)),
-        Err(error) => return Outcome::Failed(format!("http: {error}")),
-    };
-    if status != 200 {
-        // "query: <driver error> pid=123": keep the error, drop the pid, so messages group.
-        let (message, pid) = match body.trim().rsplit_once(" pid=") {
-            Some((message, pid)) => (message, pid.parse().ok()),
-            None => (body.trim(), None),
-        };
-        // On one line, although drivers (libpq) spread their messages over several.
-        let message = message.split_whitespace().collect::<Vec<_>>().join(" ");
-        return Outcome::ErrorAnswer {
-            message: format!("HTTP {status}: {message}"),
-            pid,
-        };
-    }
-    match Answer::parse(&body) {
-        Some(answer) if answer.is_for(n, table_mib) => Outcome::Ok(answer),
-        _ => Outcome::Wrong,
-    }
 }
 
 /// Sends one request on a fresh connection; the pid of the worker that answered, if any did.
@@ -396,52 +368,132 @@ fn pss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
-/// Starts the server in `mode`, measures it, stops it.
-pub fn run_mode(mode: Mode, index: u64, config: &RunConfig, bar: &Progress) -> ModeResult {
-    let mut result = ModeResult {
-        mode: mode.name(),
-        workers: config.workers,
-        ..ModeResult::default()
-    };
-    bar.phase("starting");
-    let mut server = match Server::start(mode, config) {
-        Ok(server) => server,
-        Err(error) => {
-            result.server_error = Some(error);
-            return result;
-        }
-    };
-    let outcome = measure(index, config, bar, &mut server, &mut result);
-
-    bar.phase("stopping");
-    let view = Arc::clone(&server.view);
-    server.stop();
-    if let Err(error) = outcome {
-        let last = view
-            .0
-            .lock()
-            .unwrap()
-            .stderr_tail
-            .iter()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(" / ");
-        result.server_error = Some(if last.is_empty() {
-            error
-        } else {
-            format!("{error} (server said: {last})")
-        });
-    }
-    result
+/// A server of a round that started: the master's port and pid.
+struct Running {
+    server: Server,
+    port: u16,
+    master: u32,
 }
 
-fn measure(
+/// Runs one round: starts a server per mode (one after the other), loads them side by side
+/// (see [`load`]), then measures and stops each. The results are in the order of
+/// `modes`; `index` numbers the first mode's run among all of the demo's, the rest follow.
+pub fn run_round(
+    modes: &[Mode],
     index: u64,
     config: &RunConfig,
     bar: &Progress,
+) -> Vec<ModeResult> {
+    let phase = |mode: Mode, what: &str| {
+        if modes.len() > 1 {
+            bar.phase(&format!("{}: {what}", mode.name()));
+        } else {
+            bar.phase(what);
+        }
+    };
+    let mut results: Vec<ModeResult> = modes
+        .iter()
+        .map(|mode| ModeResult {
+            mode: mode.name(),
+            workers: config.workers,
+            ..ModeResult::default()
+        })
+        .collect();
+    let mut running: Vec<Option<Running>> = Vec::new();
+    for (&mode, result) in modes.iter().zip(&mut results) {
+        phase(mode, "starting");
+        running.push(match Server::start(mode, config) {
+            Ok(mut server) => {
+                match start_up(config, &mut server, result, &|what| phase(mode, what)) {
+                    Ok((port, master)) => Some(Running {
+                        server,
+                        port,
+                        master,
+                    }),
+                    Err(error) => {
+                        fail(server, result, error);
+                        None
+                    }
+                }
+            }
+            Err(error) => {
+                result.server_error = Some(error);
+                None
+            }
+        });
+    }
+
+    // Load: every server that started, side by side.
+    bar.phase("load");
+    let (mut loads, loaded): (Vec<Load>, Vec<usize>) = running
+        .iter()
+        .enumerate()
+        .filter_map(|(at, running)| {
+            let running = running.as_ref()?;
+            let load = Load::new(running.port, config.workers, index + at as u64, bar);
+            Some((load, at))
+        })
+        .unzip();
+    load::run(&mut loads, config);
+    for (load, at) in loads.into_iter().zip(loaded) {
+        let result = &mut results[at];
+        result.requests_ok = load.tally.ok;
+        result.wrong_answers = load.tally.wrong;
+        result.failed = load.tally.errors.len() as u64;
+        result.not_sent = config.requests.saturating_sub(load.sent);
+        bar.advance(result.not_sent);
+        result.server_stopped_answering = load.stopped_answering;
+        result.req_per_s = load.req_per_s();
+        result.slice_req_per_s = load.slice_req_per_s;
+        result.p99_latency_ms = load.tally.p99_ms();
+        result.connections_per_worker = load.connections_per_worker;
+        result.errors = load.tally.errors_in_order();
+        result.errors.truncate(4);
+    }
+
+    for ((&mode, result), running) in modes.iter().zip(&mut results).zip(running) {
+        let Some(mut running) = running else { continue };
+        let outcome = after_load(config, &mut running, result, &|what| phase(mode, what));
+        phase(mode, "stopping");
+        match outcome {
+            Ok(()) => running.server.stop(),
+            Err(error) => fail(running.server, result, error),
+        }
+    }
+    results
+}
+
+/// Stops a server that failed, and says why in its result, with the last words of its
+/// standard error.
+fn fail(server: Server, result: &mut ModeResult, error: String) {
+    let view = Arc::clone(&server.view);
+    server.stop();
+    let last = view
+        .0
+        .lock()
+        .unwrap()
+        .stderr_tail
+        .iter()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" / ");
+    result.server_error = Some(if last.is_empty() {
+        error
+    } else {
+        format!("{error} (server said: {last})")
+    });
+}
+
+/// Waits for the master and its workers, then until every worker has answered a request (an
+/// error answer counts: the worker is up, and the load measures what its answers are worth);
+/// measures the CPU that took. Two probes in a row without an answer mean hung workers, which
+/// no longer wait will bring back. The master's port and pid.
+fn start_up(
+    config: &RunConfig,
     server: &mut Server,
     result: &mut ModeResult,
-) -> Result<(), String> {
+    phase: &dyn Fn(&str),
+) -> Result<(u16, u32), String> {
     let wanted = config.workers;
     let started = server.wait_for(Duration::from_secs(120), |view| {
         if let Some(error) = &view.error {
@@ -458,10 +510,7 @@ fn measure(
         None => return Err(String::from("the server did not start in 120 s")),
     };
 
-    // Start-up: until every worker has answered a request (an error answer counts: the
-    // worker is up, and the load measures what its answers are worth). Two probes in a row
-    // without an answer mean hung workers, which no longer wait will bring back.
-    bar.phase("waiting for every worker to serve");
+    phase("waiting for every worker to serve");
     let workers: Vec<u32> = server.with_view(|view| view.workers.values().copied().collect());
     let mut answered = HashSet::new();
     let mut serving = HashSet::new();
@@ -485,94 +534,19 @@ fn measure(
     result.workers_serving_at_start = workers.iter().filter(|pid| serving.contains(pid)).count();
     result.cpu_seconds_starting =
         cpu_seconds(master) + workers.iter().map(|&pid| cpu_seconds(pid)).sum::<f64>();
+    Ok((port, master))
+}
 
-    // Load: a fixed number of requests over keep-alive connections, bounded in time, and
-    // stopped once the server has stopped answering: when every worker is hung, waiting out
-    // the rest of the time limit would show nothing more.
-    bar.phase("load");
-    let next = AtomicU64::new(0);
-    let timeouts_in_a_row = AtomicU64::new(0);
-    let unanswered_limit = 2 * config.clients as u64;
-    let load_deadline = Instant::now() + config.load_time_limit;
-    let base = (index + 1) * 1_000_000_000_000;
-    let load_start = Instant::now();
-    let per_client: Vec<ClientTally> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..config.clients)
-            .map(|_| {
-                scope.spawn(|| {
-                    let agent = agent(config.request_timeout, true);
-                    let (mut latencies, mut ok, mut wrong, mut errors) =
-                        (Vec::new(), 0, 0, Vec::new());
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= config.requests
-                            || Instant::now() >= load_deadline
-                            || timeouts_in_a_row.load(Ordering::Relaxed) >= unanswered_limit
-                        {
-                            break;
-                        }
-                        let sent = Instant::now();
-                        let outcome = request(&agent, port, base + i, config.table_mib);
-                        if matches!(&outcome, Outcome::Failed(error) if error == TIMED_OUT) {
-                            timeouts_in_a_row.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            timeouts_in_a_row.store(0, Ordering::Relaxed);
-                        }
-                        match outcome {
-                            Outcome::Ok(_) => ok += 1,
-                            Outcome::Wrong => wrong += 1,
-                            Outcome::ErrorAnswer { message, .. } | Outcome::Failed(message) => {
-                                errors.push((sent, message))
-                            }
-                        }
-                        latencies.push(sent.elapsed());
-                        bar.advance(1);
-                    }
-                    (latencies, ok, wrong, errors)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|handle| handle.join().expect("client thread"))
-            .collect()
-    });
-    let load_time = load_start.elapsed();
-    let mut latencies = Vec::new();
-    // Each message: its count and when it was first seen.
-    let mut errors: BTreeMap<String, (u64, Instant)> = BTreeMap::new();
-    for (client_latencies, ok, wrong, client_errors) in per_client {
-        latencies.extend(client_latencies);
-        result.requests_ok += ok;
-        result.wrong_answers += wrong;
-        result.failed += client_errors.len() as u64;
-        for (at, error) in client_errors {
-            let (count, first) = errors.entry(error).or_insert((0, at));
-            *count += 1;
-            *first = (*first).min(at);
-        }
-    }
-    let sent = latencies.len() as u64;
-    result.not_sent = config.requests.saturating_sub(sent);
-    result.server_stopped_answering = timeouts_in_a_row.load(Ordering::Relaxed) >= unanswered_limit;
-    bar.advance(result.not_sent);
-    let mut errors: Vec<(String, (u64, Instant))> = errors.into_iter().collect();
-    errors.sort_by_key(|(_, (_, first))| *first);
-    errors.truncate(4);
-    result.errors = errors
-        .into_iter()
-        .map(|(message, (count, _))| (message, count))
-        .collect();
-    result.req_per_s = result.requests_ok as f64 / load_time.as_secs_f64();
-    latencies.sort();
-    if !latencies.is_empty() {
-        let rank = ((latencies.len() as f64) * 0.99).ceil() as usize;
-        result.p99_latency_ms =
-            latencies[rank.clamp(1, latencies.len()) - 1].as_secs_f64() * 1000.0;
-    }
-
+/// After the load: hung workers, memory, and the time to replace a killed worker.
+fn after_load(
+    config: &RunConfig,
+    running: &mut Running,
+    result: &mut ModeResult,
+    phase: &dyn Fn(&str),
+) -> Result<(), String> {
     // Hung workers: still busy on one request `hang_after` after the load stopped.
-    bar.phase("looking for hung workers");
+    phase("looking for hung workers");
+    let server = &mut running.server;
     let checked_from = Instant::now();
     while let Some((now, slots)) = server.status() {
         let busy: Vec<u64> = slots
@@ -590,7 +564,8 @@ fn measure(
 
     // Memory: master + workers, after serving.
     let workers: Vec<u32> = server.with_view(|view| view.workers.values().copied().collect());
-    result.total_pss_mib = pss_mib(master) + workers.iter().map(|&pid| pss_mib(pid)).sum::<f64>();
+    result.total_pss_mib =
+        pss_mib(running.master) + workers.iter().map(|&pid| pss_mib(pid)).sum::<f64>();
 
     // Respawn: kill one worker; time until its replacement has served a request. One prober
     // per worker keeps requests coming, as live traffic would: a lone prober, answered by a
@@ -600,7 +575,8 @@ fn measure(
         // Nothing would answer a probe either.
         return Ok(());
     }
-    bar.phase("respawn");
+    phase("respawn");
+    let port = running.port;
     let known: HashSet<u32> = server.with_view(|view| view.ever.clone());
     let victim = workers[0];
     let killed_at = Instant::now();

@@ -16,17 +16,21 @@
 
 mod app;
 mod cleanup;
+mod cpus;
 mod driver;
 mod http;
+mod load;
 mod private_postgres;
 mod progress;
 mod report;
 mod server;
+mod verdict;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::app::{Database, Mode, StateMemory};
+use crate::cpus::Cpus;
 use crate::driver::{ModeResult, RunConfig};
 use crate::progress::Progress;
 use crate::server::ServeConfig;
@@ -62,8 +66,10 @@ OPTIONS (both):
 OPTIONS (demo):
   --modes LIST          comma-separated: naive,forksafe,lazy [all three]
   --requests N          requests per mode and round [4000]
-  --rounds N            run forksafe and lazy N times in alternating order, naive once; the
-                        figures are medians, the counts totals [5]
+  --rounds N            rounds of forksafe and lazy side by side, taking turns at the load;
+                        naive runs once, before them. The table's figures are medians, its
+                        counts totals; the verdict's ratios are medians of the rounds' ratios,
+                        with a confidence interval from 2 rounds on (90 % or more from 5) [11]
   --clients N           parallel keep-alive client connections [8]
   --timeout-ms N        per-request timeout [2000]
   --load-time-limit-s N stop sending after this long; the rest count as not sent [10]
@@ -255,8 +261,10 @@ impl DemoSettings {
             load_time_limit: Duration::from_secs(args.number("--load-time-limit-s", 10)),
             hang_after: Duration::from_millis(args.number("--hang-after-ms", 2000)),
             server_log: args.take("--server-log").map(PathBuf::from),
+            // Chosen once the run starts.
+            cpus: None,
         };
-        let rounds: usize = args.number("--rounds", 5);
+        let rounds: usize = args.number("--rounds", 11);
         let json_path = args.take("--json").map(PathBuf::from);
         let plot_path = args
             .take("--plot")
@@ -280,7 +288,7 @@ impl DemoSettings {
 
 /// The database named, else a private PostgreSQL server, else (saying why that is a lesser
 /// demo) an SQLite file in a temporary directory.
-fn choose_database(named: Option<Database>) -> Result<Database, String> {
+fn choose_database(named: Option<Database>, cpus: Option<&Cpus>) -> Result<Database, String> {
     if let Some(database) = named {
         return Ok(database);
     }
@@ -289,7 +297,7 @@ fn choose_database(named: Option<Database>) -> Result<Database, String> {
             "prefork-demo: starting a private PostgreSQL server ({}) for this run",
             binaries.display()
         );
-        let server = private_postgres::start(&binaries)?;
+        let server = private_postgres::start(&binaries, cpus)?;
         println!(
             "prefork-demo: PostgreSQL {} on {}, TLS {}; stopped and removed at exit",
             server.version,
@@ -325,12 +333,26 @@ fn demo(settings: DemoSettings) -> Result<(), String> {
     if let Err(error) = nix::sys::prctl::set_child_subreaper(true) {
         println!("prefork-demo: cannot become a subreaper ({error}); orphans go to init");
     }
-    config.database = choose_database(database)?;
+    // Before this process is pinned to some of them.
+    let mut machine = machine();
+    // The load generator (this process's threads) on one half of the CPUs, the servers and a
+    // private database on the other (see `cpus`).
+    config.cpus = Cpus::split().filter(|cpus| match cpus.pin_load_generator() {
+        Ok(()) => true,
+        Err(error) => {
+            println!("prefork-demo: {error}; the servers share the CPUs with the load generator");
+            false
+        }
+    });
+    machine["cpus"] = config
+        .cpus
+        .as_ref()
+        .map_or(serde_json::Value::Null, Cpus::json);
+    config.database = choose_database(database, config.cpus.as_ref())?;
     config
         .database
         .prepare()
         .map_err(|error| format!("cannot prepare {}: {error}", config.database.describe()))?;
-    let machine = machine();
     println!(
         "prefork-demo: {} workers, {} MiB of application state ({}), {} requests per mode and round \
          over {} keep-alive connections, {}; database: {}",
@@ -340,43 +362,68 @@ fn demo(settings: DemoSettings) -> Result<(), String> {
         config.requests,
         config.clients,
         if rounds > 1 {
-            format!("{rounds} rounds (naive: 1; figures are medians, counts totals)")
+            format!("{rounds} rounds of forksafe and lazy side by side, naive once")
         } else {
             String::from("1 round")
         },
         config.database.describe()
     );
     println!(
-        "machine: {} cores, {}, Linux {}\n",
+        "machine: {} cores, {}, Linux {}; {}\n",
         machine["cores"],
         machine["cpu"].as_str().unwrap_or("?"),
-        machine["kernel"].as_str().unwrap_or("?")
+        machine["kernel"].as_str().unwrap_or("?"),
+        config.cpus.as_ref().map_or_else(
+            || String::from("servers and load generator on the same CPUs"),
+            Cpus::describe
+        )
     );
 
-    // Every round runs every mode, in the opposite order to the round before, so that neither
-    // always runs first on a machine still busy with the other's aftermath. Naive runs in the
-    // first round only: its failure needs no median, and a broken run waits out its timeouts.
+    // Naive runs alone, once: its failure needs no median, and a broken run waits out its
+    // timeouts. Every round runs the other modes side by side (see `load`), in the opposite
+    // order to the round before, so that neither always starts first or takes the first turn.
     let mut runs: Vec<Vec<ModeResult>> = vec![Vec::new(); modes.len()];
-    for round in 0..rounds {
-        let mut order: Vec<usize> = (0..modes.len()).collect();
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for at in order {
-            let mode = modes[at];
-            if mode == Mode::Naive && round > 0 {
-                continue;
-            }
-            let label = if rounds > 1 {
-                format!("{} {}/{rounds}", mode.name(), round + 1)
-            } else {
-                mode.name().to_owned()
-            };
-            let progress = Progress::new(label, config.requests);
-            let index = (round * modes.len() + at) as u64;
-            let result = driver::run_mode(mode, index, &config, &progress);
-            progress.finish(&report::summary(&result));
+    let (naive, others): (Vec<usize>, Vec<usize>) =
+        (0..modes.len()).partition(|&at| modes[at] == Mode::Naive);
+    let mut index = 0;
+    let mut run = |group: &[usize], label: String, runs: &mut Vec<Vec<ModeResult>>| {
+        let group_modes: Vec<Mode> = group.iter().map(|&at| modes[at]).collect();
+        let progress = Progress::new(label, config.requests * group.len() as u64);
+        let results = driver::run_round(&group_modes, index, &config, &progress);
+        index += group.len() as u64;
+        progress.finish(
+            &results
+                .iter()
+                .map(|result| {
+                    if group.len() > 1 {
+                        format!("{}: {}", result.mode, report::summary(result))
+                    } else {
+                        report::summary(result)
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        );
+        for (&at, result) in group.iter().zip(results) {
             runs[at].push(result);
+        }
+    };
+    if !naive.is_empty() {
+        run(&naive, String::from("naive"), &mut runs);
+    }
+    if !others.is_empty() {
+        for round in 0..rounds {
+            let mut group = others.clone();
+            if round % 2 == 1 {
+                group.reverse();
+            }
+            let names: Vec<&str> = group.iter().map(|&at| modes[at].name()).collect();
+            let label = if rounds > 1 {
+                format!("{} {}/{rounds}", names.join("+"), round + 1)
+            } else {
+                names.join("+")
+            };
+            run(&group, label, &mut runs);
         }
     }
     let mut results: Vec<ModeResult> = runs.iter().map(|runs| report::combine(runs)).collect();
@@ -396,7 +443,7 @@ fn demo(settings: DemoSettings) -> Result<(), String> {
     if !errors.is_empty() {
         print!("\nerrors, in the order they first appeared:\n{errors}");
     }
-    let verdict = report::Verdict::judge(&results, &runs, &config);
+    let verdict = verdict::Verdict::judge(&results, &runs, &config);
     println!("\nverdict:\n{}", verdict.lines().join("\n"));
     if let Some(path) = &json_path {
         let document = report::json(&results, &runs, &config, &machine, &verdict);

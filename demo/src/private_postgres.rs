@@ -25,6 +25,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::{chown, Uid, User};
 
 use crate::cleanup;
+use crate::cpus::Cpus;
 
 /// How long a fresh server may take to accept connections.
 const READY_LIMIT: Duration = Duration::from_secs(60);
@@ -109,8 +110,9 @@ fn free_port() -> Result<u16, String> {
         .map_err(|error| error.to_string())
 }
 
-/// Makes the cluster and starts its server; registered with [`cleanup`] before it runs.
-pub fn start(binaries: &Path) -> Result<PrivatePostgres, String> {
+/// Makes the cluster and starts its server, on the servers' CPUs if given; registered with
+/// [`cleanup`] before it runs.
+pub fn start(binaries: &Path, cpus: Option<&Cpus>) -> Result<PrivatePostgres, String> {
     let user = server_user()?;
     let root = cleanup::remove_at_exit(
         tempfile::Builder::new()
@@ -161,6 +163,9 @@ pub fn start(binaries: &Path) -> Result<PrivatePostgres, String> {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        if let Some(cpus) = cpus {
+            cpus.for_servers(&mut server);
+        }
         let server = server
             .spawn()
             .map_err(|error| format!("cannot start postgres: {error}"))?;

@@ -7,8 +7,8 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde_json::{json, Value};
 
-use crate::app::Database;
 use crate::driver::{ModeResult, RunConfig};
+use crate::verdict::Verdict;
 
 /// The one number format of the table, the verdict and the chart: three significant
 /// figures, no more than two decimals, none at or above 100.
@@ -99,266 +99,6 @@ pub fn errors(results: &[ModeResult]) -> String {
     out
 }
 
-/// What the driver's error message says, without the demo's own wrapping: the text a user
-/// would search for.
-fn searchable(message: &str) -> &str {
-    let message = message.strip_prefix("HTTP 500: ").unwrap_or(message);
-    let message = message
-        .strip_prefix("query: ")
-        .or_else(|| message.strip_prefix("checkout: "))
-        .unwrap_or(message);
-    message.trim()
-}
-
-/// A ratio to lazy's figure, and the bound it must keep.
-#[derive(Clone, Debug)]
-pub struct Target {
-    pub name: &'static str,
-    /// Median of forksafe / median of lazy; `None` when either is missing or lazy's is 0.
-    pub ratio: Option<f64>,
-    /// The smallest and largest of the per-round ratios (rounds paired in order).
-    pub spread: Option<(f64, f64)>,
-    pub bound: f64,
-    /// Whether the ratio must stay at or below the bound (else at or above).
-    pub at_most: bool,
-}
-
-impl Target {
-    pub fn met(&self) -> bool {
-        self.ratio.is_some_and(|ratio| {
-            if self.at_most {
-                ratio <= self.bound
-            } else {
-                ratio >= self.bound
-            }
-        })
-    }
-
-    fn describe(&self) -> String {
-        let bound = format!(
-            "{} {}",
-            if self.at_most { "≤" } else { "≥" },
-            figure(self.bound)
-        );
-        match self.ratio {
-            Some(ratio) => format!(
-                "{} {}× ({bound} {})",
-                self.name,
-                figure(ratio),
-                if self.met() { "met" } else { "NOT met" }
-            ),
-            None => format!("{} n/a ({bound})", self.name),
-        }
-    }
-}
-
-/// The run's conclusion, in a few plain lines.
-#[derive(Clone, Debug)]
-pub struct Verdict {
-    /// Naive's outcome: `Some(true)` when it broke; `None` when it did not run.
-    pub naive_broke: Option<bool>,
-    /// The first error messages naive's requests met.
-    pub naive_errors: Vec<String>,
-    /// `Some(true)` when forksafe answered every request right and no worker hung.
-    pub forksafe_all_right: Option<bool>,
-    /// forksafe vs lazy; empty when either did not run.
-    pub targets: Vec<Target>,
-    lines: Vec<String>,
-}
-
-impl Verdict {
-    pub fn judge(results: &[ModeResult], runs: &[Vec<ModeResult>], config: &RunConfig) -> Verdict {
-        let find = |name: &str| results.iter().find(|result| result.mode == name);
-        let rounds_of = |name: &str| {
-            runs.iter()
-                .find(|rounds| rounds.first().is_some_and(|round| round.mode == name))
-                .map_or(&[][..], Vec::as_slice)
-        };
-        let all_right = |result: &ModeResult| {
-            result.server_error.is_none()
-                && result.failed == 0
-                && result.not_sent == 0
-                && result.wrong_answers == 0
-                && result.hung_workers == 0
-        };
-        let mut lines = Vec::new();
-        let naive = find("naive");
-        let naive_errors: Vec<String> = naive
-            .map(|naive| {
-                // The driver's own errors (the server's error answers) first: those are what
-                // users search for; the client's timeouts only say that workers hung.
-                let (driver, client): (Vec<_>, Vec<_>) = naive
-                    .errors
-                    .iter()
-                    .partition(|(message, _)| message.starts_with("HTTP "));
-                driver
-                    .into_iter()
-                    .chain(client)
-                    .take(3)
-                    .map(|(message, _)| searchable(message).to_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Some(naive) = naive {
-            let sent = naive.requests_ok + naive.failed + naive.not_sent;
-            if let Some(error) = &naive.server_error {
-                lines.push(format!("naive:    BROKE: the server failed: {error}"));
-            } else if all_right(naive) {
-                lines.push(match config.database {
-                    Database::Sqlite(_) => String::from(
-                        "naive:    did not break: SQLite shares no connection stream between \
-                         processes; PostgreSQL does",
-                    ),
-                    Database::Postgres(_) => format!(
-                        "naive:    did not break this time: {} of {sent} requests right",
-                        naive.requests_ok
-                    ),
-                });
-            } else {
-                lines.push(format!(
-                    "naive:    BROKE: {} of {sent} requests right, {} wrong answers, {} of {} \
-                     workers hung",
-                    naive.requests_ok, naive.wrong_answers, naive.hung_workers, naive.workers
-                ));
-                if naive_errors
-                    .iter()
-                    .all(|message| message == "request timed out")
-                {
-                    lines.push(String::from(
-                        "          no error message: its workers hung mid-request, and requests \
-                         timed out",
-                    ));
-                } else {
-                    let mut shown = String::from("          first errors:");
-                    for (index, message) in naive_errors.iter().enumerate() {
-                        let separator = if index == 0 { " " } else { ", " };
-                        let room =
-                            100_usize.saturating_sub(shown.chars().count() + separator.len() + 2);
-                        let quoted = if message.chars().count() <= room {
-                            format!("{separator}\"{message}\"")
-                        } else if index == 0 {
-                            // The first always shows, cut to fit.
-                            let cut: String =
-                                message.chars().take(room.saturating_sub(1)).collect();
-                            format!("{separator}\"{cut}…\"")
-                        } else {
-                            break;
-                        };
-                        shown += &quoted;
-                    }
-                    lines.push(shown);
-                }
-            }
-        }
-        let forksafe = find("forksafe");
-        if let Some(forksafe) = forksafe {
-            let sent = forksafe.requests_ok + forksafe.failed + forksafe.not_sent;
-            lines.push(if let Some(error) = &forksafe.server_error {
-                format!("forksafe: FAILED: the server failed: {error}")
-            } else if all_right(forksafe) {
-                format!(
-                    "forksafe: every request answered right ({} of {sent}), no worker hung",
-                    forksafe.requests_ok
-                )
-            } else {
-                format!(
-                    "forksafe: FAILED: {} of {sent} right, {} failed, {} not sent, {} wrong, {} \
-                     hung",
-                    forksafe.requests_ok,
-                    forksafe.failed,
-                    forksafe.not_sent,
-                    forksafe.wrong_answers,
-                    forksafe.hung_workers
-                )
-            });
-        }
-        let lazy = find("lazy").filter(|lazy| lazy.server_error.is_none());
-        let mut targets = Vec::new();
-        if let (Some(forksafe), Some(lazy)) = (forksafe, lazy) {
-            let pairs: Vec<(&ModeResult, &ModeResult)> = rounds_of("forksafe")
-                .iter()
-                .zip(rounds_of("lazy"))
-                .collect();
-            let target = |name, value: fn(&ModeResult) -> Option<f64>, bound, at_most| {
-                let ratio = |of: &ModeResult, to: &ModeResult| match (value(of), value(to)) {
-                    (Some(of), Some(to)) if to > 0.0 => Some(of / to),
-                    _ => None,
-                };
-                let per_round: Vec<f64> = pairs
-                    .iter()
-                    .filter_map(|(forksafe, lazy)| ratio(forksafe, lazy))
-                    .collect();
-                Target {
-                    name,
-                    ratio: ratio(forksafe, lazy),
-                    spread: (!per_round.is_empty()).then(|| {
-                        per_round
-                            .iter()
-                            .fold((f64::MAX, f64::MIN), |(low, high), &r| {
-                                (low.min(r), high.max(r))
-                            })
-                    }),
-                    bound,
-                    at_most,
-                }
-            };
-            targets = vec![
-                target("PSS", |r| Some(r.total_pss_mib), 0.35, true),
-                target("start-up CPU", |r| Some(r.cpu_seconds_starting), 0.35, true),
-                target("respawn", |r| r.respawn_time_ms, 0.1, true),
-                target("req/s", |r| Some(r.req_per_s), 0.95, false),
-            ];
-            let rounds = pairs.len();
-            let precision = match targets[3].spread {
-                Some((low, high)) if rounds > 1 => {
-                    format!("{rounds} rounds ranged {}–{}", figure(low), figure(high))
-                }
-                _ => String::from("1 round"),
-            };
-            let req_per_s = targets[3].describe();
-            lines.push(format!(
-                "vs lazy:  {}, {}",
-                targets[0].describe(),
-                targets[1].describe()
-            ));
-            lines.push(format!(
-                "          {}, {}; {precision})",
-                targets[2].describe(),
-                req_per_s.strip_suffix(')').unwrap_or(&req_per_s)
-            ));
-        }
-        Verdict {
-            naive_broke: naive.map(|naive| !all_right(naive)),
-            naive_errors,
-            forksafe_all_right: forksafe.map(all_right),
-            targets,
-            lines,
-        }
-    }
-
-    pub fn lines(&self) -> &[String] {
-        &self.lines
-    }
-
-    fn json(&self) -> Value {
-        json!({
-            "naive_broke": self.naive_broke,
-            "naive_first_errors": self.naive_errors,
-            "forksafe_all_right": self.forksafe_all_right,
-            "targets": self.targets.iter().map(|target| json!({
-                "name": target.name,
-                "ratio_to_lazy": target.ratio,
-                "per_round_low": target.spread.map(|(low, _)| low),
-                "per_round_high": target.spread.map(|(_, high)| high),
-                "bound": target.bound,
-                "at_most": target.at_most,
-                "met": target.met(),
-            })).collect::<Vec<_>>(),
-            "lines": self.lines,
-        })
-    }
-}
-
 /// One mode's rounds as one result: the median of every figure, the total of every count, the
 /// most hung workers and the fewest serving at start any round saw. One round is itself.
 pub fn combine(rounds: &[ModeResult]) -> ModeResult {
@@ -395,6 +135,8 @@ pub fn combine(rounds: &[ModeResult]) -> ModeResult {
             .max()
             .unwrap_or(0),
         req_per_s: median(|round| Some(round.req_per_s)).unwrap_or(0.0),
+        // Each round's own; see `each_round` in the JSON.
+        slice_req_per_s: Vec::new(),
         p99_latency_ms: median(|round| Some(round.p99_latency_ms)).unwrap_or(0.0),
         cpu_seconds_starting: median(|round| Some(round.cpu_seconds_starting)).unwrap_or(0.0),
         workers_serving_at_start: rounds
@@ -406,6 +148,8 @@ pub fn combine(rounds: &[ModeResult]) -> ModeResult {
         respawn_forked_ms: median(|round| round.respawn_forked_ms),
         total_pss_mib: median(|round| Some(round.total_pss_mib)).unwrap_or(0.0),
         pss_ratio_to_lazy: None,
+        // Each round's own; see `each_round` in the JSON.
+        connections_per_worker: Vec::new(),
         errors,
         server_error: rounds.iter().find_map(|round| round.server_error.clone()),
         server_stopped_answering: rounds.iter().any(|round| round.server_stopped_answering),
@@ -469,9 +213,11 @@ pub fn json(
                             "mode": round.mode,
                             "requests_ok": round.requests_ok,
                             "req_per_s": round.req_per_s,
+                            "slice_req_per_s": round.slice_req_per_s,
                             "cpu_seconds_starting": round.cpu_seconds_starting,
                             "respawn_time_ms": round.respawn_time_ms,
                             "total_pss_mib": round.total_pss_mib,
+                            "connections_per_worker": round.connections_per_worker,
                         })
                     })
                     .collect::<Vec<_>>()
@@ -561,7 +307,7 @@ const CAPTION: [&str; 4] = [
     "naive: a plain r2d2::Pool built in the master before fork(); the workers inherit it",
     "forksafe: a forksafe_pool::Pool built in the master before fork(); the workers inherit it",
     "lazy: every worker builds its own application, pool and state after fork() (uWSGI --lazy-apps)",
-    "Figures are medians over the rounds, counts are totals; naive runs in the first round only.",
+    "Figures are medians over the rounds, counts are totals; naive runs once, before the rounds.",
 ];
 
 fn color(mode: &str) -> RGBColor {

@@ -215,6 +215,32 @@ fn watch_slot(slot_index: usize, slot: &Slot, workers: &Receiver<u32>, events: &
     }
 }
 
+/// Starts `run` on a new thread of the master named `name`, and returns once that thread runs.
+///
+/// Every std thread takes a process-global std mutex as it starts (the stack-overflow
+/// handler's thread-info map), and again as it ends. A fork while a thread of the master holds
+/// it leaves it locked in the worker for good, and every thread the worker then starts blocks
+/// before it runs a line: such a worker accepts connections and never answers them. A thread
+/// runs its closure only after std's start has let go of that mutex, and the master's threads
+/// never end, so a master that forks only once its threads run forks with the mutex free.
+fn start_thread(
+    name: &str,
+    run: impl FnOnce() + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    let (running, started) = channel();
+    let thread = std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let _ = running.send(());
+            run();
+        })
+        .map_err(|error| format!("cannot start the {name} thread: {error}"))?;
+    started
+        .recv()
+        .map_err(|_| format!("the {name} thread ended before it ran"))?;
+    Ok(thread)
+}
+
 /// Reaps workers for the master's loop. `waitpid` fails only while there is no child: between
 /// a last worker's death and its replacement, or after `quit`.
 fn reap(events: &Sender<Event>) {
@@ -273,12 +299,13 @@ pub fn serve(config: ServeConfig) -> Result<(), String> {
     {
         let quitting = Arc::clone(&quitting);
         let events = events.clone();
-        std::thread::spawn(move || {
+        start_thread("control", move || {
             control(slots.slots, start, &quitting);
             let _ = events.send(Event::Quit);
-        });
+        })?;
     }
-    // Every thread of the master starts here, before the first fork (see `watch_slot`).
+    // Every thread of the master starts here, and runs, before the first fork (see
+    // `start_thread` and `watch_slot`).
     let watchers: Vec<Sender<u32>> = slots
         .slots
         .iter()
@@ -286,11 +313,13 @@ pub fn serve(config: ServeConfig) -> Result<(), String> {
         .map(|(index, slot)| {
             let (watcher, workers) = channel();
             let events = events.clone();
-            std::thread::spawn(move || watch_slot(index, slot, &workers, &events));
-            watcher
+            start_thread(&format!("watch-slot-{index}"), move || {
+                watch_slot(index, slot, &workers, &events);
+            })?;
+            Ok(watcher)
         })
-        .collect();
-    std::thread::spawn(move || reap(&events));
+        .collect::<Result<_, String>>()?;
+    start_thread("reap", move || reap(&events))?;
 
     // Unreaped workers, and the slot each was forked for.
     let mut live: HashMap<u32, usize> = HashMap::new();
@@ -511,5 +540,44 @@ fn answer(app: &App, path: &str) -> (u16, String) {
         Some(Ok(body)) => (200, body),
         Some(Err(error)) => (500, format!("{error} pid={}\n", std::process::id())),
         None => (400, String::from("usage: GET /?n=<number>\n")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::thread::JoinHandleExt;
+
+    use super::*;
+
+    /// The name the kernel has for `thread`.
+    fn kernel_name(thread: &std::thread::JoinHandle<()>) -> String {
+        let mut name = [0 as libc::c_char; 16];
+        // SAFETY: the thread is alive (it never returns); `name` is a buffer of the size given.
+        let result =
+            unsafe { libc::pthread_getname_np(thread.as_pthread_t(), name.as_mut_ptr(), 16) };
+        assert_eq!(result, 0, "pthread_getname_np");
+        // SAFETY: `pthread_getname_np` wrote a NUL-terminated name into `name`.
+        unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// std gives a thread its name in the kernel as it starts, before the thread's closure
+    /// runs: a thread without its name has not finished starting, which is when a fork copies
+    /// std's thread-start mutex locked.
+    #[test]
+    fn a_started_thread_has_finished_starting_when_start_thread_returns() {
+        let mut not_yet = Vec::new();
+        for index in 0..200 {
+            let name = format!("started-{index}");
+            let thread = start_thread(&name, || loop {
+                std::thread::park();
+            })
+            .expect("a thread");
+            if kernel_name(&thread) != name {
+                not_yet.push(name);
+            }
+        }
+        assert_eq!(not_yet, Vec::<String>::new(), "not finished starting");
     }
 }

@@ -178,7 +178,9 @@ fn assert_served_everything(report: &Value, name: &str, requests: u64) {
     );
 }
 
-/// The verdict's four targets, in order, each with a ratio and whether it was met.
+/// The verdict's four targets, in order: each with the median of its rounds' ratios, an
+/// interval around it when there were rounds enough, and a verdict that follows from where
+/// that interval lies against the bound; and a row for each under the `vs lazy:` heading.
 fn assert_targets_judged(run: &Run) {
     let targets = run.report["verdict"]["targets"]
         .as_array()
@@ -188,22 +190,77 @@ fn assert_targets_judged(run: &Run) {
         .map(|target| target["name"].as_str().expect("a name"))
         .collect();
     assert_eq!(names, ["PSS", "start-up CPU", "respawn", "req/s"]);
+    let rounds = run.report["rounds"].as_u64().expect("rounds");
     for target in targets {
+        let per_round: Vec<f64> = target["per_round"]
+            .as_array()
+            .expect("per-round ratios")
+            .iter()
+            .map(|ratio| ratio.as_f64().expect("a ratio"))
+            .collect();
+        assert_eq!(per_round.len() as u64, rounds, "{target}");
         let ratio = target["ratio_to_lazy"].as_f64().expect("a ratio");
         let bound = target["bound"].as_f64().expect("a bound");
-        let met = if target["at_most"] == true {
-            ratio <= bound
+        let (low, high) = if rounds > 1 {
+            let low = target["interval_low"].as_f64().expect("an interval");
+            let high = target["interval_high"].as_f64().expect("an interval");
+            assert!(low <= ratio && ratio <= high, "{target}");
+            (low, high)
         } else {
-            ratio >= bound
+            assert_eq!(target["interval_low"], Value::Null, "{target}");
+            (ratio, ratio)
         };
-        assert_eq!(target["met"], met, "{target}");
+        let keeps = |value: f64| {
+            if target["at_most"] == true {
+                value <= bound
+            } else {
+                value >= bound
+            }
+        };
+        let verdict = match (keeps(low), keeps(high)) {
+            (true, true) => "met",
+            (false, false) => "not met",
+            _ => "within noise",
+        };
+        assert_eq!(target["verdict"], verdict, "{target}");
+        assert_eq!(target["met"], verdict == "met", "{target}");
+        let name = target["name"].as_str().expect("a name");
+        let row = run.verdict_line(&format!("          {name} "));
+        let shown = if verdict == "not met" {
+            "NOT met"
+        } else {
+            verdict
+        };
+        assert!(row.ends_with(shown), "{row}");
     }
-    let first = run.verdict_line("vs lazy:  PSS ");
-    assert!(first.contains(", start-up CPU "), "{first}");
-    let second = run.verdict_line("          respawn ");
-    assert!(second.contains(", req/s "), "{second}");
-    for line in [first, second] {
-        assert!(line.chars().count() <= 100, "wider than 100: {line:?}");
+    let heading = run.verdict_line("vs lazy:  forksafe's figure ÷ lazy's");
+    assert!(heading.contains(&format!("{rounds} round")), "{heading}");
+    run.verdict_line("          figure ");
+    for line in run.stdout.lines().skip_while(|line| *line != "verdict:") {
+        if !line.starts_with("wrote ") {
+            assert!(line.chars().count() <= 100, "wider than 100: {line:?}");
+        }
+    }
+}
+
+/// Every round's connections were spread evenly over the workers: as many workers as
+/// connections allow held some, and none held two more than another.
+fn assert_connections_spread_evenly(report: &Value, name: &str, workers: u64, clients: u64) {
+    let rounds = report["each_round"]
+        .as_array()
+        .and_then(|modes| modes.iter().find(|rounds| rounds[0]["mode"] == name))
+        .and_then(Value::as_array)
+        .unwrap_or_else(|| panic!("{name}: no rounds in {report}"));
+    for round in rounds {
+        let spread: Vec<u64> = round["connections_per_worker"]
+            .as_array()
+            .expect("connections per worker")
+            .iter()
+            .map(|count| count.as_u64().expect("a count"))
+            .collect();
+        assert_eq!(spread.len() as u64, workers.min(clients), "{name}: {round}");
+        assert_eq!(spread.iter().sum::<u64>(), clients, "{name}: {round}");
+        assert!(spread[0] - spread[spread.len() - 1] <= 1, "{name}: {round}");
     }
 }
 
@@ -220,6 +277,9 @@ fn every_mode_on_sqlite_with_heap_state() {
     assert_eq!(report["state_memory"], "heap");
     assert_served_everything(report, "forksafe", REQUESTS);
     assert_served_everything(report, "lazy", REQUESTS);
+    for name in ["naive", "forksafe", "lazy"] {
+        assert_connections_spread_evenly(report, name, 2, 2);
+    }
     // Naive r2d2 survives SQLite, which shares no protocol stream; the verdict says why.
     assert_eq!(mode(report, "naive")["server_error"], Value::Null);
     assert_eq!(report["verdict"]["naive_broke"], false, "{report}");
@@ -266,6 +326,8 @@ fn forksafe_and_lazy_with_state_in(memory: &str) {
     assert_eq!(run.report["state_memory"], memory);
     assert_served_everything(&run.report, "forksafe", REQUESTS);
     assert_served_everything(&run.report, "lazy", REQUESTS);
+    assert_connections_spread_evenly(&run.report, "forksafe", 2, 2);
+    assert_connections_spread_evenly(&run.report, "lazy", 2, 2);
 }
 
 #[test]
@@ -279,17 +341,17 @@ fn forksafe_and_lazy_with_huge_page_state() {
 }
 
 #[test]
-fn two_rounds_report_totals_and_medians_and_their_spread() {
+fn two_rounds_report_totals_and_medians_and_the_interval_of_their_ratios() {
     let db = scratch();
     let run = run_demo(Some(&sqlite_url(&db)), &["--rounds", "2"]);
     let report = &run.report;
     assert_eq!(report["rounds"], 2);
     // Naive runs once; forksafe and lazy once per round.
     assert_eq!(mode(report, "naive")["requests_ok"], REQUESTS);
-    let mut per_round = Vec::new();
     for name in ["forksafe", "lazy"] {
         let combined = mode(report, name);
         assert_served_everything(report, name, 2 * REQUESTS);
+        assert_connections_spread_evenly(report, name, 2, 2);
         let rounds = report["each_round"]
             .as_array()
             .and_then(|modes| modes.iter().find(|rounds| rounds[0]["mode"] == name))
@@ -304,27 +366,52 @@ fn two_rounds_report_totals_and_medians_and_their_spread() {
         let median = combined["req_per_s"].as_f64().expect("req/s");
         let mean = (req_per_s[0] + req_per_s[1]) / 2.0;
         assert!((median - mean).abs() < 1e-6, "{name}: {median} vs {mean}");
-        per_round.push(req_per_s);
     }
-    // The verdict's req/s spread is the lowest and highest of the rounds' ratios.
-    let ratios = [
-        per_round[0][0] / per_round[1][0],
-        per_round[0][1] / per_round[1][1],
-    ];
+    // Each round's ratio is the median of its slices' ratios, forksafe's to lazy's, turn by
+    // turn; with two rounds the interval is their range, of 50 % confidence.
+    let slices = |name: &str, round: usize| -> Vec<f64> {
+        report["each_round"]
+            .as_array()
+            .and_then(|modes| modes.iter().find(|rounds| rounds[0]["mode"] == name))
+            .and_then(|rounds| rounds[round]["slice_req_per_s"].as_array())
+            .expect("slices")
+            .iter()
+            .map(|rate| rate.as_f64().expect("req/s"))
+            .collect()
+    };
+    let ratios: Vec<f64> = (0..2)
+        .map(|round| {
+            let mut ratios: Vec<f64> = slices("forksafe", round)
+                .iter()
+                .zip(slices("lazy", round))
+                .map(|(forksafe, lazy)| forksafe / lazy)
+                .collect();
+            assert_eq!(ratios.len(), 8, "{report}");
+            ratios.sort_by(f64::total_cmp);
+            (ratios[3] + ratios[4]) / 2.0
+        })
+        .collect();
     let req_per_s = &report["verdict"]["targets"][3];
-    let low = req_per_s["per_round_low"].as_f64().expect("low");
-    let high = req_per_s["per_round_high"].as_f64().expect("high");
+    let reported: Vec<f64> = req_per_s["per_round"]
+        .as_array()
+        .expect("per-round ratios")
+        .iter()
+        .map(|ratio| ratio.as_f64().expect("a ratio"))
+        .collect();
+    assert_eq!(reported.len(), 2, "{req_per_s}");
+    for (reported, ratio) in reported.iter().zip(&ratios) {
+        assert!((reported - ratio).abs() < 1e-9, "{req_per_s}");
+    }
+    let low = req_per_s["interval_low"].as_f64().expect("low");
+    let high = req_per_s["interval_high"].as_f64().expect("high");
     assert!((low - ratios[0].min(ratios[1])).abs() < 1e-9, "{req_per_s}");
     assert!(
         (high - ratios[0].max(ratios[1])).abs() < 1e-9,
         "{req_per_s}"
     );
-    let ranged = format!("; 2 rounds ranged {low:.2}–{high:.2})");
-    assert!(
-        run.verdict_line("          respawn ").ends_with(&ranged),
-        "{}",
-        run.stdout
-    );
+    assert_eq!(req_per_s["confidence"], 0.5, "{req_per_s}");
+    assert_targets_judged(&run);
+    run.verdict_line("          figure         ratio  50 % interval  target  verdict");
 }
 
 /// The PostgreSQL server binaries the demo looks for, as it does (Debian's directory, `PATH`).
@@ -423,6 +510,8 @@ fn by_default_naive_breaks_on_a_private_postgres_and_forksafe_does_not() {
         )
     );
     assert_served_everything(report, "forksafe", REQUESTS);
+    assert_connections_spread_evenly(report, "forksafe", 3, 8);
+    assert_connections_spread_evenly(report, "lazy", 3, 8);
     assert_targets_judged(&run);
     assert_nothing_listens(private_port(report));
 }
