@@ -266,6 +266,10 @@ impl<M: ManageConnection> Builder<M> {
     /// Defaults to a new pool of three threads per pool, as in r2d2; for a pool with an
     /// [`event_handler`](Builder::event_handler), to three threads per r2d2 pool it builds (a
     /// new one after each [`Pool::release_idle`](crate::Pool::release_idle)), which end with it.
+    /// A default thread pool's threads are all running before `build` returns (or the first
+    /// use after `release_idle` goes on), so that a fork right afterwards cannot catch one
+    /// starting: a child that did could never start a thread of its own. A thread pool of yours
+    /// is yours to start: run a job on each of its threads before you fork.
     pub fn thread_pool(mut self, thread_pool: Arc<ScheduledThreadPool>) -> Self {
         self.config.thread_pool = Some(thread_pool);
         self

@@ -23,6 +23,7 @@ use crate::manager::{
     ConnectError, CustomizerAdapter, ErrorHandlerAdapter, ForkSafeManager, Tracked,
 };
 use crate::std_pool::{Connector, StdPool, REAPER_RATE};
+use crate::worker_threads::started_thread_pool;
 
 pub(crate) struct Generation<M: ManageConnection> {
     /// This crate's pool on std's locks (see `std_pool`); r2d2's in the process that built a
@@ -37,7 +38,7 @@ pub(crate) struct Generation<M: ManageConnection> {
     /// (`R2d2GenerationCustomizer`); once retired, it is swept until none is left.
     r2d2_connections: Arc<AtomicU64>,
     /// The thread pool a generation on r2d2 runs its background work on: the user's, or one
-    /// of its own that ends with its r2d2 pool (see `generation_thread_pool`).
+    /// of its own that ends with its r2d2 pool (see `build_r2d2`).
     r2d2_threads: Option<Arc<ScheduledThreadPool>>,
 }
 
@@ -154,7 +155,15 @@ impl<M: ManageConnection> Generation<M> {
         }
         let threads = match &config.thread_pool {
             Some(threads) => Arc::clone(threads),
-            None => Arc::new(generation_thread_pool()),
+            // r2d2's default (three threads), one per generation: r2d2 leaves jobs on its
+            // thread pool that only the thread pool's end stops — its reaper, scheduled at a
+            // fixed rate with a handle it drops, and its reconnect retries, which end only once
+            // its pool is gone. The last owner of this generation's r2d2 pool drops it (see
+            // `PerProcess` for when a retired generation is freed); pending jobs are then
+            // discarded and the threads end.
+            None => Arc::new(started_thread_pool(
+                OnPoolDropBehavior::DiscardPendingScheduled,
+            )),
         };
         builder = builder.thread_pool(Arc::clone(&threads));
         let pool = if wait {
@@ -209,20 +218,6 @@ impl<M: ManageConnection> Generation<M> {
         }
         closed
     }
-}
-
-/// The thread pool of a generation on r2d2 when the user gave none: r2d2's default (three
-/// threads), one per generation, because r2d2 leaves jobs on its thread pool that only the
-/// thread pool's end stops — its reaper, scheduled at a fixed rate with a handle it drops, and
-/// its reconnect retries, which end only once its pool is gone. The last owner of a
-/// generation's r2d2 pool drops this with it (see `PerProcess` for when a retired generation
-/// is freed); pending jobs are then discarded and the threads end.
-fn generation_thread_pool() -> ScheduledThreadPool {
-    ScheduledThreadPool::builder()
-        .num_threads(3)
-        .thread_name_pattern("r2d2-worker-{}")
-        .on_drop_behavior(OnPoolDropBehavior::DiscardPendingScheduled)
-        .build()
 }
 
 /// Closes a retired generation's idle connections: each comes back as broken and is closed.

@@ -456,6 +456,7 @@ mod r2d2_compat;
 mod stats;
 mod std_pool;
 mod sys;
+mod worker_threads;
 
 pub use crate::config::{Builder, OnFork};
 pub use crate::connection::PooledConnection;

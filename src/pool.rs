@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use r2d2::ManageConnection;
-use scheduled_thread_pool::ScheduledThreadPool;
+use scheduled_thread_pool::OnPoolDropBehavior;
 
 use crate::any_pool::AnyPool;
 use crate::config::{Builder, Config, OnFork};
@@ -25,6 +25,7 @@ use crate::fork::{current_epoch, Epoch, PerProcess, Read};
 use crate::generation::{Generation, GenerationParts, Site};
 use crate::r2d2_compat::r2d2_error;
 use crate::stats::{Counters, ForkStats};
+use crate::worker_threads::started_thread_pool;
 
 /// A fork-safe, drop-in replacement for [`r2d2::Pool`].
 ///
@@ -202,7 +203,9 @@ impl<M: ManageConnection> Pool<M> {
         // (one with an event handler) without a thread pool of the user's gives each of its
         // generations one of its own instead, which ends with it (see `generation`).
         if config.thread_pool.is_none() && config.event_handler.is_none() {
-            config.thread_pool = Some(Arc::new(fresh_thread_pool()));
+            config.thread_pool = Some(Arc::new(started_thread_pool(
+                OnPoolDropBehavior::CompletePendingScheduled,
+            )));
         }
         let counters = Arc::new(Counters::default());
         let manager = Arc::new(manager);
@@ -609,12 +612,4 @@ impl<M: ManageConnection> Drop for Shared<M> {
         };
         self.counters.record_rebuild(inherited.release_inherited());
     }
-}
-
-/// The thread pool r2d2 would make by default; a rebuilt pool cannot use its parent's.
-fn fresh_thread_pool() -> ScheduledThreadPool {
-    ScheduledThreadPool::builder()
-        .num_threads(3)
-        .thread_name_pattern("r2d2-worker-{}")
-        .build()
 }

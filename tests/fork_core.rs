@@ -22,6 +22,7 @@ use support::fake_server::{
 };
 use support::fork::{reap, run_child, spawn_child, spawn_raw, ChildEnd};
 use support::inspect::points_at_dev_null;
+use support::no_io::NoIoManager;
 use support::runner::{child_result, expect_exit, run_cases, Case, Check};
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -926,8 +927,65 @@ fn a_descriptor_number_reused_by_the_application_is_never_released() -> Check {
     checked
 }
 
+/// A master that builds its pool and forks at once: the pool's worker threads must all have
+/// started by then, or a child may inherit std's thread start-up lock held and never start a
+/// thread of its own. 1 000 builds, each followed by a fork whose child starts one std thread.
+/// A fork during a thread's exit is the same hazard, so pools are dropped only in batches, and
+/// the next fork waits until their threads are gone.
+fn a_child_forked_right_after_build_can_start_threads() -> Check {
+    const BUILDS: usize = 1_000;
+    const BATCH: usize = 50;
+    let threads_before = thread_count()?;
+    let mut hung = 0;
+    for _ in 0..BUILDS / BATCH {
+        let mut pools = Vec::with_capacity(BATCH);
+        for _ in 0..BATCH {
+            // No time limits: no reaper job, so nothing keeps a dropped pool's threads.
+            let pool = Pool::builder()
+                .max_size(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .build(NoIoManager::default())
+                .map_err(|error| format!("build: {error}"))?;
+            let end = run_child(Duration::from_secs(2), || {
+                match std::thread::spawn(|| ()).join() {
+                    Ok(()) => 0,
+                    Err(_) => 1,
+                }
+            });
+            match end {
+                ChildEnd::Exited(0) => {}
+                ChildEnd::Hung => hung += 1,
+                other => return Err(format!("a child ended {other:?}")),
+            }
+            pools.push(pool);
+        }
+        drop(pools);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while thread_count()? > threads_before {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "the dropped pools' threads did not end"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    ensure!(
+        hung == 0,
+        "{hung} of {BUILDS} children forked right after build could not start a thread"
+    );
+    Ok(())
+}
+
+/// The threads of this process.
+fn thread_count() -> Result<usize, String> {
+    std::fs::read_dir("/proc/self/task")
+        .map(Iterator::count)
+        .map_err(|error| format!("/proc/self/task: {error}"))
+}
+
 fn main() {
-    let cases: [Case; 17] = [
+    let cases: [Case; 18] = [
         (
             "inherited_idle_connections_are_discarded_never_used",
             inherited_idle_connections_are_discarded_never_used,
@@ -986,6 +1044,10 @@ fn main() {
         (
             "a_descriptor_number_reused_by_the_application_is_never_released",
             a_descriptor_number_reused_by_the_application_is_never_released,
+        ),
+        (
+            "a_child_forked_right_after_build_can_start_threads",
+            a_child_forked_right_after_build_can_start_threads,
         ),
     ];
     run_cases(cases);
