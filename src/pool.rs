@@ -23,7 +23,7 @@ use crate::connection::{Checkout, PooledConnection};
 use crate::descriptors::DescriptorTable;
 use crate::fork::{current_epoch, Epoch, PerProcess, Read};
 use crate::generation::{Generation, GenerationParts, Site};
-use crate::r2d2_compat::r2d2_error;
+use crate::r2d2_compat::{r2d2_error, r2d2_state};
 use crate::stats::{Counters, ForkStats};
 use crate::worker_threads::started_thread_pool;
 
@@ -479,9 +479,21 @@ impl<M: ManageConnection> Pool<M> {
         }
     }
 
-    /// The connection counts of this process's pool, like [`r2d2::Pool::state`].
+    /// The connection counts of this process's pool, like [`r2d2::Pool::state`]. Reading them
+    /// is no use of the pool: a pool with an event handler that [`release_idle`](Self::release_idle)
+    /// emptied, and that has not been used since, reports no connections and opens none (the
+    /// connections still checked out then are closed when they come back). In a forked child
+    /// the first call rebuilds the pool, as the first `get` would.
     pub fn state(&self) -> r2d2::State {
-        self.generation().pool.state()
+        match self.shared.generation.read() {
+            Some(generation) => generation.pool.state(),
+            None if self.shared.latest_generation_in.load(Ordering::Acquire)
+                == current_epoch().get() =>
+            {
+                r2d2_state(0, 0)
+            }
+            None => self.generation().pool.state(),
+        }
     }
 
     /// What this pool has seen of forks.

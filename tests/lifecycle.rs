@@ -283,6 +283,33 @@ fn release_idle_leaves_nothing_open_once_connects_in_flight_end(inner: Inner) ->
     Ok(())
 }
 
+/// `state` is no use of the pool: after `release_idle` it reports nothing open and opens
+/// nothing, where a `get` would open `min_idle` connections again.
+fn state_after_release_idle_opens_nothing(inner: Inner) -> Check {
+    let manager = NoIoManager::default();
+    let pool = no_io_pool(inner, &manager)?;
+    pool.release_idle();
+    manager
+        .all_closed_within(Duration::from_secs(5))
+        .map_err(|live| format!("{live} connections open after release_idle"))?;
+    for _ in 0..10 {
+        let state = pool.state();
+        ensure!(
+            state.connections == 0,
+            "state after release_idle: {state:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ensure!(
+        manager.live() == 0,
+        "{} connections opened after state()",
+        manager.live()
+    );
+    drop(pool.get().map_err(|error| format!("get: {error}"))?);
+    ensure!(manager.live() > 0, "get opened nothing");
+    Ok(())
+}
+
 /// Each `release_idle` cycle costs no memory that outlives it. On r2d2 each cycle retires a
 /// generation (an r2d2 pool and its threads) and the next `get` builds another.
 fn release_idle_cycles_keep_memory_bounded(inner: Inner) -> Check {
@@ -742,7 +769,7 @@ fn on_fork_fail_refuses_in_a_child_at_once() -> Check {
 }
 
 fn main() {
-    let cases: [Case; 15] = [
+    let cases: [Case; 17] = [
         (
             "release_idle_before_fork_leaves_children_nothing_to_discard",
             release_idle_before_fork_leaves_children_nothing_to_discard,
@@ -763,6 +790,12 @@ fn main() {
             "release_idle_leaves_nothing_open_once_connects_in_flight_end_on_r2d2",
             || release_idle_leaves_nothing_open_once_connects_in_flight_end(Inner::R2d2),
         ),
+        ("state_after_release_idle_opens_nothing", || {
+            state_after_release_idle_opens_nothing(Inner::Std)
+        }),
+        ("state_after_release_idle_opens_nothing_on_r2d2", || {
+            state_after_release_idle_opens_nothing(Inner::R2d2)
+        }),
         ("release_idle_cycles_keep_memory_bounded", || {
             release_idle_cycles_keep_memory_bounded(Inner::Std)
         }),
