@@ -20,7 +20,6 @@ use diesel::r2d2::ConnectionManager;
 use diesel::sql_types::{BigInt, Text};
 use forksafe_pool::PooledConnection;
 use support::backend::{self, Backend, POOL_SIZE};
-use support::fork::spawn_child;
 use support::runner::{skip_unless_ci, Check};
 
 type Manager = ConnectionManager<MysqlConnection>;
@@ -103,22 +102,11 @@ fn unix_socket_connections_are_counted_as_leaked() -> Check {
     let pool = backend::warm_pool_at::<Manager>(&socket_url())
         .map_err(|error| format!("{} ({error})", socket_url()))?;
     let master = backend::session_ids(&pool)?;
-    let (report, child_report) = backend::datagram_pair()?;
-    let pid = spawn_child(|| {
-        backend::child_case(&child_report, || {
-            backend::run_requests(&pool, 50, &master)?;
-            let stats = pool.fork_stats();
-            let expected = u64::from(POOL_SIZE);
-            ensure!(
-                stats.connections_discarded == expected
-                    && stats.connections_leaked == expected
-                    && stats.sockets_released == 0,
-                "expected {expected} connections discarded and leaked, none released: {stats:?}"
-            );
-            Ok(())
-        })
-    });
-    backend::expect_child_exit("child", pid, &report)?;
+    backend::in_child(|| {
+        backend::run_requests(&pool, 50, &master)?;
+        let inherited = u64::from(POOL_SIZE);
+        backend::expect_fork_stats(&pool.fork_stats(), inherited, 0, inherited)
+    })?;
     backend::check_master_intact(&pool, &master)
 }
 

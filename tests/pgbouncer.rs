@@ -38,7 +38,6 @@ use forksafe_pool::{ManageConnection, Pool, PooledConnection};
 use r2d2_postgres::postgres::types::Type;
 use r2d2_postgres::postgres::{Client, Config, NoTls, SimpleQueryMessage};
 use support::backend::{self, Backend};
-use support::fork::spawn_child;
 use support::runner::{Check, NamedCase};
 
 /// A PgBouncer database, one per pooling mode.
@@ -334,21 +333,10 @@ fn an_ambiguous_connect_is_left_open_and_counted<M: Mode, D: Driver>() -> Check 
     for (other_socket, leaked) in [(OtherSocket::Kept, 1), (OtherSocket::Closed, 0)] {
         let pool = pool_with::<M, D>(other_socket)?;
         let master = backend::session_ids(&pool)?;
-        let (report, child_report) = backend::datagram_pair()?;
-        let pid = spawn_child(|| {
-            backend::child_case(&child_report, || {
-                backend::run_requests(&pool, 10, &master)?;
-                let stats = pool.fork_stats();
-                ensure!(
-                    stats.connections_discarded == 1
-                        && stats.connections_leaked == leaked
-                        && stats.sockets_released == 1 - leaked,
-                    "expected 1 connection discarded, {leaked} leaked: {stats:?}"
-                );
-                Ok(())
-            })
-        });
-        backend::expect_child_exit("child", pid, &report)?;
+        backend::in_child(|| {
+            backend::run_requests(&pool, 10, &master)?;
+            backend::expect_fork_stats(&pool.fork_stats(), 1, 1 - leaked, leaked)
+        })?;
         backend::check_master_intact(&pool, &master)?;
         let live = Bounced::<M, D>::live_sessions(&mut ())?;
         ensure!(

@@ -24,7 +24,6 @@ use postgres_openssl::MakeTlsConnector;
 use r2d2_postgres::postgres::{self, Client, Config, NoTls};
 use r2d2_postgres::PostgresConnectionManager;
 use support::backend::{self, Backend, SLACK};
-use support::fork::spawn_child;
 use support::runner::{Case, Check};
 
 type Plain = PostgresConnectionManager<NoTls>;
@@ -240,22 +239,11 @@ fn unix_socket_connections_are_released() -> Check {
     }
     let pool = backend::warm_pool_at::<Plain>(&socket_url)?;
     let master = backend::session_ids(&pool)?;
-    let (report, child_report) = backend::datagram_pair()?;
-    let pid = spawn_child(|| {
-        backend::child_case(&child_report, || {
-            backend::run_requests(&pool, 50, &master)?;
-            let stats = pool.fork_stats();
-            let expected = u64::from(backend::POOL_SIZE);
-            ensure!(
-                stats.connections_discarded == expected
-                    && stats.sockets_released == expected
-                    && stats.connections_leaked == 0,
-                "expected {expected} connections discarded and released, none leaked: {stats:?}"
-            );
-            Ok(())
-        })
-    });
-    backend::expect_child_exit("child", pid, &report)?;
+    backend::in_child(|| {
+        backend::run_requests(&pool, 50, &master)?;
+        let inherited = u64::from(backend::POOL_SIZE);
+        backend::expect_fork_stats(&pool.fork_stats(), inherited, inherited, 0)
+    })?;
     backend::check_master_intact(&pool, &master)
 }
 
@@ -268,27 +256,16 @@ fn an_empty_locator_answer_hides_the_leak() -> Check {
         .descriptor_locator(|_: &mut Client| Some(vec![]))
         .build(Plain::manager(&Plain::url())?)
         .map_err(|error| format!("build: {error}"))?;
-    let (report, child_report) = backend::datagram_pair()?;
-    let pid = spawn_child(|| {
-        backend::child_case(&child_report, || {
-            let started = Instant::now();
-            pool.get().map_err(|error| format!("get: {error}"))?;
-            ensure!(
-                started.elapsed() < Duration::from_secs(10) + SLACK,
-                "get took {:?}",
-                started.elapsed()
-            );
-            let stats = pool.fork_stats();
-            ensure!(
-                stats.connections_discarded == 2
-                    && stats.sockets_released == 0
-                    && stats.connections_leaked == 0,
-                "expected 2 discarded, none released and none counted: {stats:?}"
-            );
-            Ok(())
-        })
-    });
-    backend::expect_child_exit("child", pid, &report)
+    backend::in_child(|| {
+        let started = Instant::now();
+        pool.get().map_err(|error| format!("get: {error}"))?;
+        ensure!(
+            started.elapsed() < Duration::from_secs(10) + SLACK,
+            "get took {:?}",
+            started.elapsed()
+        );
+        backend::expect_fork_stats(&pool.fork_stats(), 2, 0, 0)
+    })
 }
 
 /// r2d2_postgres's manager, plus a socket pair of its own made (and kept) during every connect:
@@ -327,22 +304,11 @@ fn the_servers_view_names_a_tcp_connection() -> Check {
         .min_idle(Some(2))
         .build(ExtraSockets(Plain::manager(&Plain::url())?))
         .map_err(|error| format!("build: {error}"))?;
-    let (report, child_report) = backend::datagram_pair()?;
-    let pid = spawn_child(|| {
-        backend::child_case(&child_report, || {
-            let mut client = pool.get().map_err(|error| format!("get: {error}"))?;
-            echo_on(&mut client, "after fork", false)?;
-            let stats = pool.fork_stats();
-            ensure!(
-                stats.connections_discarded == 2
-                    && stats.sockets_released == 2
-                    && stats.connections_leaked == 0,
-                "expected 2 connections discarded and released, none leaked: {stats:?}"
-            );
-            Ok(())
-        })
-    });
-    backend::expect_child_exit("child", pid, &report)
+    backend::in_child(|| {
+        let mut client = pool.get().map_err(|error| format!("get: {error}"))?;
+        echo_on(&mut client, "after fork", false)?;
+        backend::expect_fork_stats(&pool.fork_stats(), 2, 2, 0)
+    })
 }
 
 fn main() {

@@ -133,14 +133,10 @@ fn resp3_connections_are_released_too() -> Check {
         .map_err(|error| format!("CLIENT INFO: {error}"))?;
     ensure!(info.contains(" resp=3"), "not a RESP3 connection: {info}");
     drop(conn);
-    let (report, child_report) = datagram_pair()?;
-    let pid = spawn_child(|| {
-        child_case(&child_report, || {
-            run_requests(&pool, 50, &master)?;
-            check_released(&pool, u64::from(POOL_SIZE), 0)
-        })
-    });
-    expect_child_exit("child", pid, &report)?;
+    backend::in_child(|| {
+        run_requests(&pool, 50, &master)?;
+        check_released(&pool, u64::from(POOL_SIZE), 0)
+    })?;
     backend::check_master_intact(&pool, &master)
 }
 

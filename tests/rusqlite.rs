@@ -22,7 +22,6 @@ use forksafe_pool::{Pool, PooledConnection};
 use r2d2_sqlite::rusqlite::{self, OptionalExtension};
 use r2d2_sqlite::SqliteConnectionManager;
 use support::backend::{self, At, Backend, Variant};
-use support::fork::spawn_child;
 use support::inspect::points_at_dev_null;
 use support::runner::{Case, Check};
 
@@ -172,27 +171,17 @@ fn the_only_descriptor_is_released<J: Journal>() -> Check {
         drop(conn);
         fds.ok_or("the pool's connection is not the only descriptor on its file")?
     };
-    let (report, child_report) = backend::datagram_pair()?;
-    let pid = spawn_child(|| {
-        backend::child_case(&child_report, || {
-            let conn = pool.get().map_err(|error| format!("get: {error}"))?;
-            let value = format!("child-{}", std::process::id());
-            echo_plain(&conn, &value)?;
-            let stats = pool.fork_stats();
-            ensure!(
-                stats.connections_discarded == 1
-                    && stats.sockets_released == 1
-                    && stats.connections_leaked == 0,
-                "expected the inherited connection released: {stats:?}"
-            );
-            ensure!(
-                points_at_dev_null(fd),
-                "the inherited descriptor {fd} still refers to the database"
-            );
-            Ok(())
-        })
-    });
-    backend::expect_child_exit("child", pid, &report)?;
+    backend::in_child(|| {
+        let conn = pool.get().map_err(|error| format!("get: {error}"))?;
+        let value = format!("child-{}", std::process::id());
+        echo_plain(&conn, &value)?;
+        backend::expect_fork_stats(&pool.fork_stats(), 1, 1, 0)?;
+        ensure!(
+            points_at_dev_null(fd),
+            "the inherited descriptor {fd} still refers to the database"
+        );
+        Ok(())
+    })?;
     // The master's connection is untouched: it still writes and reads its file.
     let conn = pool.get().map_err(|error| format!("master get: {error}"))?;
     conn.execute(

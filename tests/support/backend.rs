@@ -286,6 +286,26 @@ pub fn check_released<B: Backend>(pool: &Pool<B>, inherited: u64, leased: u64) -
     Ok(())
 }
 
+/// Forks a child that runs `case`, and reaps it: it must exit 0 without an error, within
+/// `DEADLINE`.
+pub fn in_child(case: impl FnOnce() -> Check) -> Check {
+    let (report, child_report) = datagram_pair()?;
+    let pid = spawn_child(|| child_case(&child_report, case));
+    expect_child_exit("child", pid, &report)
+}
+
+/// In a child: what the pool did with the connections it inherited.
+pub fn expect_fork_stats(stats: &ForkStats, discarded: u64, released: u64, leaked: u64) -> Check {
+    ensure!(
+        stats.connections_discarded == discarded
+            && stats.sockets_released == released
+            && stats.connections_leaked == leaked,
+        "expected {discarded} connections discarded, {released} sockets released, {leaked} \
+         leaked: {stats:?}"
+    );
+    Ok(())
+}
+
 /// Runs `case` in a forked child; its error, if any, comes back over `report`.
 pub fn child_case(report: &UnixDatagram, case: impl FnOnce() -> Check) -> i32 {
     match case() {
@@ -405,15 +425,11 @@ pub fn a_connection_leased_across_fork<B: Backend>() -> Check {
     let master = session_ids(&pool)?;
     let mut leased = Some(pool.get().map_err(|error| format!("get: {error}"))?);
     let leased_session = B::echo(leased.as_mut().unwrap(), "before fork")?;
-    let (report, child_report) = datagram_pair()?;
-    let pid = spawn_child(|| {
-        child_case(&child_report, || {
-            drop(leased.take());
-            run_requests(&pool, 50, &master)?;
-            check_released(&pool, u64::from(POOL_SIZE), 1)
-        })
-    });
-    expect_child_exit("child", pid, &report)?;
+    in_child(|| {
+        drop(leased.take());
+        run_requests(&pool, 50, &master)?;
+        check_released(&pool, u64::from(POOL_SIZE), 1)
+    })?;
     let mut leased = leased.ok_or("the master lost its leased connection")?;
     for round in 0..20 {
         ensure!(
