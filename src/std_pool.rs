@@ -196,6 +196,8 @@ struct Shared<M: ManageConnection> {
     starving: AtomicBool,
     /// Threads blocked in `Mutex::lock` on `state`, past their spins and yields.
     blocked_on_lock: AtomicU32,
+    /// `FAIR_AFTER`, except in tests that need fairness at once or never.
+    fair_after: Duration,
 }
 
 struct State<M: ManageConnection> {
@@ -263,6 +265,28 @@ impl Wake {
     }
 }
 
+/// A `get`'s place in the queue: it leaves the queue when the call returns or unwinds, so that
+/// a panic in user code never leaves a dead ticket at the front (fairness would stop, and a
+/// connection handed to it would be lost, counted open for ever).
+struct Seat<'a, M: ManageConnection> {
+    pool: &'a Arc<Shared<M>>,
+    waiter: Option<Waiter>,
+}
+
+impl<M: ManageConnection> Seat<'_, M> {
+    fn leave(&mut self) {
+        if let Some(waiter) = self.waiter.take() {
+            self.pool.leave_queue(waiter.ticket);
+        }
+    }
+}
+
+impl<M: ManageConnection> Drop for Seat<'_, M> {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
 impl<M: ManageConnection> State<M> {
     /// Queues a `get` that is about to wait.
     fn enqueue(&mut self, now: Instant) -> Waiter {
@@ -282,10 +306,10 @@ impl<M: ManageConnection> State<M> {
     /// When `waiter`, if it is the longest waiting `get`, may have the next connection put back
     /// handed to it: once it has waited `FAIR_AFTER`, and no sooner than `FAIR_AFTER` after
     /// the last handover, so that handing over (a context switch each) stays the exception.
-    fn fair_turn(&self, waiter: &Waiter) -> Option<Instant> {
+    fn fair_turn(&self, waiter: &Waiter, fair_after: Duration) -> Option<Instant> {
         let front = self.queue.front()?;
         (front.ticket == waiter.ticket)
-            .then(|| (waiter.since + FAIR_AFTER).max(self.next_fair_turn))
+            .then(|| (waiter.since + fair_after).max(self.next_fair_turn))
     }
 
     /// Wakes the longest waiting `get` if it sleeps, so that it keeps time for fairness.
@@ -346,6 +370,25 @@ impl<M: ManageConnection> StdPool<M> {
         error_handler: Box<dyn HandleError<Error<M>>>,
         customizer: Box<dyn CustomizeConnection<Conn<M>, Error<M>>>,
     ) -> Self {
+        Self::with_fairness(
+            manager,
+            settings,
+            connector,
+            error_handler,
+            customizer,
+            FAIR_AFTER,
+        )
+    }
+
+    /// `new`, with the wait after which a `get` is handed the next connection put back.
+    fn with_fairness(
+        manager: ForkSafeManager<M>,
+        settings: Settings,
+        connector: Connector,
+        error_handler: Box<dyn HandleError<Error<M>>>,
+        customizer: Box<dyn CustomizeConnection<Conn<M>, Error<M>>>,
+        fair_after: Duration,
+    ) -> Self {
         let pool = StdPool {
             shared: Arc::new(Shared {
                 manager,
@@ -375,6 +418,7 @@ impl<M: ManageConnection> StdPool<M> {
                 full: AtomicBool::new(false),
                 starving: AtomicBool::new(false),
                 blocked_on_lock: AtomicU32::new(0),
+                fair_after,
             }),
         };
         pool.shared.replenish(&mut pool.shared.lock());
@@ -627,18 +671,25 @@ impl<M: ManageConnection> Shared<M> {
         deadline: Instant,
         timeout: Duration,
     ) -> Result<Lease<M>, r2d2::Error> {
+        // This call's place in the queue, once it has waited; declared before the lock so that
+        // a panic in user code (a connect, `is_valid`, a customizer, an error handler) leaves
+        // the queue with the lock released.
+        let mut seat = Seat {
+            pool: self,
+            waiter: None,
+        };
         let mut state = self.lock();
         self.in_use_again(&mut state);
         let mut my_attempt: Option<u64> = None;
         let mut yields_left = WAIT_YIELDS;
-        // This call's place in the queue, once it has waited.
-        let mut queued: Option<Waiter> = None;
         loop {
-            if let Some(conn) = queued
+            if let Some(conn) = seat
+                .waiter
                 .as_ref()
                 .and_then(|waiter| state.take_handed(waiter.ticket))
             {
-                queued = None;
+                // The handover took it out of the queue.
+                seat.waiter = None;
                 drop(state);
                 if let Some(lease) = self.check_out(conn) {
                     return Ok(lease);
@@ -661,7 +712,7 @@ impl<M: ManageConnection> Shared<M> {
                 if !self.start_attempt(releases) {
                     // No thread to be had: connect here; the wait is then the connect's.
                     if let Some(conn) = self.connect_one(Destination::Caller, releases) {
-                        self.leave_queue(queued);
+                        seat.leave();
                         return Ok(self.lease(conn));
                     }
                 }
@@ -676,7 +727,7 @@ impl<M: ManageConnection> Shared<M> {
                     })
                 });
                 drop(state);
-                self.leave_queue(queued);
+                seat.leave();
                 return Err(r2d2_error(message));
             } else if yields_left > 0
                 && state.connecting == 0
@@ -689,16 +740,19 @@ impl<M: ManageConnection> Shared<M> {
                 drop(state);
                 std::thread::yield_now();
             } else {
-                let waiter = queued.get_or_insert_with(|| state.enqueue(now)).clone();
+                let waiter = seat
+                    .waiter
+                    .get_or_insert_with(|| state.enqueue(now))
+                    .clone();
                 // Only the longest waiting `get` keeps time for fairness; the others sleep until
                 // they are woken or time out, and it wakes the next when it leaves the queue.
-                let until = match state.fair_turn(&waiter) {
+                let until = match state.fair_turn(&waiter, self.fair_after) {
                     Some(turn) if turn > now => turn.min(deadline),
                     _ => deadline,
                 };
                 state = self.wait_until(state, now, until, Some(&waiter.wake));
                 if state
-                    .fair_turn(&waiter)
+                    .fair_turn(&waiter, self.fair_after)
                     .is_some_and(|turn| turn <= Instant::now())
                 {
                     self.starving.store(true, Ordering::SeqCst);
@@ -706,7 +760,7 @@ impl<M: ManageConnection> Shared<M> {
                 drop(state);
             }
             if let Some(lease) = self.take_idle() {
-                self.leave_queue(queued);
+                seat.leave();
                 return Ok(lease);
             }
             state = self.lock();
@@ -714,10 +768,7 @@ impl<M: ManageConnection> Shared<M> {
     }
 
     /// A waiting `get` leaves the queue, taking back any connection handed to it meanwhile.
-    fn leave_queue(self: &Arc<Self>, queued: Option<Waiter>) {
-        let Some(Waiter { ticket, .. }) = queued else {
-            return;
-        };
+    fn leave_queue(self: &Arc<Self>, ticket: u64) {
         let mut state = self.lock();
         let was_front = state
             .queue
@@ -767,12 +818,26 @@ impl<M: ManageConnection> Shared<M> {
             self.replenish(&mut self.lock());
         }
         if self.settings.test_on_check_out {
-            if let Err(error) = self.manager.is_valid(&mut conn.conn) {
-                let message = error.to_string();
-                self.error_handler.handle_error(error);
-                self.lock().last_error = Some(message);
-                self.discard(*conn);
-                return None;
+            // A panic in `is_valid` or the error handler closes the connection the way a failed
+            // check does before it unwinds on, so that its count and slot are not lost.
+            let checked = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                self.manager.is_valid(&mut conn.conn).map_err(|error| {
+                    let message = error.to_string();
+                    self.error_handler.handle_error(error);
+                    message
+                })
+            }));
+            match checked {
+                Ok(Ok(())) => {}
+                Ok(Err(message)) => {
+                    self.lock().last_error = Some(message);
+                    self.discard(*conn);
+                    return None;
+                }
+                Err(panic) => {
+                    self.discard(*conn);
+                    std::panic::resume_unwind(panic);
+                }
             }
         }
         Some(self.lease(conn))
@@ -860,15 +925,20 @@ impl<M: ManageConnection> Shared<M> {
         });
     }
 
-    /// Closes the idle connections that are stale. Each is taken out of its slot to be looked
+    /// Closes the idle connections that are stale or of an earlier release. Each is taken out of its slot to be looked
     /// at; fresh ones go straight back, so a checkout meanwhile may miss one and wait on the
     /// lock held here, then find it.
     fn reap(self: &Arc<Self>) {
         let mut state = self.lock();
         let now = Instant::now();
+        // Stable while the lock is held: only `release_idle` changes it, under the lock.
+        let releases = self.releases.load(Ordering::SeqCst);
         let mut stale = Vec::new();
         for conn in self.idle.take_all() {
-            if self.is_stale(&conn, now) {
+            // A connection of an earlier release that its returner put back just before the
+            // release's count (see `put_idle`) closes here too: put back, it would outlive the
+            // release and be inherited by the next fork.
+            if conn.releases != releases || self.is_stale(&conn, now) {
                 stale.push(conn);
             } else {
                 self.idle.put(conn.slot as usize, conn);
@@ -1017,25 +1087,46 @@ impl<M: ManageConnection> Shared<M> {
             self.discard(*conn);
             return;
         }
+        // Idle from now, whether it goes to its slot or to a waiting `get`, which judges it by
+        // this.
+        conn.idle_since = self.settings.idle_timeout.and(now);
         if self.starving.load(Ordering::SeqCst) {
             match self.hand_over(conn) {
                 Some(unwanted) => conn = unwanted,
                 None => return,
             }
         }
-        conn.idle_since = self.settings.idle_timeout.and(now);
-        let (slot, releases) = (conn.slot as usize, conn.releases);
-        self.idle.put(slot, conn);
-        // Both read after the connection is back in its slot. A `release_idle` that emptied
-        // the slots before then has counted the release: the connection is taken out again
-        // and closed (unless a `get` took it first; that one closes it). A `get` that counted
-        // itself as waiting before then is woken; one that counts itself later sees the slot
-        // full and does not wait.
-        if releases != self.releases.load(Ordering::SeqCst) {
-            if let Some(conn) = self.idle.take(slot) {
-                self.discard(*conn);
+        self.put_idle(conn);
+    }
+
+    /// Puts a connection back into its slot, then closes it if a `release_idle` came first, or
+    /// wakes a waiting `get`.
+    fn put_idle(self: &Arc<Self>, mut conn: Box<Pooled<M>>) {
+        loop {
+            let (slot, releases) = (conn.slot as usize, conn.releases);
+            self.idle.put(slot, conn);
+            // Both read after the connection is back in its slot. A `release_idle` that emptied
+            // the slots before then has counted the release: the connection is taken out again
+            // and closed (unless a `get` or the reaper took it first; either closes it). A `get`
+            // that counted itself as waiting before then is woken; one that counts itself later
+            // sees the slot full and does not wait.
+            if releases == self.releases.load(Ordering::SeqCst) {
+                break;
             }
-        } else if self.waiters.load(Ordering::SeqCst) > 0 {
+            match self.idle.take(slot) {
+                None => return,
+                // What the slot holds now may be a newer connection that was given the same
+                // slot after ours was closed: that one stays.
+                Some(taken) if taken.releases == self.releases.load(Ordering::SeqCst) => {
+                    conn = taken;
+                }
+                Some(taken) => {
+                    self.discard(*taken);
+                    return;
+                }
+            }
+        }
+        if self.waiters.load(Ordering::SeqCst) > 0 {
             // Taking the lock makes sure a waiter, which counted itself under the lock, is
             // asleep by now. The longest waiting of those asleep is woken.
             let state = self.lock();
@@ -1059,7 +1150,7 @@ impl<M: ManageConnection> Shared<M> {
             return Some(conn);
         };
         state.handed.push((waiter.ticket, conn));
-        state.next_fair_turn = Instant::now() + FAIR_AFTER;
+        state.next_fair_turn = Instant::now() + self.fair_after;
         waiter.wake.notify();
         state.wake_front();
         None
@@ -1241,6 +1332,166 @@ mod tests {
         let idle = pool.shared.idle.take_all();
         assert_eq!(idle.len(), 1);
         assert!(idle.iter().all(|conn| conn.idle_since.is_none()));
+    }
+}
+
+#[cfg(test)]
+mod review_tests {
+    use super::tests::Counting;
+    use super::tests_support::settings;
+    use super::*;
+    use crate::descriptors::DescriptorTable;
+    use crate::manager::{CustomizerAdapter, ErrorHandlerAdapter};
+    use crate::stats::Counters;
+
+    /// `Counting` connections whose `is_valid` panics while `panics` is set.
+    #[derive(Debug, Default)]
+    struct PanickyCheck {
+        connects: Counting,
+        panics: AtomicBool,
+    }
+
+    impl ManageConnection for PanickyCheck {
+        type Connection = u32;
+        type Error = std::io::Error;
+
+        fn connect(&self) -> Result<u32, std::io::Error> {
+            self.connects.connect()
+        }
+
+        fn is_valid(&self, _: &mut u32) -> Result<(), std::io::Error> {
+            assert!(!self.panics.load(Ordering::SeqCst), "is_valid panics");
+            Ok(())
+        }
+
+        fn has_broken(&self, _: &mut u32) -> bool {
+            false
+        }
+    }
+
+    fn pool<M: ManageConnection>(
+        manager: &Arc<M>,
+        settings: Settings,
+        fair_after: Duration,
+    ) -> StdPool<M> {
+        let manager = ForkSafeManager::new(
+            Arc::clone(manager),
+            DescriptorTable::new(settings.max_size, Arc::new(Counters::default())),
+            None,
+            None,
+            Arc::new(AtomicBool::new(false)),
+        );
+        StdPool::with_fairness(
+            manager,
+            settings,
+            Connector::ThreadPool {
+                threads: Arc::new(ScheduledThreadPool::new(1)),
+                reaper_rate: Duration::from_secs(3600),
+            },
+            Box::new(ErrorHandlerAdapter(Arc::new(r2d2::NopErrorHandler))),
+            Box::new(CustomizerAdapter(Arc::new(r2d2::NopConnectionCustomizer))),
+            fair_after,
+        )
+    }
+
+    /// Waits until `count` `get` calls are queued.
+    fn until_queued<M: ManageConnection>(pool: &StdPool<M>, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool.shared.lock().queue.len() < count {
+            assert!(Instant::now() < deadline, "no get queued");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// A connection handed to a starving `get` is idle from its return, not from before its
+    /// last checkout: with `idle_timeout` 50 ms, a lease held 100 ms while a `get` waits (and,
+    /// after 10 ms, asks for a handover) goes to that `get` as it is, and nothing is opened a
+    /// second time.
+    #[test]
+    fn a_connection_handed_over_is_judged_idle_from_its_return() {
+        let manager = Arc::new(Counting::default());
+        let pool = pool(
+            &manager,
+            Settings {
+                idle_timeout: Some(Duration::from_millis(50)),
+                ..settings(1)
+            },
+            Duration::from_millis(10),
+        );
+        pool.wait_for_initial_connections(Duration::from_secs(5))
+            .expect("initial connection");
+        let held = pool.get_timeout(Duration::from_secs(1)).expect("checkout");
+        let waiter = {
+            let pool = pool.clone();
+            std::thread::spawn(move || {
+                let lease = pool.get_timeout(Duration::from_secs(5)).expect("get");
+                *(*lease).conn
+            })
+        };
+        until_queued(&pool, 1);
+        // The waiter raises `starving` after 10 ms: the return hands the connection to it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !pool.shared.starving.load(Ordering::SeqCst) {
+            assert!(
+                Instant::now() < deadline,
+                "the waiter never asked for a handover"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let first = *(*held).conn;
+        drop(held);
+        assert_eq!(
+            waiter.join().expect("waiter"),
+            first,
+            "the waiter got a new one"
+        );
+        assert_eq!(manager.0.load(Ordering::SeqCst), 1, "connected twice");
+    }
+
+    /// A `get` that panics in user code while queued (here `is_valid`, on the connection it was
+    /// woken for, just after raising `starving`) leaves the queue and closes what it held: the
+    /// next connection put back goes to the slot, not to a dead ticket, and the pool keeps its
+    /// full size.
+    #[test]
+    fn a_get_that_panics_while_queued_leaves_the_queue() {
+        let manager = Arc::new(PanickyCheck::default());
+        let pool = pool(
+            &manager,
+            Settings {
+                test_on_check_out: true,
+                ..settings(2)
+            },
+            Duration::ZERO,
+        );
+        pool.wait_for_initial_connections(Duration::from_secs(5))
+            .expect("initial connections");
+        let first = pool.get_timeout(Duration::from_secs(1)).expect("checkout");
+        let second = pool.get_timeout(Duration::from_secs(1)).expect("checkout");
+        let waiter = {
+            let pool = pool.clone();
+            std::thread::spawn(move || drop(pool.get_timeout(Duration::from_secs(5))))
+        };
+        until_queued(&pool, 1);
+        manager.panics.store(true, Ordering::SeqCst);
+        drop(first);
+        assert!(
+            waiter.join().is_err(),
+            "is_valid did not panic in the waiter"
+        );
+        manager.panics.store(false, Ordering::SeqCst);
+        drop(second);
+        {
+            let state = pool.shared.lock();
+            assert!(state.queue.is_empty(), "a dead get stays queued");
+            assert!(state.handed.is_empty(), "a connection went to a dead get");
+        }
+        assert!(!pool.shared.starving.load(Ordering::SeqCst));
+        let both = [
+            pool.get_timeout(Duration::from_secs(1)),
+            pool.get_timeout(Duration::from_secs(1)),
+        ];
+        assert!(both.iter().all(Result::is_ok), "the pool lost a connection");
     }
 }
 

@@ -3,11 +3,25 @@
 //! into `driver_section`.
 #![allow(unsafe_code)]
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use super::{driver_section, epoch};
+
+/// Where registration stands in this lineage: [`NONE`], [`DONE`], or the pid of the process
+/// whose thread is registering. Inherited by children, so a child whose parent forked while
+/// registering (the registering thread does not exist in the child, and whether its
+/// `pthread_atfork` call came before the fork is unknown) registers again; see
+/// [`ensure_registered`].
+static REGISTRATION: AtomicU64 = AtomicU64::new(NONE);
+const NONE: u64 = 0;
+const DONE: u64 = u64::MAX;
 
 /// Runs in the child of every libc `fork()`. Async-signal-safe, as a handler that runs in the
 /// child of a multi-threaded process must be (see `epoch::forget_epoch_in_child`).
 extern "C" fn atfork_child() {
+    // That it runs proves the handlers are registered in this lineage, even if the fork
+    // caught the registering thread before it could say so.
+    REGISTRATION.store(DONE, Ordering::Relaxed);
     epoch::forget_epoch_in_child();
 }
 
@@ -22,9 +36,30 @@ extern "C" fn atfork_parent() {
     driver_section::fork_done_in_parent();
 }
 
-/// Registers the atfork handlers; called once per lineage by the thread that published the
-/// cell (registrations are inherited by children, so they are never repeated).
-pub(super) fn register() {
+/// Registers the atfork handlers unless this lineage has them: once per lineage (registrations
+/// are inherited by children, so they are never repeated), and again in a child whose parent
+/// forked in the middle of registering, found on the child's first slow-path epoch check. A
+/// compare-and-swap picks the registering thread; no thread waits for another, so a fork at any
+/// instant leaves nothing to wait for.
+///
+/// One window remains: a raw fork (which runs no handler) after the parent's `pthread_atfork`
+/// returned and before it stored `DONE` leaves a child that registers a second time, so that
+/// its lineage's handlers run twice per libc fork: the child handler's work is idempotent, the
+/// prepare and parent handlers wait for driver sections twice.
+pub(super) fn ensure_registered() {
+    let seen = REGISTRATION.load(Ordering::Acquire);
+    let me = u64::from(std::process::id());
+    if seen == DONE || seen == me {
+        // Registered, or a thread of this process is registering now.
+        return;
+    }
+    if REGISTRATION
+        .compare_exchange(seen, me, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        // Another thread of this process took it over.
+        return;
+    }
     // SAFETY: the three handlers are `extern "C" fn()`s that stay valid for the life of the
     // process and never unwind; `atfork_child` is async-signal-safe, as a handler that runs in
     // the child of a multi-threaded process must be.
@@ -43,4 +78,19 @@ pub(super) fn register() {
             "pthread_atfork failed; forks are still detected by the epoch check"
         );
     }
+    REGISTRATION.store(DONE, Ordering::Release);
+}
+
+/// Whether this lineage has its handlers (a test's view of [`REGISTRATION`]).
+#[cfg(test)]
+pub(super) fn registered() -> bool {
+    REGISTRATION.load(Ordering::Acquire) == DONE
+}
+
+/// Makes this process look like the child of a parent that forked while registering: the
+/// registration is pending in another process.
+#[cfg(test)]
+pub(super) fn pretend_a_parent_was_registering() {
+    let parent = u64::from(std::process::id()).wrapping_add(1);
+    REGISTRATION.store(parent, Ordering::Release);
 }

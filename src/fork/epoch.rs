@@ -88,6 +88,10 @@ pub fn fork_detection() -> ForkDetection {
 /// Every cell but the fallback is a wipe-on-fork page. (Read off the cell itself, not a flag
 /// stored beside it, so no thread can see the cell without knowing what it is.)
 fn cell_wipes_on_fork(cell: &AtomicU64) -> bool {
+    cell_wipes_on_fork_ptr(cell)
+}
+
+fn cell_wipes_on_fork_ptr(cell: *const AtomicU64) -> bool {
     !ptr::eq(cell, &FALLBACK_CELL)
 }
 
@@ -170,6 +174,13 @@ fn owned_epoch(word: u64, pid: u32) -> Option<Epoch> {
 fn cell() -> &'static AtomicU64 {
     let existing = EPOCH_CELL.load(Ordering::Acquire);
     if !existing.is_null() {
+        // Only the slow path gets here. A parent may have forked between publishing the cell
+        // and the two steps after it, which the child then takes itself: without them the
+        // child's lineage would stay on the slow path, or have no atfork handlers.
+        if cell_wipes_on_fork_ptr(existing) && FAST_CELL.load(Ordering::Acquire) != existing {
+            FAST_CELL.store(existing, Ordering::Release);
+        }
+        super::atfork::ensure_registered();
         // SAFETY: see `current_epoch`: a published cell is never unmapped.
         return unsafe { &*existing };
     }
@@ -187,7 +198,7 @@ fn cell() -> &'static AtomicU64 {
             if wipes {
                 FAST_CELL.store(candidate, Ordering::Release);
             }
-            super::atfork::register();
+            super::atfork::ensure_registered();
             // SAFETY: `candidate` is `FALLBACK_CELL` or a freshly mapped page that is never unmapped.
             unsafe { &*candidate }
         }
@@ -393,6 +404,34 @@ mod tests {
             "the raw-fork child kept its parent's epoch (status {status})"
         );
         assert_eq!(current_epoch(), parent);
+    }
+
+    /// A parent that forks after publishing the epoch cell but before publishing the fast
+    /// cell and registering the atfork handlers (simulated in the child, which finds the state
+    /// such a fork leaves) has a child that completes both on its first check.
+    #[test]
+    fn a_child_forked_while_the_cell_was_set_up_completes_the_set_up() {
+        let parent = current_epoch();
+        assert!(fork_detection().wipe_on_fork);
+        // SAFETY: the child only touches atomics and leaves with `_exit`.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // What the fork would have left: the page published, the rest not done.
+            FAST_CELL.store(ptr::addr_of!(UNSET).cast_mut(), Ordering::SeqCst);
+            super::super::atfork::pretend_a_parent_was_registering();
+            let child = current_epoch();
+            let fast = FAST_CELL.load(Ordering::SeqCst) == EPOCH_CELL.load(Ordering::SeqCst);
+            let registered = super::super::atfork::registered();
+            let code = i32::from(!(child > parent && fast)) | (i32::from(!registered) << 1);
+            // SAFETY: `_exit` has no preconditions and ends the child at once.
+            unsafe { libc::_exit(code) };
+        }
+        let status = crate::sys::reap_raw_child(pid.into());
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "exit code {} (1: the lineage stays on the slow path; 2: without atfork handlers)",
+            libc::WEXITSTATUS(status)
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::ops::Deref;
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use super::epoch::{current_epoch, Epoch};
 use super::grace::{Drained, ReaderCounts, BOTH_DRAINED};
@@ -61,6 +61,9 @@ pub(crate) struct PerProcess<T> {
     retired: AtomicPtr<Owned<T>>,
     /// How many values `retired` holds: the end of a read looks here before trying to free.
     waiting: AtomicUsize,
+    /// Set by a read that ended while retired values wait; the thread holding the install lock
+    /// then looks at the counters again before it leaves (see `end_read`).
+    look_again: AtomicBool,
 }
 
 struct Owned<T> {
@@ -122,6 +125,7 @@ impl<T> PerProcess<T> {
             installing: AtomicU64::new(0),
             retired: AtomicPtr::new(ptr::null_mut()),
             waiting: AtomicUsize::new(0),
+            look_again: AtomicBool::new(false),
         }
     }
 
@@ -269,7 +273,7 @@ impl<T> PerProcess<T> {
             .retired_next
             .store(self.retired.load(Ordering::Relaxed), Ordering::Relaxed);
         self.retired.store(owned.as_ptr(), Ordering::Relaxed);
-        self.waiting.fetch_add(1, Ordering::Relaxed);
+        self.waiting.fetch_add(1, Ordering::SeqCst);
         Some(Read::counted(owned, self, counter))
     }
 
@@ -280,11 +284,20 @@ impl<T> PerProcess<T> {
         (unsafe { owned.as_ref() }.epoch == current_epoch()).then_some(owned)
     }
 
-    /// Ends a counted read; if retired values wait, frees those no read can see any more
-    /// (unless another thread holds the install lock: it, or a later read, will).
+    /// Ends a counted read; if retired values wait, frees those no read can see any more.
+    ///
+    /// Only one thread looks at a time (the install lock, tried, never waited for). A read
+    /// that ends while another thread looks asks it to look once more (`look_again`): the
+    /// looker may have seen this read's counter busy, and nobody else might look for a long
+    /// time. "Ask, then try the lock" on one side and "unlock, then check for asks" on the
+    /// other (all sequentially consistent) leave no read unseen: either the looker's next
+    /// check sees the ask, or the asker's try finds the lock free and looks itself.
     fn end_read(&self, counter: usize) {
         self.readers.exit(counter);
-        if self.waiting.load(Ordering::Relaxed) == 0 {
+        // Paired with the fence in `unlink_unreachable`: a read that ends after a looker saw
+        // its counter busy sees that something waits.
+        fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) == 0 {
             return;
         }
         // A read carried across `fork()` by the forking thread ends in the child: its counters
@@ -293,26 +306,37 @@ impl<T> PerProcess<T> {
         if self.retirable_in != Some(here) {
             return;
         }
-        let Some(lock) = InstallLock::try_acquire(&self.installing, here) else {
-            return;
-        };
-        let freed = self.unlink_unreachable();
-        drop(lock);
-        // Dropped outside the lock: a value's drop may take time (a pool closing connections).
-        let mut next = freed;
-        while let Some(owned) = NonNull::new(next) {
-            // SAFETY: `unlink_unreachable` took these out of the list, which held each once;
-            // both reader counters were seen drained after each was unpublished, so no read
-            // of them is alive (see `grace`), and nothing else points at them.
-            let owned = unsafe { Box::from_raw(owned.as_ptr()) };
-            next = owned.retired_next.load(Ordering::Relaxed);
-            drop(owned);
+        self.look_again.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        while let Some(lock) = InstallLock::try_acquire(&self.installing, here) {
+            self.look_again.store(false, Ordering::SeqCst);
+            let freed = self.unlink_unreachable();
+            drop(lock);
+            // Dropped outside the lock: a value's drop may take time (a pool closing
+            // connections).
+            let mut next = freed;
+            while let Some(owned) = NonNull::new(next) {
+                // SAFETY: `unlink_unreachable` took these out of the list, which held each
+                // once; both reader counters were seen drained after each was unpublished, so
+                // no read of them is alive (see `grace`), and nothing else points at them.
+                let owned = unsafe { Box::from_raw(owned.as_ptr()) };
+                next = owned.retired_next.load(Ordering::Relaxed);
+                drop(owned);
+            }
+            // "Unlock, then check for asks", against the asker's "ask, then try the lock".
+            fence(Ordering::SeqCst);
+            if !self.look_again.load(Ordering::SeqCst) || self.waiting.load(Ordering::SeqCst) == 0 {
+                return;
+            }
         }
     }
 
     /// Under the install lock: looks at the reader counters once, and takes out of the retired
     /// list, as a list of their own, the values no read can see any more.
     fn unlink_unreachable(&self) -> *mut Owned<T> {
+        // Counts read after `waiting` was raised (by `retire`, under the same lock), against a
+        // read's "leave the counter, then read `waiting`" (see `end_read`).
+        fence(Ordering::SeqCst);
         let drained: Drained = self.readers.drained();
         if drained == 0 {
             return ptr::null_mut();
@@ -335,7 +359,7 @@ impl<T> PerProcess<T> {
                 );
                 owned.retired_next.store(freed, Ordering::Relaxed);
                 freed = current;
-                self.waiting.fetch_sub(1, Ordering::Relaxed);
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
             } else {
                 link = &owned.retired_next;
             }
