@@ -116,7 +116,7 @@ fn profile(which: &str, iterations: u64) {
         }
         "child" => {
             // The pool a forked worker runs on: r2d2's best batch here, then forksafe's best
-            // batch in a forked child (where r2d2 never runs, see std_pool.rs).
+            // batch in a forked child (where r2d2 never runs, see process_pool/).
             let (r2d2_pool, forksafe_pool) = (
                 r2d2_pool.expect("r2d2 pool"),
                 forksafe_pool.expect("forksafe pool"),

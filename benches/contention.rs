@@ -11,7 +11,7 @@
 //!
 //! Three parts:
 //! - `parent`: threads 1, 2, 4, 8, 32, 128 against pools of 4 and of `threads` connections, both
-//!   pools in this process (forksafe's runs on its own std-lock pool here, see src/std_pool.rs).
+//!   pools in this process (forksafe's runs on its own std-lock pool here, see src/process_pool/).
 //! - `child`: the same grid with forksafe's pool in a forked child (the pool a pre-forked worker
 //!   gets, rebuilt after the fork), against r2d2 in the parent. Each forksafe round is a new
 //!   child with a deadline (SIGALRM), so a hang fails the run instead of stalling it.

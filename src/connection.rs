@@ -14,12 +14,12 @@ use r2d2::ManageConnection;
 
 use crate::fork::{current_epoch, Epoch};
 use crate::manager::{ForkSafeManager, Tracked};
-use crate::std_pool::Lease;
+use crate::process_pool::Lease;
 
-/// What a generation hands out: a [`Lease`] of this crate's pool (see `std_pool`), or r2d2's
+/// What a generation hands out: a [`Lease`] of this crate's pool (see `process_pool`), or r2d2's
 /// guard in the process that built a pool with an event handler.
 pub(crate) enum Checkout<M: ManageConnection> {
-    Std(Lease<M>),
+    Own(Lease<M>),
     R2d2(r2d2::PooledConnection<ForkSafeManager<M>>),
 }
 
@@ -27,14 +27,14 @@ impl<M: ManageConnection> Checkout<M> {
     fn tracked(&self) -> &Tracked<M::Connection> {
         match self {
             Checkout::R2d2(conn) => conn,
-            Checkout::Std(lease) => lease,
+            Checkout::Own(lease) => lease,
         }
     }
 
     fn tracked_mut(&mut self) -> &mut Tracked<M::Connection> {
         match self {
             Checkout::R2d2(conn) => conn,
-            Checkout::Std(lease) => lease,
+            Checkout::Own(lease) => lease,
         }
     }
 }
@@ -47,7 +47,7 @@ impl<M: ManageConnection> From<r2d2::PooledConnection<ForkSafeManager<M>>> for C
 
 impl<M: ManageConnection> From<Lease<M>> for Checkout<M> {
     fn from(lease: Lease<M>) -> Self {
-        Checkout::Std(lease)
+        Checkout::Own(lease)
     }
 }
 
@@ -101,7 +101,7 @@ impl<M: ManageConnection> PooledConnection<M> {
     pub fn extensions(this: &Self) -> &r2d2::Extensions {
         match this.checked() {
             Checkout::R2d2(conn) => r2d2::PooledConnection::extensions(conn),
-            Checkout::Std(lease) => lease.extensions(),
+            Checkout::Own(lease) => lease.extensions(),
         }
     }
 
@@ -110,7 +110,7 @@ impl<M: ManageConnection> PooledConnection<M> {
     pub fn extensions_mut(this: &mut Self) -> &mut r2d2::Extensions {
         match this.checked_mut() {
             Checkout::R2d2(conn) => r2d2::PooledConnection::extensions_mut(conn),
-            Checkout::Std(lease) => lease.extensions_mut(),
+            Checkout::Own(lease) => lease.extensions_mut(),
         }
     }
 

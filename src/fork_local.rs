@@ -70,49 +70,53 @@ pub struct ForkLocal<T, F = fn() -> T> {
 }
 
 impl<T, F> ForkLocal<T, F> {
-    /// A value that each process builds with `init` the first time it asks for it.
-    ///
-    /// `const`, so it can initialise a `static`:
-    ///
-    /// ```
-    /// use std::sync::atomic::{AtomicU64, Ordering};
-    /// use forksafe_pool::ForkLocal;
-    ///
-    /// /// A per-process counter: a forked worker starts from zero, not from the master's count.
-    /// static REQUESTS: ForkLocal<AtomicU64> = ForkLocal::new(|| AtomicU64::new(0));
-    ///
-    /// REQUESTS.get().fetch_add(1, Ordering::Relaxed);
-    /// assert_eq!(REQUESTS.get().load(Ordering::Relaxed), 1);
-    /// ```
-    pub const fn new(init: F) -> Self
-    where
-        F: Fn() -> T,
-    {
-        ForkLocal {
-            values: PerProcess::empty(),
-            init,
+    crate::sync::const_fn_unless_loom! {
+        /// A value that each process builds with `init` the first time it asks for it.
+        ///
+        /// `const`, so it can initialise a `static`:
+        ///
+        /// ```
+        /// use std::sync::atomic::{AtomicU64, Ordering};
+        /// use forksafe_pool::ForkLocal;
+        ///
+        /// /// A per-process counter: a forked worker starts from zero, not from the master's count.
+        /// static REQUESTS: ForkLocal<AtomicU64> = ForkLocal::new(|| AtomicU64::new(0));
+        ///
+        /// REQUESTS.get().fetch_add(1, Ordering::Relaxed);
+        /// assert_eq!(REQUESTS.get().load(Ordering::Relaxed), 1);
+        /// ```
+        pub fn new(init: F) -> Self
+        where
+            F: Fn() -> T,
+        {
+            ForkLocal {
+                values: PerProcess::empty(),
+                init,
+            }
         }
     }
 
-    /// A value that each process builds with the fallible `init` the first time it asks for it
-    /// through [`get_or_try`](ForkLocal::get_or_try).
-    ///
-    /// ```
-    /// use forksafe_pool::ForkLocal;
-    ///
-    /// let url = String::from("postgres://localhost/app");
-    /// let parsed = ForkLocal::try_new(move || url.parse::<std::net::SocketAddr>());
-    /// // A URL is not a socket address: the initialiser's own error comes back, nothing is
-    /// // stored, and the next call would try again.
-    /// assert!(parsed.get_or_try().is_err());
-    /// ```
-    pub const fn try_new<E>(init: F) -> Self
-    where
-        F: Fn() -> Result<T, E>,
-    {
-        ForkLocal {
-            values: PerProcess::empty(),
-            init,
+    crate::sync::const_fn_unless_loom! {
+        /// A value that each process builds with the fallible `init` the first time it asks for it
+        /// through [`get_or_try`](ForkLocal::get_or_try).
+        ///
+        /// ```
+        /// use forksafe_pool::ForkLocal;
+        ///
+        /// let url = String::from("postgres://localhost/app");
+        /// let parsed = ForkLocal::try_new(move || url.parse::<std::net::SocketAddr>());
+        /// // A URL is not a socket address: the initialiser's own error comes back, nothing is
+        /// // stored, and the next call would try again.
+        /// assert!(parsed.get_or_try().is_err());
+        /// ```
+        pub fn try_new<E>(init: F) -> Self
+        where
+            F: Fn() -> Result<T, E>,
+        {
+            ForkLocal {
+                values: PerProcess::empty(),
+                init,
+            }
         }
     }
 

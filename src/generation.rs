@@ -4,7 +4,7 @@
 //! builds the `Pool` builds the first; a forked child builds its own on first use, and
 //! `release_idle` on a pool on r2d2 retires the current one so that the next use builds
 //! another. What a generation runs on depends only on where it is built ([`Site`]): r2d2 in
-//! the building process of a pool with an event handler, this crate's `StdPool` everywhere
+//! the building process of a pool with an event handler, this crate's `ProcessPool` everywhere
 //! else, and no pool at all in a forked child of a pool built with `OnFork::Fail`.
 
 use std::fmt;
@@ -16,20 +16,20 @@ use r2d2::event::{AcquireEvent, CheckinEvent, CheckoutEvent, ReleaseEvent, Timeo
 use r2d2::{CustomizeConnection, HandleEvent, ManageConnection};
 use scheduled_thread_pool::{OnPoolDropBehavior, ScheduledThreadPool};
 
-use crate::any_pool::AnyPool;
 use crate::config::Config;
 use crate::descriptors::DescriptorTable;
+use crate::generation_pool::GenerationPool;
 use crate::manager::{
     ConnectError, CustomizerAdapter, ErrorHandlerAdapter, ForkSafeManager, Tracked,
 };
-use crate::std_pool::{Connector, StdPool, REAPER_RATE};
+use crate::process_pool::{Connector, ProcessPool, REAPER_RATE};
 use crate::worker_threads::started_thread_pool;
 
 pub(crate) struct Generation<M: ManageConnection> {
-    /// This crate's pool on std's locks (see `std_pool`); r2d2's in the process that built a
+    /// This crate's pool on std's locks (see `process_pool`); r2d2's in the process that built a
     /// `Pool` with an event handler, since only r2d2 can make r2d2's events; none in a refusing
     /// child.
-    pub(crate) pool: AnyPool<M>,
+    pub(crate) pool: GenerationPool<M>,
     pub(crate) descriptors: Arc<DescriptorTable>,
     /// Set by `release_idle` on a generation on r2d2: it opens no connections and closes
     /// returned ones.
@@ -44,10 +44,10 @@ pub(crate) struct Generation<M: ManageConnection> {
 
 /// Where a generation is built, which decides what it runs on.
 pub(crate) enum Site {
-    /// The process that built the `Pool`: r2d2 with an event handler, else a `StdPool` that
+    /// The process that built the `Pool`: r2d2 with an event handler, else a `ProcessPool` that
     /// connects on the configured thread pool. `wait_for_min_idle` is `Builder::build`'s wait.
     BuildingProcess { wait_for_min_idle: bool },
-    /// A forked child: a `StdPool` that connects on short-lived raw threads (see `std_pool`).
+    /// A forked child: a `ProcessPool` that connects on short-lived raw threads (see `process_pool`).
     ForkedChild,
     /// A forked child of a pool built with `OnFork::Fail`: every checkout fails with `refusal`.
     RefusingChild { refusal: String },
@@ -78,7 +78,7 @@ impl<M: ManageConnection> Generation<M> {
         let (in_forked_child, wait) = match site {
             Site::RefusingChild { refusal } => {
                 return Ok(Generation {
-                    pool: AnyPool::Refusing(refusal),
+                    pool: GenerationPool::Refusing(refusal),
                     descriptors,
                     retired: Arc::default(),
                     r2d2_connections: Arc::default(),
@@ -106,7 +106,7 @@ impl<M: ManageConnection> Generation<M> {
             },
             _ => Connector::Detached,
         };
-        let pool = StdPool::new(
+        let pool = ProcessPool::new(
             manager,
             config.settings,
             connector,
@@ -117,7 +117,7 @@ impl<M: ManageConnection> Generation<M> {
             pool.wait_for_initial_connections(config.settings.connection_timeout)?;
         }
         Ok(Generation {
-            pool: AnyPool::Std(pool),
+            pool: GenerationPool::Own(pool),
             descriptors,
             retired,
             r2d2_connections: Arc::default(),
@@ -172,7 +172,7 @@ impl<M: ManageConnection> Generation<M> {
             builder.build_unchecked(manager)
         };
         Ok(Generation {
-            pool: AnyPool::R2d2(pool),
+            pool: GenerationPool::R2d2(pool),
             descriptors,
             retired,
             r2d2_connections,
@@ -203,8 +203,8 @@ impl<M: ManageConnection> Generation<M> {
         if self.r2d2_connections.load(Ordering::SeqCst) == 0 {
             return closed;
         }
-        if let (AnyPool::R2d2(pool), Some(threads)) = (&self.pool, &self.r2d2_threads) {
-            let pool = AnyPool::R2d2(pool.clone());
+        if let (GenerationPool::R2d2(pool), Some(threads)) = (&self.pool, &self.r2d2_threads) {
+            let pool = GenerationPool::R2d2(pool.clone());
             let open = Arc::clone(&self.r2d2_connections);
             let mut pause = Duration::from_millis(1);
             threads.execute_at_dynamic_rate(pause, move || {
@@ -222,7 +222,7 @@ impl<M: ManageConnection> Generation<M> {
 
 /// Closes a retired generation's idle connections: each comes back as broken and is closed.
 /// (With `test_on_check_out`, r2d2 closes each one inside `try_get` already.)
-fn close_idle<M: ManageConnection>(retired: &AnyPool<M>) {
+fn close_idle<M: ManageConnection>(retired: &GenerationPool<M>) {
     while let Some(conn) = retired.try_get() {
         drop(conn);
     }

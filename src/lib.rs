@@ -436,7 +436,6 @@
 )]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
-mod any_pool;
 mod backends;
 mod config;
 mod connect_window;
@@ -447,14 +446,15 @@ mod diesel;
 mod fork;
 mod fork_local;
 mod generation;
+mod generation_pool;
 mod guarded;
-mod idle_slots;
 pub mod locate;
 mod manager;
 mod pool;
+mod process_pool;
 mod r2d2_compat;
 mod stats;
-mod std_pool;
+mod sync;
 mod sys;
 mod worker_threads;
 

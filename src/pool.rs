@@ -1,7 +1,7 @@
 //! The pool: an inner pool per process, rebuilt lock-free in a forked child.
 //!
 //! A [`Pool`] points at one *generation*: an inner pool built in one process (its epoch) —
-//! this crate's own (`std_pool`), or r2d2's for a pool with an event handler in the process
+//! this crate's own (`process_pool`), or r2d2's for a pool with an event handler in the process
 //! that built it. A forked child finds a generation from another epoch and, on first use,
 //! builds a new one (see `generation`) from the saved configuration and swaps it in. The
 //! inherited generation is never touched again — not its mutex, not its thread pool, not its
@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 use r2d2::ManageConnection;
 use scheduled_thread_pool::OnPoolDropBehavior;
 
-use crate::any_pool::AnyPool;
 use crate::config::{Builder, Config, OnFork};
 use crate::connection::{Checkout, PooledConnection};
 use crate::descriptors::DescriptorTable;
 use crate::fork::{current_epoch, Epoch, PerProcess, Read};
 use crate::generation::{Generation, GenerationParts, Site};
+use crate::generation_pool::GenerationPool;
 use crate::r2d2_compat::{r2d2_error, r2d2_state};
 use crate::stats::{Counters, ForkStats};
 use crate::worker_threads::started_thread_pool;
@@ -275,14 +275,15 @@ impl<M: ManageConnection> Pool<M> {
         // everything else (a forked child's first use, a pool on r2d2, a refusing child) takes
         // the cold path.
         let found = self.shared.generation.get_with_epoch();
-        let Some((AnyPool::Std(pool), epoch)) = found.map(|(found, epoch)| (&found.pool, epoch))
+        let Some((GenerationPool::Own(pool), epoch)) =
+            found.map(|(found, epoch)| (&found.pool, epoch))
         else {
             return self
                 .checkout_elsewhere(timeout, true)
                 .map(|(checkout, epoch)| PooledConnection::new(checkout, epoch));
         };
         pool.get_timeout(timeout)
-            .map(|lease| PooledConnection::new(Checkout::Std(lease), epoch))
+            .map(|lease| PooledConnection::new(Checkout::Own(lease), epoch))
     }
 
     /// Every checkout but the hot path's: a forked child's first (which rebuilds the pool),
@@ -299,7 +300,7 @@ impl<M: ManageConnection> Pool<M> {
     ) -> Result<(Checkout<M>, Epoch), r2d2::Error> {
         let generation = self.generation();
         let epoch = generation.epoch();
-        let AnyPool::R2d2(pool) = &generation.pool else {
+        let GenerationPool::R2d2(pool) = &generation.pool else {
             return generation
                 .pool
                 .get_timeout(timeout)
@@ -369,7 +370,7 @@ impl<M: ManageConnection> Pool<M> {
                 "forksafe-pool: warm_up opened {opened} of {wanted} connections within {timeout:?}"
             ))
         };
-        if let AnyPool::Std(pool) = &generation.pool {
+        if let GenerationPool::Own(pool) = &generation.pool {
             // r2d2's own error carries the last connection error; without one (connects still
             // running at the deadline), say how far the pool got.
             return pool
@@ -381,7 +382,7 @@ impl<M: ManageConnection> Pool<M> {
         }
         // r2d2's pool keeps trying on its own worker threads. The wait holds r2d2's pool, not
         // the generation (see `checkout_elsewhere`).
-        let AnyPool::R2d2(pool) = &generation.pool else {
+        let GenerationPool::R2d2(pool) = &generation.pool else {
             unreachable!("a generation is this crate's pool, r2d2's or a refusing one");
         };
         let pool = pool.clone();
@@ -455,12 +456,12 @@ impl<M: ManageConnection> Pool<M> {
             return 0;
         };
         let closed = match &generation.pool {
-            AnyPool::Std(pool) => pool.release_idle(),
-            AnyPool::R2d2(_) => {
+            GenerationPool::Own(pool) => pool.release_idle(),
+            GenerationPool::R2d2(_) => {
                 drop(generation);
                 self.retire_r2d2_generation()
             }
-            AnyPool::Refusing(_) => return 0,
+            GenerationPool::Refusing(_) => return 0,
         };
         tracing::debug!(
             pid = std::process::id(),

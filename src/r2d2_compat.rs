@@ -1,9 +1,9 @@
 //! r2d2's `Error` and `State`, made without r2d2.
 //!
-//! The pool this crate runs on (`std_pool`) must not run r2d2's code in a forked child, yet
+//! The pool this crate runs on (`process_pool`) must not run r2d2's code in a forked child, yet
 //! returns r2d2's types: r2d2 has no public constructor for either, and the only r2d2 paths
 //! that make them park on parking_lot, whose global state a fork leaves corrupted (see
-//! `std_pool`). Both rely on r2d2 0.8.10's layout, which is why r2d2 is pinned with `=`.
+//! `process_pool`). Both rely on r2d2 0.8.10's layout, which is why r2d2 is pinned with `=`.
 #![allow(unsafe_code)]
 
 /// An `r2d2::Error` reading "timed out waiting for connection", followed by ": {message}" when

@@ -22,7 +22,7 @@
 //! read's exit, and reads from it (an acquire of the exit's release), so everything the read
 //! did with the value happens before the value is freed.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::sync::{self, AtomicUsize, Ordering};
 
 /// The two reader counters and the phase that picks the one new reads enter.
 pub(super) struct ReaderCounts {
@@ -37,10 +37,12 @@ pub(super) type Drained = u8;
 pub(super) const BOTH_DRAINED: Drained = 0b11;
 
 impl ReaderCounts {
-    pub(super) const fn new() -> Self {
-        ReaderCounts {
-            phase: AtomicUsize::new(0),
-            readers: [AtomicUsize::new(0), AtomicUsize::new(0)],
+    crate::sync::const_fn_unless_loom! {
+        pub(super) fn new() -> Self {
+            ReaderCounts {
+                phase: AtomicUsize::new(0),
+                readers: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            }
         }
     }
 
@@ -51,6 +53,9 @@ impl ReaderCounts {
         // Any counter is correct; the phase only spreads reads so that each counter drains.
         let counter = self.phase.load(Ordering::Relaxed) & 1;
         self.readers[counter].fetch_add(1, Ordering::SeqCst);
+        // "Enter, then load the pointer", against a reclaimer's "unpublish, then look at the
+        // counters" (`drained`).
+        sync::seq_cst_pairing();
         counter
     }
 
@@ -66,6 +71,7 @@ impl ReaderCounts {
     /// do not enter is empty, new reads are sent to it, so that the other one drains. Called by
     /// one reclaimer at a time (the caller's lock).
     pub(super) fn drained(&self) -> Drained {
+        sync::seq_cst_pairing();
         let mut drained = 0;
         for (counter, readers) in self.readers.iter().enumerate() {
             if readers.load(Ordering::SeqCst) == 0 {
@@ -80,7 +86,7 @@ impl ReaderCounts {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(forksafe_loom)))]
 mod tests {
     use super::*;
 

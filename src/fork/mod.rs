@@ -44,6 +44,8 @@ mod atfork;
 mod driver_section;
 mod epoch;
 mod grace;
+#[cfg(all(test, forksafe_loom))]
+mod models;
 mod per_process;
 
 pub(crate) use driver_section::{DriverSection, ForkWaitingLease, ForkWaitsForDrop};

@@ -1,10 +1,10 @@
 //! A value per process, replaced on first use in a forked child.
 #![allow(unsafe_code)]
 
+use crate::sync::{self, fence, AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::fmt;
 use std::ops::Deref;
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use super::epoch::{current_epoch, Epoch};
 use super::grace::{Drained, ReaderCounts, BOTH_DRAINED};
@@ -95,10 +95,12 @@ pub(crate) struct Read<'a, T> {
 }
 
 impl<T> PerProcess<T> {
-    /// Holds nothing yet: the first `get_or_try_init` in each process makes that process's
-    /// value. `const`, so it can live in a `static`.
-    pub(crate) const fn empty() -> Self {
-        PerProcess::with(ptr::null_mut(), ptr::null_mut(), None)
+    crate::sync::const_fn_unless_loom! {
+        /// Holds nothing yet: the first `get_or_try_init` in each process makes that process's
+        /// value. `const`, so it can live in a `static`.
+        pub(crate) fn empty() -> Self {
+            PerProcess::with(ptr::null_mut(), ptr::null_mut(), None)
+        }
     }
 
     /// Holds `value`, owned by the calling process.
@@ -112,20 +114,22 @@ impl<T> PerProcess<T> {
         PerProcess::with(ptr::null_mut(), Owned::boxed(value), Some(current_epoch()))
     }
 
-    const fn with(
-        current: *mut Owned<T>,
-        counted: *mut Owned<T>,
-        retirable_in: Option<Epoch>,
-    ) -> Self {
-        PerProcess {
-            current: AtomicPtr::new(current),
-            counted: AtomicPtr::new(counted),
-            retirable_in,
-            readers: ReaderCounts::new(),
-            installing: AtomicU64::new(0),
-            retired: AtomicPtr::new(ptr::null_mut()),
-            waiting: AtomicUsize::new(0),
-            look_again: AtomicBool::new(false),
+    crate::sync::const_fn_unless_loom! {
+        fn with(
+            current: *mut Owned<T>,
+            counted: *mut Owned<T>,
+            retirable_in: Option<Epoch>,
+        ) -> Self {
+            PerProcess {
+                current: AtomicPtr::new(current),
+                counted: AtomicPtr::new(counted),
+                retirable_in,
+                readers: ReaderCounts::new(),
+                installing: AtomicU64::new(0),
+                retired: AtomicPtr::new(ptr::null_mut()),
+                waiting: AtomicUsize::new(0),
+                look_again: AtomicBool::new(false),
+            }
         }
     }
 
@@ -294,9 +298,10 @@ impl<T> PerProcess<T> {
     /// check sees the ask, or the asker's try finds the lock free and looks itself.
     fn end_read(&self, counter: usize) {
         self.readers.exit(counter);
-        // Paired with the fence in `unlink_unreachable`: a read that ends after a looker saw
-        // its counter busy sees that something waits.
-        fence(Ordering::SeqCst);
+        // "Leave the counter, then read `waiting`", against a looker's "`waiting` raised, then
+        // read the counters" (`unlink_unreachable`): a read that ends after a looker saw its
+        // counter busy sees that something waits.
+        sync::seq_cst_pairing();
         if self.waiting.load(Ordering::SeqCst) == 0 {
             return;
         }
@@ -336,7 +341,7 @@ impl<T> PerProcess<T> {
     fn unlink_unreachable(&self) -> *mut Owned<T> {
         // Counts read after `waiting` was raised (by `retire`, under the same lock), against a
         // read's "leave the counter, then read `waiting`" (see `end_read`).
-        fence(Ordering::SeqCst);
+        sync::seq_cst_pairing();
         let drained: Drained = self.readers.drained();
         if drained == 0 {
             return ptr::null_mut();
@@ -428,15 +433,17 @@ impl<T> Drop for PerProcess<T> {
             // `&mut self` proves that no read is alive, so every retired value can go. (In
             // another process the list may have been caught mid-update by the fork, and its
             // values are the parent's: it is not even walked.)
-            let mut next = *self.retired.get_mut();
+            // (Loads rather than `get_mut`: `&mut self` already excludes every other access,
+            // and loom's atomics, which the models use, have no `get_mut`.)
+            let mut next = self.retired.load(Ordering::Relaxed);
             while let Some(owned) = NonNull::new(next) {
                 // SAFETY: every retired pointer came from `Box::into_raw` and is linked once.
                 let owned = unsafe { Box::from_raw(owned.as_ptr()) };
                 next = owned.retired_next.load(Ordering::Relaxed);
             }
         }
-        for slot in [self.current.get_mut(), self.counted.get_mut()] {
-            let Some(owned) = NonNull::new(*slot) else {
+        for slot in [&self.current, &self.counted] {
+            let Some(owned) = NonNull::new(slot.load(Ordering::Relaxed)) else {
                 continue;
             };
             // SAFETY: a published pointer came from `Box::into_raw`; `&mut self` proves no
@@ -472,8 +479,8 @@ impl<'a> InstallLock<'a> {
             // connecting, so the wait is short; a `ForkLocal` or `GuardedPool` initialiser may
             // connect, so a longer wait sleeps instead of spinning.
             waits = waits.saturating_add(1);
-            if waits < 100 {
-                std::thread::yield_now();
+            if waits < 100 || cfg!(forksafe_loom) {
+                sync::yield_now();
             } else {
                 std::thread::sleep(std::time::Duration::from_micros(200));
             }
@@ -499,7 +506,7 @@ impl Drop for InstallLock<'_> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(forksafe_loom)))]
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;

@@ -1,4 +1,4 @@
-//! The idle connections of a `StdPool`, taken and given back without its lock.
+//! The idle connections of a `ProcessPool`, taken and given back without its lock.
 //!
 //! One slot per connection the pool may have open (`max_size`), each an atomic pointer to a
 //! boxed connection or null. Each open connection owns one slot number for its whole life (the
@@ -20,7 +20,8 @@
 
 use std::fmt;
 use std::ptr;
-use std::sync::atomic::{AtomicPtr, Ordering};
+
+use crate::sync::{AtomicPtr, Ordering};
 
 pub(crate) struct IdleSlots<T> {
     slots: Box<[Slot<T>]>,
@@ -118,7 +119,7 @@ impl<T> fmt::Debug for IdleSlots<T> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(forksafe_loom)))]
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
