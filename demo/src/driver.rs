@@ -11,89 +11,16 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::app::{Database, Mode, StateMemory};
-use crate::cpus::Cpus;
+use crate::app::Mode;
+use crate::config::RunConfig;
 use crate::load::{self, agent, request, Load, Outcome, TIMED_OUT};
 use crate::progress::Progress;
+use crate::results::ModeResult;
 
 /// How long the driver waits for every worker to serve its first request.
 const STARTUP_LIMIT: Duration = Duration::from_secs(15);
 /// How long the driver waits for a killed worker's replacement to serve.
 const RESPAWN_LIMIT: Duration = Duration::from_secs(5);
-
-/// How the driver runs every mode.
-#[derive(Clone, Debug)]
-pub struct RunConfig {
-    pub database: Database,
-    pub workers: usize,
-    pub table_mib: usize,
-    pub state_memory: StateMemory,
-    pub pool_size: u32,
-    pub requests: u64,
-    pub clients: usize,
-    pub request_timeout: Duration,
-    pub load_time_limit: Duration,
-    pub hang_after: Duration,
-    /// Where the servers' standard error goes too, if anywhere.
-    pub server_log: Option<std::path::PathBuf>,
-    /// Where the servers run, apart from the load generator; `None`: anywhere.
-    pub cpus: Option<Cpus>,
-}
-
-#[cfg(test)]
-impl RunConfig {
-    /// The demo's defaults, on a database no test connects to.
-    pub fn for_tests() -> RunConfig {
-        RunConfig {
-            database: Database::Postgres(String::from("postgres://127.0.0.1/demo")),
-            workers: 4,
-            table_mib: 256,
-            state_memory: StateMemory::Heap,
-            pool_size: 2,
-            requests: 4000,
-            clients: 8,
-            request_timeout: Duration::from_secs(2),
-            load_time_limit: Duration::from_secs(10),
-            hang_after: Duration::from_secs(2),
-            server_log: None,
-            cpus: None,
-        }
-    }
-}
-
-/// Everything measured for one mode; the table's columns.
-#[derive(Clone, Debug, Default)]
-pub struct ModeResult {
-    pub mode: &'static str,
-    pub workers: usize,
-    pub requests_ok: u64,
-    /// Requests sent that got an error or no answer in time.
-    pub failed: u64,
-    /// Requests not sent: the load time limit passed, or the server stopped answering.
-    pub not_sent: u64,
-    /// Whether the load stopped because every request in a row timed out.
-    pub server_stopped_answering: bool,
-    pub wrong_answers: u64,
-    pub hung_workers: usize,
-    pub req_per_s: f64,
-    /// Each slice's req/s, in turn order (see `load`).
-    pub slice_req_per_s: Vec<f64>,
-    pub p99_latency_ms: f64,
-    pub cpu_seconds_starting: f64,
-    /// Workers that answered before the start-up deadline (all of them, normally).
-    pub workers_serving_at_start: usize,
-    pub respawn_time_ms: Option<f64>,
-    /// When the master had forked the replacement (its `spawned` line arrived), for context.
-    pub respawn_forked_ms: Option<f64>,
-    pub total_pss_mib: f64,
-    pub pss_ratio_to_lazy: Option<f64>,
-    /// How many of the load's connections each worker took, most first (see `load`).
-    pub connections_per_worker: Vec<usize>,
-    /// The error answers, with counts, in the order they first appeared.
-    pub errors: Vec<(String, u64)>,
-    /// Set when the server could not be run at all.
-    pub server_error: Option<String>,
-}
 
 /// One worker slot as the master reported it.
 #[derive(Clone, Copy, Debug)]

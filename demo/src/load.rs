@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::app::Answer;
-use crate::driver::RunConfig;
+use crate::config::RunConfig;
 use crate::progress::Progress;
 
 /// The failure of a request that got no answer in time.

@@ -16,6 +16,7 @@
 
 mod app;
 mod cleanup;
+mod config;
 mod cpus;
 mod driver;
 mod http;
@@ -23,6 +24,7 @@ mod load;
 mod private_postgres;
 mod progress;
 mod report;
+mod results;
 mod server;
 mod verdict;
 
@@ -30,9 +32,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::app::{Database, Mode, StateMemory};
+use crate::config::RunConfig;
 use crate::cpus::Cpus;
-use crate::driver::{ModeResult, RunConfig};
 use crate::progress::Progress;
+use crate::results::ModeResult;
 use crate::server::ServeConfig;
 
 /// More workers than this is refused: each forks with a copy of the master's page tables, and

@@ -7,7 +7,8 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde_json::{json, Value};
 
-use crate::driver::{ModeResult, RunConfig};
+use crate::config::RunConfig;
+use crate::results::ModeResult;
 use crate::verdict::Verdict;
 
 /// The one number format of the table, the verdict and the chart: three significant

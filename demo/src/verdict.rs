@@ -16,8 +16,9 @@
 use serde_json::{json, Value};
 
 use crate::app::Database;
-use crate::driver::{ModeResult, RunConfig};
+use crate::config::RunConfig;
 use crate::report::figure;
+use crate::results::ModeResult;
 
 /// The confidence the interval is chosen for, at least.
 const CONFIDENCE: f64 = 0.9;
