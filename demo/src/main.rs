@@ -19,8 +19,10 @@ mod cleanup;
 mod config;
 mod cpus;
 mod driver;
+mod figure;
 mod http;
 mod load;
+mod median;
 mod private_postgres;
 mod progress;
 mod report;
@@ -429,7 +431,7 @@ fn demo(settings: DemoSettings) -> Result<(), String> {
             run(&group, label, &mut runs);
         }
     }
-    let mut results: Vec<ModeResult> = runs.iter().map(|runs| report::combine(runs)).collect();
+    let mut results: Vec<ModeResult> = runs.iter().map(|runs| results::combine(runs)).collect();
     let lazy_pss = results
         .iter()
         .find(|result| result.mode == "lazy" && result.server_error.is_none())

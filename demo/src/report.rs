@@ -8,21 +8,9 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde_json::{json, Value};
 
 use crate::config::RunConfig;
+use crate::figure::figure;
 use crate::results::ModeResult;
 use crate::verdict::Verdict;
-
-/// The one number format of the table, the verdict and the chart: three significant
-/// figures, no more than two decimals, none at or above 100.
-pub fn figure(value: f64) -> String {
-    let magnitude = value.abs();
-    if magnitude >= 100.0 || magnitude == 0.0 {
-        format!("{value:.0}")
-    } else if magnitude >= 10.0 {
-        format!("{value:.1}")
-    } else {
-        format!("{value:.2}")
-    }
-}
 
 /// The table, in plain aligned columns no wider than 100 characters.
 pub fn table(results: &[ModeResult]) -> String {
@@ -98,63 +86,6 @@ pub fn errors(results: &[ModeResult]) -> String {
         }
     }
     out
-}
-
-/// One mode's rounds as one result: the median of every figure, the total of every count, the
-/// most hung workers and the fewest serving at start any round saw. One round is itself.
-pub fn combine(rounds: &[ModeResult]) -> ModeResult {
-    if let [only] = rounds {
-        return only.clone();
-    }
-    let median = |value: fn(&ModeResult) -> Option<f64>| {
-        let mut values: Vec<f64> = rounds.iter().filter_map(value).collect();
-        values.sort_by(f64::total_cmp);
-        match values.len() {
-            0 => None,
-            n if n % 2 == 1 => Some(values[n / 2]),
-            n => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
-        }
-    };
-    let mut errors: Vec<(String, u64)> = Vec::new();
-    for (message, count) in rounds.iter().flat_map(|round| &round.errors) {
-        match errors.iter_mut().find(|(seen, _)| seen == message) {
-            Some((_, total)) => *total += count,
-            None => errors.push((message.clone(), *count)),
-        }
-    }
-    errors.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
-    ModeResult {
-        mode: rounds[0].mode,
-        workers: rounds[0].workers,
-        requests_ok: rounds.iter().map(|round| round.requests_ok).sum(),
-        failed: rounds.iter().map(|round| round.failed).sum(),
-        not_sent: rounds.iter().map(|round| round.not_sent).sum(),
-        wrong_answers: rounds.iter().map(|round| round.wrong_answers).sum(),
-        hung_workers: rounds
-            .iter()
-            .map(|round| round.hung_workers)
-            .max()
-            .unwrap_or(0),
-        req_per_s: median(|round| Some(round.req_per_s)).unwrap_or(0.0),
-        // Each round's own; see `each_round` in the JSON.
-        slice_req_per_s: Vec::new(),
-        p99_latency_ms: median(|round| Some(round.p99_latency_ms)).unwrap_or(0.0),
-        cpu_seconds_starting: median(|round| Some(round.cpu_seconds_starting)).unwrap_or(0.0),
-        workers_serving_at_start: rounds
-            .iter()
-            .map(|round| round.workers_serving_at_start)
-            .min()
-            .unwrap_or(0),
-        respawn_time_ms: median(|round| round.respawn_time_ms),
-        respawn_forked_ms: median(|round| round.respawn_forked_ms),
-        total_pss_mib: median(|round| Some(round.total_pss_mib)).unwrap_or(0.0),
-        pss_ratio_to_lazy: None,
-        // Each round's own; see `each_round` in the JSON.
-        connections_per_worker: Vec::new(),
-        errors,
-        server_error: rounds.iter().find_map(|round| round.server_error.clone()),
-        server_stopped_answering: rounds.iter().any(|round| round.server_stopped_answering),
-    }
 }
 
 /// The JSON document: the run's settings, one object per mode under `"modes"` (each round
