@@ -1,9 +1,9 @@
-//! The settings of a demo run, checked from the command line and read by every part that
-//! runs or reports it.
+//! The settings the command line gives: a demo run's, read by every part that runs or reports
+//! it, and one server's.
 
 use std::time::Duration;
 
-use crate::app::{Database, StateMemory};
+use crate::app::{Database, Mode, StateMemory};
 use crate::cpus::Cpus;
 
 /// How the driver runs every mode.
@@ -44,4 +44,16 @@ impl RunConfig {
             cpus: None,
         }
     }
+}
+
+/// What `prefork_demo serve` is told.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub mode: Mode,
+    pub database: Database,
+    pub workers: usize,
+    pub table_mib: usize,
+    pub state_memory: StateMemory,
+    pub pool_size: u32,
+    pub port: u16,
 }

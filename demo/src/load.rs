@@ -368,7 +368,7 @@ mod tests {
                 let pid = pids[i % pids.len()];
                 let log = Arc::clone(&log);
                 std::thread::spawn(move || {
-                    let _ = crate::http::serve_connection(stream, |path| {
+                    let _ = crate::server::http::serve_connection(stream, |path| {
                         log.lock().unwrap().push(mark);
                         let n: u64 = path
                             .split_once("n=")

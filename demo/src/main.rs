@@ -20,7 +20,6 @@ mod config;
 mod cpus;
 mod driver;
 mod figure;
-mod http;
 mod load;
 mod median;
 mod private_postgres;
@@ -34,11 +33,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::app::{Database, Mode, StateMemory};
-use crate::config::RunConfig;
+use crate::config::{RunConfig, ServeConfig};
 use crate::cpus::Cpus;
 use crate::progress::Progress;
 use crate::results::ModeResult;
-use crate::server::ServeConfig;
 
 /// More workers than this is refused: each forks with a copy of the master's page tables, and
 /// thousands of them exhaust a machine's memory before `fork` reports anything.
