@@ -20,7 +20,7 @@ mod config;
 mod cpus;
 mod driver;
 mod figure;
-mod load;
+
 mod median;
 mod private_postgres;
 mod progress;
@@ -383,8 +383,9 @@ fn demo(settings: DemoSettings) -> Result<(), String> {
     );
 
     // Naive runs alone, once: its failure needs no median, and a broken run waits out its
-    // timeouts. Every round runs the other modes side by side (see `load`), in the opposite
-    // order to the round before, so that neither always starts first or takes the first turn.
+    // timeouts. Every round runs the other modes side by side (see `driver::load`), in the
+    // opposite order to the round before, so that neither always starts first or takes the
+    // first turn.
     let mut runs: Vec<Vec<ModeResult>> = vec![Vec::new(); modes.len()];
     let (naive, others): (Vec<usize>, Vec<usize>) =
         (0..modes.len()).partition(|&at| modes[at] == Mode::Naive);

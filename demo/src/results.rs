@@ -17,7 +17,7 @@ pub struct ModeResult {
     pub wrong_answers: u64,
     pub hung_workers: usize,
     pub req_per_s: f64,
-    /// Each slice's req/s, in turn order (see `load`).
+    /// Each slice's req/s, in turn order (see `driver::load`).
     pub slice_req_per_s: Vec<f64>,
     pub p99_latency_ms: f64,
     pub cpu_seconds_starting: f64,
@@ -28,7 +28,7 @@ pub struct ModeResult {
     pub respawn_forked_ms: Option<f64>,
     pub total_pss_mib: f64,
     pub pss_ratio_to_lazy: Option<f64>,
-    /// How many of the load's connections each worker took, most first (see `load`).
+    /// How many of the load's connections each worker took, most first (see `driver::load`).
     pub connections_per_worker: Vec<usize>,
     /// The error answers, with counts, in the order they first appeared.
     pub errors: Vec<(String, u64)>,

@@ -5,14 +5,14 @@
 //! and serves requests one at a time, like a gunicorn sync worker.
 //!
 //! The master learns of a death before `waitpid` can tell it: each worker holds a robust
-//! process-shared mutex (its [`LifeLock`](slots::LifeLock)) for as long as it lives, and a master thread per
-//! slot waits on it. The kernel releases a dead thread's robust mutexes (and wakes their
-//! waiters) as the first step of tearing down its memory, and reports the exit to `waitpid`
-//! only after the last step. For a worker that maps the application's 256 MiB copy-on-write,
-//! that teardown is 65 536 page-table entries, as long as the fork that replaces it, so the
-//! master forks the replacement while the kernel is still cleaning up after the dead one.
-//! A worker that dies before it holds its lock is replaced when `waitpid` reports it. Both
-//! eager and lazy modes run this same master.
+//! process-shared mutex (its [`LifeLock`](slots::LifeLock)) for as long as it lives, and a master
+//! thread per slot waits on it. The kernel releases a dead thread's robust mutexes (and wakes their
+//! waiters) as the first step of tearing down its memory, and reports the exit to `waitpid` only
+//! after the last step. For a worker that maps the application's 256 MiB copy-on-write, that
+//! teardown is 65 536 page-table entries, as long as the fork that replaces it, so the master forks
+//! the replacement while the kernel is still cleaning up after the dead one. A worker that dies
+//! before it holds its lock is replaced when `waitpid` reports it. Both eager and lazy modes run
+//! this same master.
 //!
 //! The master talks to whoever started it over its standard streams, one line each: it prints
 //! `listening <port> <master pid>`, `spawned <slot> <pid>`, `dying <slot> <pid>` (a worker's
