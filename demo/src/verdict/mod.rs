@@ -1,26 +1,22 @@
 //! The run's conclusion: how naive broke, whether forksafe answered every request right, and
 //! forksafe's figures against lazy's, each with its target and how precisely it is known.
 //!
-//! forksafe and lazy run side by side in every round (see [`load`](crate::load)), so a round
-//! gives one ratio per figure, forksafe's to lazy's. The verdict gives the median of the
-//! rounds' ratios and a confidence interval for it that assumes nothing about how they
-//! spread: with the n ratios sorted, the interval from the k-th lowest to the k-th highest
-//! misses the true median only if k or more of them fall on one side of it, which happens
-//! with probability 2·P(Binomial(n, ½) < k). k is the largest that leaves the interval at
-//! least 90 % confidence (5 rounds: the whole range, 93 %; 8 rounds: all but the lowest and
-//! highest, 92 %); with 4 rounds or fewer even the whole range falls short, and the
-//! confidence printed says by how much. A target is met when the whole interval is on its side
-//! of the bound, NOT met when the whole interval is on the other side, and within noise when
-//! the interval straddles the bound: then the run could not tell, and more rounds might.
+//! forksafe and lazy run side by side in every round (see [`load`](crate::driver::load)), so a
+//! round gives one ratio per figure, forksafe's to lazy's. The verdict gives the median of the
+//! rounds' ratios and a confidence interval for it (see [`median`](crate::median)). A target
+//! is met when the whole interval is on its side of the bound, NOT met when the whole interval
+//! is on the other side, and within noise when the interval straddles the bound: then the run
+//! could not tell, and more rounds might.
+
+mod target;
 
 use serde_json::{json, Value};
 
 use crate::app::Database;
-use crate::driver::{ModeResult, RunConfig};
-use crate::report::figure;
-
-/// The confidence the interval is chosen for, at least.
-const CONFIDENCE: f64 = 0.9;
+use crate::config::RunConfig;
+use crate::median::{median, order_statistics};
+use crate::results::ModeResult;
+use target::{percent, Target};
 
 /// What the driver's error message says, without the demo's own wrapping: the text a user
 /// would search for.
@@ -33,72 +29,13 @@ fn searchable(message: &str) -> &str {
     message.trim()
 }
 
-/// The median of `values`; `None` for none.
-pub fn median(values: &[f64]) -> Option<f64> {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => None,
-        n if n % 2 == 1 => Some(sorted[n / 2]),
-        n => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
-    }
-}
-
-/// P(Binomial(n, ½) ≤ j).
-fn binomial_half_cdf(n: usize, j: usize) -> f64 {
-    // C(n, i) / 2^n, from i = 0 up.
-    let mut term = 0.5_f64.powi(n as i32);
-    let mut sum = term;
-    for i in 1..=j.min(n) {
-        term *= (n - i + 1) as f64 / i as f64;
-        sum += term;
-    }
-    sum
-}
-
-/// A confidence interval for a median.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Interval {
-    pub low: f64,
-    pub high: f64,
-    /// The probability that the interval holds the true median, 0 to 1.
-    pub confidence: f64,
-}
-
-/// For n values: which order statistics bound the interval for their median (the k-th lowest
-/// and the k-th highest), and its confidence. k is the largest that keeps the confidence at
-/// 90 % or more, or 1 (the whole range) when none does. `None` for fewer than two values.
-pub fn order_statistics(n: usize) -> Option<(usize, f64)> {
-    if n < 2 {
-        return None;
-    }
-    let confidence = |k: usize| 1.0 - 2.0 * binomial_half_cdf(n, k - 1);
-    let mut k = 1;
-    while k < n / 2 && confidence(k + 1) >= CONFIDENCE {
-        k += 1;
-    }
-    Some((k, confidence(k)))
-}
-
-/// The confidence interval of [`order_statistics`] for the median of `values`.
-pub fn median_interval(values: &[f64]) -> Option<Interval> {
-    let (k, confidence) = order_statistics(values.len())?;
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    Some(Interval {
-        low: sorted[k - 1],
-        high: sorted[values.len() - k],
-        confidence,
-    })
-}
-
 /// `of / to`; `None` when `to` is not positive.
 fn ratio(of: f64, to: f64) -> Option<f64> {
     (to > 0.0).then(|| of / to)
 }
 
 /// forksafe's req/s to lazy's in one round: the median of the ratios of the slices they ran
-/// turn by turn (see [`load`](crate::load)), so that a slice another program slowed down
+/// turn by turn (see [`load`](crate::driver::load)), so that a slice another program slowed down
 /// moves the round's ratio no more than any other slice; the ratio of their req/s over the
 /// round when there were no slices.
 pub fn throughput_ratio(forksafe: &ModeResult, lazy: &ModeResult) -> Option<f64> {
@@ -109,147 +46,6 @@ pub fn throughput_ratio(forksafe: &ModeResult, lazy: &ModeResult) -> Option<f64>
         .filter_map(|(&of, &to)| ratio(of, to))
         .collect();
     median(&slices).or_else(|| ratio(forksafe.req_per_s, lazy.req_per_s))
-}
-
-/// Where a ratio stands against its target.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Standing {
-    /// The whole interval keeps the bound.
-    Met,
-    /// The whole interval breaks it.
-    NotMet,
-    /// The interval straddles the bound.
-    WithinNoise,
-}
-
-impl Standing {
-    fn words(self) -> &'static str {
-        match self {
-            Standing::Met => "met",
-            Standing::NotMet => "NOT met",
-            Standing::WithinNoise => "within noise",
-        }
-    }
-}
-
-/// One of forksafe's figures against lazy's, and the bound the ratio must keep.
-#[derive(Clone, Debug)]
-pub struct Target {
-    pub name: &'static str,
-    /// Each round's forksafe figure divided by lazy's of the same round, where both exist.
-    pub per_round: Vec<f64>,
-    pub bound: f64,
-    /// Whether the ratio must stay at or below the bound (else at or above).
-    pub at_most: bool,
-}
-
-impl Target {
-    /// The median of the rounds' ratios.
-    pub fn ratio(&self) -> Option<f64> {
-        median(&self.per_round)
-    }
-
-    pub fn interval(&self) -> Option<Interval> {
-        median_interval(&self.per_round)
-    }
-
-    /// `None` without a ratio. With one round, the ratio alone decides.
-    pub fn standing(&self) -> Option<Standing> {
-        let ratio = self.ratio()?;
-        let (low, high) = self
-            .interval()
-            .map_or((ratio, ratio), |interval| (interval.low, interval.high));
-        let keeps = |value: f64| {
-            if self.at_most {
-                value <= self.bound
-            } else {
-                value >= self.bound
-            }
-        };
-        Some(match (keeps(low), keeps(high)) {
-            (true, true) => Standing::Met,
-            (false, false) => Standing::NotMet,
-            _ => Standing::WithinNoise,
-        })
-    }
-
-    /// `value` in the usual format, with one more decimal if that format would show it equal
-    /// to the bound when it is not: "0.949", not "0.95", beside "≥ 0.95".
-    fn shown(&self, value: f64) -> String {
-        let shown = figure(value);
-        if shown != figure(self.bound) {
-            return shown;
-        }
-        for decimals in 3..=6 {
-            let more = format!("{value:.decimals$}");
-            if more != format!("{:.decimals$}", self.bound) {
-                return more;
-            }
-        }
-        shown
-    }
-
-    /// One row under the `vs lazy:` heading, for a run of `rounds` rounds; the interval's
-    /// confidence shown when it is not `usual`, the heading's (some rounds had no figure).
-    fn row(&self, rounds: usize, usual: Option<f64>) -> String {
-        let bound = format!(
-            "{} {}",
-            if self.at_most { "≤" } else { "≥" },
-            figure(self.bound)
-        );
-        let (Some(ratio), Some(standing)) = (self.ratio(), self.standing()) else {
-            return format!(
-                "          {:<13}{:>7}  {:<15}{bound:<8}n/a",
-                self.name, "n/a", ""
-            );
-        };
-        let interval = match self.interval() {
-            Some(interval) => {
-                let range = format!("{}–{}", self.shown(interval.low), self.shown(interval.high));
-                if usual.is_some_and(|usual| (usual - interval.confidence).abs() < 1e-9) {
-                    range
-                } else {
-                    format!(
-                        "{range} ({} of {rounds} rounds, {})",
-                        self.per_round.len(),
-                        percent(interval.confidence)
-                    )
-                }
-            }
-            None => String::from("–"),
-        };
-        format!(
-            "          {:<13}{:>7}  {interval:<15}{bound:<8}{}",
-            self.name,
-            format!("{}×", self.shown(ratio)),
-            standing.words()
-        )
-    }
-
-    fn json(&self) -> Value {
-        let interval = self.interval();
-        json!({
-            "name": self.name,
-            "ratio_to_lazy": self.ratio(),
-            "per_round": self.per_round,
-            "interval_low": interval.map(|interval| interval.low),
-            "interval_high": interval.map(|interval| interval.high),
-            "confidence": interval.map(|interval| interval.confidence),
-            "bound": self.bound,
-            "at_most": self.at_most,
-            "verdict": self.standing().map(|standing| match standing {
-                Standing::Met => "met",
-                Standing::NotMet => "not met",
-                Standing::WithinNoise => "within noise",
-            }),
-            "met": self.standing() == Some(Standing::Met),
-        })
-    }
-}
-
-/// "93 %".
-fn percent(confidence: f64) -> String {
-    format!("{:.0} %", (confidence * 100.0).floor())
 }
 
 /// The run's conclusion, in a few plain lines.
@@ -462,96 +258,9 @@ impl Verdict {
 
 #[cfg(test)]
 mod tests {
+    use super::target::Standing;
     use super::*;
-
-    /// The probability that the k-th lowest to the k-th highest of n values misses their true
-    /// median, counted over every way the n values can fall below or above it.
-    fn missed(n: usize, k: usize) -> f64 {
-        let misses = (0_u32..1 << n)
-            .filter(|below| {
-                let below = below.count_ones() as usize;
-                below < k || below > n - k
-            })
-            .count();
-        misses as f64 / f64::from(1_u32 << n)
-    }
-
-    #[test]
-    fn the_interval_is_the_narrowest_of_at_least_90_percent_or_the_whole_range() {
-        assert_eq!(order_statistics(0), None);
-        assert_eq!(order_statistics(1), None);
-        for n in 2..=16 {
-            let (k, confidence) = order_statistics(n).expect("an interval");
-            assert!(
-                (confidence - (1.0 - missed(n, k))).abs() < 1e-12,
-                "n={n} k={k}"
-            );
-            assert!(confidence >= 0.9 || k == 1, "n={n} k={k} {confidence}");
-            assert!(
-                k == n / 2 || 1.0 - missed(n, k + 1) < 0.9,
-                "n={n}: k={} would do",
-                k + 1
-            );
-        }
-        // The figures the documentation quotes.
-        assert_eq!(order_statistics(5), Some((1, 0.9375)));
-        assert_eq!(order_statistics(8), Some((2, 1.0 - 18.0 / 256.0)));
-        assert_eq!(order_statistics(4), Some((1, 0.875)));
-    }
-
-    #[test]
-    fn the_interval_takes_those_order_statistics_of_the_values() {
-        let values = [1.04, 0.97, 1.10, 0.99, 0.80, 1.01, 1.00, 0.98];
-        let interval = median_interval(&values).expect("an interval");
-        // Sorted: 0.80 0.97 0.98 0.99 1.00 1.01 1.04 1.10; 8 values: the 2nd lowest and highest.
-        assert_eq!((interval.low, interval.high), (0.97, 1.04));
-        assert_eq!(median(&values), Some(0.995));
-        assert_eq!(median_interval(&[0.5]), None);
-    }
-
-    fn target(per_round: &[f64], bound: f64, at_most: bool) -> Target {
-        Target {
-            name: "figure",
-            per_round: per_round.to_vec(),
-            bound,
-            at_most,
-        }
-    }
-
-    #[test]
-    fn a_target_is_met_not_met_or_within_noise_by_where_its_interval_lies() {
-        let at_least = |rounds: &[f64]| target(rounds, 0.95, false).standing();
-        assert_eq!(
-            at_least(&[0.97, 0.98, 0.99, 1.0, 1.01]),
-            Some(Standing::Met)
-        );
-        assert_eq!(
-            at_least(&[0.90, 0.91, 0.92, 0.93, 0.94]),
-            Some(Standing::NotMet)
-        );
-        // The median (0.97) keeps the bound; the interval (0.93–0.99) does not.
-        assert_eq!(
-            at_least(&[0.93, 0.96, 0.97, 0.98, 0.99]),
-            Some(Standing::WithinNoise)
-        );
-        // The bound itself keeps it.
-        assert_eq!(at_least(&[0.95, 0.95]), Some(Standing::Met));
-        let at_most = |rounds: &[f64]| target(rounds, 0.1, true).standing();
-        assert_eq!(at_most(&[0.05, 0.06, 0.07]), Some(Standing::Met));
-        assert_eq!(at_most(&[0.09, 0.11]), Some(Standing::WithinNoise));
-        assert_eq!(at_most(&[0.2]), Some(Standing::NotMet));
-        assert_eq!(at_most(&[0.08]), Some(Standing::Met));
-        assert_eq!(at_most(&[]), None);
-    }
-
-    #[test]
-    fn a_figure_next_to_its_bound_shows_a_decimal_more() {
-        let row = target(&[0.9493, 0.96, 0.97, 0.98, 0.99], 0.95, false).row(5, Some(0.9375));
-        assert!(row.contains(" 0.97×  0.949–0.99 "), "{row}");
-        assert!(row.ends_with("≥ 0.95  within noise"), "{row}");
-        let row = target(&[0.0996], 0.1, true).row(1, None);
-        assert!(row.contains(" 0.0996×  – "), "{row}");
-    }
+    use crate::results::combine;
 
     fn config() -> RunConfig {
         RunConfig {
@@ -588,10 +297,7 @@ mod tests {
                 .map(|&lazy| round("lazy", lazy, 500.0))
                 .collect::<Vec<_>>(),
         ];
-        let results: Vec<ModeResult> = runs
-            .iter()
-            .map(|rounds| crate::report::combine(rounds))
-            .collect();
+        let results: Vec<ModeResult> = runs.iter().map(|rounds| combine(rounds)).collect();
         let verdict = Verdict::judge(&results, &runs, &config());
         let req_per_s = &verdict.targets[3];
         assert_eq!(req_per_s.name, "req/s");
@@ -652,10 +358,7 @@ mod tests {
         forksafe[5].req_per_s = 1.0;
         let lazy: Vec<ModeResult> = (0..7).map(|_| round("lazy", 1.0, 1234.0)).collect();
         let runs = vec![forksafe, lazy];
-        let results: Vec<ModeResult> = runs
-            .iter()
-            .map(|rounds| crate::report::combine(rounds))
-            .collect();
+        let results: Vec<ModeResult> = runs.iter().map(|rounds| combine(rounds)).collect();
         let verdict = Verdict::judge(&results, &runs, &config());
         let respawn = verdict
             .lines()
