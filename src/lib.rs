@@ -442,7 +442,7 @@ mod connect_window;
 mod connection;
 mod descriptors;
 #[cfg(feature = "diesel")]
-mod diesel;
+mod diesel_connection;
 mod fork;
 mod fork_local;
 mod generation;

@@ -1,8 +1,8 @@
 //! The scheduled thread pools this crate makes itself (r2d2's default: three threads), started
 //! so that a `fork()` never copies one of their threads mid-start.
 //!
-//! Every thread std spawns locks a process-global std mutex while it starts (see `process_pool`'s
-//! module docs). A fork that catches a thread there leaves that mutex locked in the child for
+//! Every thread std spawns locks a process-global std mutex while it starts (docs/how-it-works.md,
+//! "What a forked child must not do"). A fork that catches a thread there leaves that mutex locked in the child for
 //! ever, and every std thread the child then spawns blocks before running a line: an
 //! application that builds its pool and forks its workers at once would get, now and then, a
 //! worker whose threads never start (measured: 4 to 9 of 1 000 children forked right after a

@@ -45,7 +45,7 @@ mod sqlite_files;
 /// that hides its socket, used through a proxy that hides the client's address from the server.
 pub(crate) fn watches_connects(connection: TypeId) -> bool {
     #[cfg(feature = "diesel-postgres")]
-    if connection == TypeId::of::<::diesel::PgConnection>() {
+    if connection == TypeId::of::<diesel::PgConnection>() {
         return true;
     }
     #[cfg(feature = "postgres")]
@@ -73,11 +73,11 @@ pub(crate) fn locate(conn: &mut dyn Any, created: Option<&CreatedSockets>) -> Op
         return rusqlite::locate(conn);
     }
     #[cfg(feature = "diesel-sqlite")]
-    if let Some(conn) = conn.downcast_mut::<::diesel::SqliteConnection>() {
+    if let Some(conn) = conn.downcast_mut::<diesel::SqliteConnection>() {
         return diesel_sqlite::locate(conn);
     }
     #[cfg(feature = "diesel-mysql")]
-    if let Some(conn) = conn.downcast_mut::<::diesel::MysqlConnection>() {
+    if let Some(conn) = conn.downcast_mut::<diesel::MysqlConnection>() {
         return diesel_mysql::locate(conn);
     }
     #[cfg(feature = "redis")]
@@ -85,7 +85,7 @@ pub(crate) fn locate(conn: &mut dyn Any, created: Option<&CreatedSockets>) -> Op
         return redis::locate(conn);
     }
     #[cfg(feature = "diesel-postgres")]
-    if let Some(conn) = conn.downcast_mut::<::diesel::PgConnection>() {
+    if let Some(conn) = conn.downcast_mut::<diesel::PgConnection>() {
         return diesel_postgres::locate(conn, created);
     }
     let _ = (conn, created);
@@ -97,7 +97,7 @@ pub(crate) fn locate(conn: &mut dyn Any, created: Option<&CreatedSockets>) -> Op
 /// A backend opts in with one line for its connection type.
 pub(crate) fn fork_waits_while_checked_out(conn: &dyn Any) -> bool {
     #[cfg(feature = "diesel-sqlite")]
-    if conn.is::<::diesel::SqliteConnection>() {
+    if conn.is::<diesel::SqliteConnection>() {
         return true;
     }
     #[cfg(feature = "rusqlite")]

@@ -8,7 +8,8 @@
 //! attempt that failed, until it succeeds; this pool tops up to `min_idle`, which comes to the
 //! same unless a `get` started the attempt and `min_idle` is below `max_size`).
 //!
-//! In a forked child no std thread can be relied on (docs/parking-lot.md), so a `get` that
+//! In a forked child no std thread can be relied on (docs/how-it-works.md, "What a forked child
+//! must not do"), so a `get` that
 //! needs a connection starts one attempt on a short-lived thread made with `pthread_create`
 //! directly (`sys::spawn_detached`), and waits for it no longer than its timeout: a connect that
 //! hangs (a server that never answers) does not hold `get` past `connection_timeout`. A

@@ -3,9 +3,10 @@
 //! the `Pool` does too, unless an event handler is set (r2d2's event types can only be made by
 //! r2d2, so such a pool keeps an r2d2 pool there; see `generation_pool`).
 //!
-//! Why not r2d2 in a forked child, and why not std threads there either: a fork leaves
-//! parking_lot's process-global table of parked threads, and std's thread-start lock, as the
-//! parent's threads had them; [docs/parking-lot.md] tells the whole story with its measurements.
+//! Why not r2d2 in a forked child: a fork leaves parking_lot's process-global table of parked
+//! threads as the parent's threads had it ([docs/parking-lot.md] has the story and its
+//! measurements). Why no std thread in a child either: std's thread start takes a process-wide
+//! lock a fork may have frozen ([docs/how-it-works.md], "What a forked child must not do").
 //! This pool's own state is all inside the pool (atomics, a `Mutex`, `Condvar`s: futex words in
 //! the object, no registry of threads), so a pool made in the child depends on nothing the fork
 //! left behind, and a fork that catches a parent thread anywhere in the parent's pool leaves the
@@ -57,6 +58,7 @@
 //!    slots consistent.
 //!
 //! [docs/parking-lot.md]: https://github.com/forksafe-pool/forksafe-pool/blob/main/docs/parking-lot.md
+//! [docs/how-it-works.md]: https://github.com/forksafe-pool/forksafe-pool/blob/main/docs/how-it-works.md#what-a-forked-child-must-not-do-pool-or-no-pool
 
 use std::collections::VecDeque;
 use std::fmt;
