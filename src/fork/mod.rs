@@ -34,9 +34,11 @@
 //! covers [`ForkWaitingLease`]s: checkouts of connections whose library keeps per-process state
 //! a fork must not copy mid-use (SQLite's lock records).
 //!
-//! One concept per file: `epoch` (the epoch and fork detection), `atfork` (the handlers),
-//! `per_process` ([`PerProcess`] and its install lock), `grace` (the reader counts of retired
-//! values), `driver_section` ([`DriverSection`], [`ForkWaitingLease`], [`ForkWaitsForDrop`]).
+//! One concept per file: `epoch` (the epoch and fork detection), `atfork` (the handlers and
+//! their registration), `per_process` ([`PerProcess`]), `install_lock` (its fork-aware lock),
+//! `grace` (the reader counts of retired values), `driver_section` ([`DriverSection`],
+//! [`ForkWaitingLease`], [`ForkWaitsForDrop`]), `models` (loom models of retirement; see
+//! `crate::sync`).
 //! Each file that needs `unsafe` allows it for itself (the crate root denies it); every block
 //! says why it is sound.
 
@@ -44,6 +46,7 @@ mod atfork;
 mod driver_section;
 mod epoch;
 mod grace;
+mod install_lock;
 #[cfg(all(test, forksafe_loom))]
 mod models;
 mod per_process;
