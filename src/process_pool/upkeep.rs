@@ -164,12 +164,9 @@ mod tests {
         let pool = reaping_pool(
             &manager,
             Settings {
-                max_size: 2,
                 min_idle: Some(2),
-                test_on_check_out: false,
-                max_lifetime: None,
                 idle_timeout: Some(Duration::from_millis(50)),
-                connection_timeout: Duration::from_secs(5),
+                ..settings(2)
             },
         );
         pool.wait_for_initial_connections(Duration::from_secs(5))
@@ -187,17 +184,7 @@ mod tests {
     #[test]
     fn without_a_time_limit_nothing_is_reaped_nor_timestamped() {
         let manager = Arc::new(Counting::default());
-        let pool = reaping_pool(
-            &manager,
-            Settings {
-                max_size: 1,
-                min_idle: None,
-                test_on_check_out: false,
-                max_lifetime: None,
-                idle_timeout: None,
-                connection_timeout: Duration::from_secs(5),
-            },
-        );
+        let pool = reaping_pool(&manager, settings(1));
         pool.wait_for_initial_connections(Duration::from_secs(5))
             .expect("initial connection");
         drop(pool.get_timeout(Duration::from_secs(1)).expect("checkout"));
