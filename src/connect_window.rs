@@ -37,7 +37,6 @@
 
 use std::cell::Cell;
 use std::collections::HashSet;
-use std::fs;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -128,25 +127,13 @@ impl CreatedSockets {
 }
 
 /// This process's socket descriptors and their cookies; `None` if any socket's cookie cannot
-/// be read (then a socket could look new without being new) or `/proc/self/fd` cannot be read.
+/// be read (then a socket could look new without being new: everywhere but Linux) or the
+/// descriptors cannot be listed.
 fn sockets() -> Option<Vec<(RawFd, u64)>> {
     let mut sockets = Vec::new();
-    for entry in fs::read_dir("/proc/self/fd").ok()? {
-        let Some(fd) = entry
-            .ok()
-            .and_then(|entry| entry.file_name().to_str()?.parse::<RawFd>().ok())
-        else {
-            continue;
-        };
-        let Ok(target) = fs::read_link(format!("/proc/self/fd/{fd}")) else {
-            // Closed since the directory was read: it is in neither listing's way.
-            continue;
-        };
-        if !target
-            .as_os_str()
-            .as_encoded_bytes()
-            .starts_with(b"socket:[")
-        {
+    for fd in crate::sys::open_descriptors()? {
+        if !is_socket(fd) {
+            // Not a socket, or closed since the listing: in neither listing's way.
             continue;
         }
         match socket_cookie(fd) {
@@ -200,8 +187,9 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     // A raw fork needs `unsafe`; the child only lists its own descriptors and leaves with
-    // `_exit`.
+    // `_exit`. (`SYS_fork` is Linux's.)
     #[allow(unsafe_code)]
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     #[test]
     fn a_child_never_waits_for_a_connect_turn_its_parent_held() {
         use std::time::{Duration, Instant};

@@ -394,10 +394,13 @@
 //!
 //! - **Linux 4.14 and later**: a fork is detected with one memory load, whatever made it (libc
 //!   `fork()`, a raw `clone`/`SYS_fork`), through a page marked `MADV_WIPEONFORK`.
-//! - **Older Linux and other Unix systems**: each check also compares `getpid()`, a system call
-//!   per check; socket identification reads `/proc/self/fd`, so elsewhere than Linux inherited
-//!   connections are never used or closed in the child but their sockets are left open (counted
-//!   as leaked). Built and tested on Linux only.
+//! - **Older Linux**: each check also compares `getpid()`, a system call per check.
+//! - **macOS, the BSDs and other Unix systems**: the `getpid()` comparison too. Descriptors are
+//!   listed by probing every number below the descriptor limit (nothing is identified when
+//!   that is above 65536) and replaced with `dup2` and `FD_CLOEXEC`; no socket cookie tells a
+//!   socket new, so sockets only a connect window names (PostgreSQL over a Unix socket or
+//!   through PgBouncer) are left open in a child and counted as leaked. These code paths are
+//!   tested on Linux with `--cfg forksafe_portable`; no macOS build is tested.
 //! - **Windows** has no `fork()`, and the crate does not build there.
 //!
 //! # How it works
@@ -407,9 +410,9 @@
 //! saved configuration, on std's `Mutex` and `Condvar` rather than on r2d2, whose parking_lot
 //! state a fork corrupts. The inherited inner pool is never touched or dropped (dropping would
 //! run each driver's goodbye on the parent's socket); the descriptors of its connections, recorded
-//! at connect time, are pointed at `/dev/null` with `dup3`. A libc `fork()` waits, at most one
-//! second, for connects and closes running on other threads, so no driver lock is copied held
-//! into a child. The details, and the reasons for each choice, are in
+//! at connect time, are pointed at `/dev/null` with `dup3` (`dup2` elsewhere). A libc `fork()`
+//! waits, at most one second, for connects and closes running on other threads, so no driver
+//! lock is copied held into a child. The details, and the reasons for each choice, are in
 //! [docs/how-it-works.md](https://github.com/forksafe-pool/forksafe-pool/blob/main/docs/how-it-works.md)
 //! and [docs/parking-lot.md](https://github.com/forksafe-pool/forksafe-pool/blob/main/docs/parking-lot.md);
 //! measurements, each with the command that reproduces it, in
