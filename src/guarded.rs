@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use r2d2::ManageConnection;
 
+use crate::error_kind::CROSSED_FORK_GUARDED;
 use crate::fork::PerProcess;
 use crate::r2d2_compat::{r2d2_error, r2d2_state};
 
@@ -222,7 +223,7 @@ impl<M: ManageConnection> GuardedPool<M> {
                 rebuilt
             }),
             None => Err(r2d2_error(format!(
-                "forksafe-pool: this r2d2 pool was wrapped in process {} and crossed fork() into process {}, \
+                "{CROSSED_FORK_GUARDED} {} and crossed fork() into process {}, \
                  where it must not be used (its sockets and locks are the parent's); give the GuardedPool \
                  a rebuild closure with GuardedPool::rebuild_with, or build the pool after fork()",
                 shared.wrapped_in,

@@ -95,6 +95,58 @@
 //! one pool, [`GuardedPool`] for a plain `r2d2::Pool` a library receives and [`ForkLocal`] for
 //! any other per-process value.
 //!
+//! # Migrating from r2d2
+//!
+//! | where code names | change it to |
+//! |---|---|
+//! | `r2d2::Pool<M>`, `diesel::r2d2::Pool<M>` | [`forksafe_pool::Pool<M>`](Pool); `Pool::builder()`, every setter and `build` as before |
+//! | `r2d2::PooledConnection<M>` (a `type DbConn = ...` alias, `fn f(conn: &mut r2d2::PooledConnection<M>)`) | [`forksafe_pool::PooledConnection<M>`](PooledConnection): another type, with the same `Deref`/`DerefMut`, `extensions` and, with a `diesel-*` feature, diesel's connection traits |
+//! | `diesel::r2d2::PoolTransactionManager<T>` | `forksafe_pool::PooledTransactionManager<T>` (feature `diesel`) |
+//! | `r2d2::Error`, `r2d2::State` | nothing: they are the pool's own types, re-exported as [`Error`] and [`State`] |
+//! | `r2d2::ManageConnection`, `CustomizeConnection`, `HandleError`, `HandleEvent`, `r2d2::event::*`, `Extensions`, the `Nop…` and `Logging…` types | `forksafe_pool::` the same names (re-exported; [`event`] is r2d2's module): the direct `r2d2` dependency can go |
+//! | an `r2d2::Pool` your code is handed and cannot build | wrap it: [`GuardedPool::new`] |
+//!
+//! A function that takes the connection itself (`&mut PgConnection`) needs no change: `&mut
+//! conn` still coerces through `DerefMut`. Generic code bounded on diesel's traits
+//! (`C: Connection<Backend = Pg>`, `LoadConnection`) takes `&mut conn` as before, because the
+//! traits are implemented for [`PooledConnection`] itself. To tell errors apart without
+//! parsing messages, [`ErrorExt::kind`] reads an [`ErrorKind`] from the `r2d2::Error`.
+//!
+//! ```
+//! # #[cfg(feature = "diesel-sqlite")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use diesel::connection::AnsiTransactionManager;
+//! use diesel::prelude::*;
+//! use diesel::r2d2::ConnectionManager;
+//! use forksafe_pool::{Pool, PooledConnection, PooledTransactionManager};
+//!
+//! // was: type DbConn = r2d2::PooledConnection<ConnectionManager<SqliteConnection>>;
+//! type DbConn = PooledConnection<ConnectionManager<SqliteConnection>>;
+//!
+//! fn by_alias(conn: &mut DbConn) -> QueryResult<usize> {
+//!     diesel::sql_query("SELECT 1").execute(conn)
+//! }
+//! fn by_connection(conn: &mut SqliteConnection) -> QueryResult<usize> {
+//!     diesel::sql_query("SELECT 1").execute(conn)
+//! }
+//! // was: C: Connection<TransactionManager = diesel::r2d2::PoolTransactionManager<AnsiTransactionManager>>
+//! fn by_transaction_manager<C>(conn: &mut C) -> QueryResult<usize>
+//! where
+//!     C: Connection<TransactionManager = PooledTransactionManager<AnsiTransactionManager>>,
+//! {
+//!     conn.transaction(|conn| conn.batch_execute("SELECT 1").map(|()| 1))
+//! }
+//!
+//! let pool = Pool::builder().max_size(1).build(ConnectionManager::new(":memory:"))?;
+//! let mut conn = pool.get()?;
+//! assert_eq!(by_alias(&mut conn)? + by_connection(&mut conn)?, 2);
+//! assert_eq!(by_transaction_manager(&mut conn)?, 1);
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "diesel-sqlite"))]
+//! # fn main() {}
+//! ```
+//!
 //! # Differences from r2d2
 //!
 //! - A [`PooledConnection`] checked out *before* a fork panics if the child dereferences it: its
@@ -127,7 +179,9 @@
 //! | [`fork_detection`], [`ForkDetection`] | how this process detects forks |
 //! | [`ForkLocal`] | any value, built once per process |
 //! | [`GuardedPool`] | fork protection for a plain `r2d2::Pool` a library receives |
-//! | [`Error`], [`State`], [`ManageConnection`], [`HandleError`], [`HandleEvent`], [`CustomizeConnection`], [`LoggingErrorHandler`], [`NopErrorHandler`], [`NopEventHandler`], [`NopConnectionCustomizer`] | r2d2's, re-exported |
+//! | [`ErrorKind`], [`ErrorExt`] | what kind of error an `r2d2::Error` of the pool is: `error.kind()` |
+//! | `PooledTransactionManager` | with `diesel`: the `TransactionManager` of [`PooledConnection`] |
+//! | [`Error`], [`State`], [`ManageConnection`], [`HandleError`], [`HandleEvent`], [`event`], [`Extensions`], [`CustomizeConnection`], [`LoggingErrorHandler`], [`NopErrorHandler`], [`NopEventHandler`], [`NopConnectionCustomizer`] | r2d2's, re-exported |
 //!
 //! ```
 //! # #[cfg(feature = "diesel-sqlite")]
@@ -447,6 +501,7 @@ mod connection;
 mod descriptors;
 #[cfg(feature = "diesel")]
 mod diesel;
+mod error_kind;
 mod fork;
 mod fork_local;
 mod generation;
@@ -463,17 +518,36 @@ mod worker_threads;
 
 pub use crate::config::{Builder, OnFork};
 pub use crate::connection::PooledConnection;
+#[cfg(feature = "diesel")]
+pub use crate::diesel::PooledTransactionManager;
+pub use crate::error_kind::{ErrorExt, ErrorKind};
 pub use crate::fork::{fork_detection, ForkDetection};
 pub use crate::fork_local::ForkLocal;
 pub use crate::guarded::GuardedPool;
 pub use crate::pool::Pool;
 pub use crate::stats::ForkStats;
 pub use r2d2::{
-    CustomizeConnection, Error, HandleError, HandleEvent, LoggingErrorHandler, ManageConnection,
-    NopConnectionCustomizer, NopErrorHandler, NopEventHandler, State,
+    event, CustomizeConnection, Error, Extensions, HandleError, HandleEvent, LoggingErrorHandler,
+    ManageConnection, NopConnectionCustomizer, NopErrorHandler, NopEventHandler, State,
 };
 
 /// The README's code, compiled by `cargo test --doc` so that it cannot go stale.
 #[cfg(all(doctest, feature = "diesel-postgres"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+/// What actix's `web::Data`, axum's `State` and every thread pool need of a pool and its
+/// guard, checked for every manager when the crate compiles (this function is never called;
+/// type-checking its body is the assertion), so that a change which loses one fails here
+/// rather than in users' builds.
+#[allow(dead_code)]
+fn pool_types_cross_threads<M: ManageConnection, T: Send + Sync>() {
+    fn send_sync_clone<X: Send + Sync + Clone + 'static>() {}
+    fn send_static<X: Send + 'static>() {}
+    fn send_sync<X: Send + Sync>() {}
+    send_sync_clone::<Pool<M>>();
+    send_static::<PooledConnection<M>>();
+    send_sync_clone::<GuardedPool<M>>();
+    send_sync::<ForkLocal<T>>();
+    send_sync::<Error>();
+}

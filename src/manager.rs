@@ -12,6 +12,7 @@ use r2d2::{CustomizeConnection, HandleError, ManageConnection};
 
 use crate::connect_window::{ConnectWindow, CreatedSockets};
 use crate::descriptors::{DescriptorTable, Registration};
+use crate::error_kind::{REBUILT_SUFFIX_START, RETIRED};
 use crate::fork::{DriverSection, ForkWaitsForDrop};
 
 /// Finds the descriptors a connection owns; `None` when it cannot say for certain.
@@ -67,14 +68,15 @@ impl<E> ConnectError<E> {
 impl<E: fmt::Display> fmt::Display for ConnectError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let Some(source) = &self.source else {
-            return f.write_str(
-                "forksafe-pool: this generation of the pool was retired by Pool::release_idle and opens no connections",
+            return write!(
+                f,
+                "{RETIRED} by Pool::release_idle and opens no connections"
             );
         };
         match self.rebuilt_after_fork_in {
             Some(pid) => write!(
                 f,
-                "{source} (forksafe-pool: the pool was rebuilt after fork() in process {pid} and could not connect)",
+                "{source}{REBUILT_SUFFIX_START} in process {pid} and could not connect)",
             ),
             None => source.fmt(f),
         }
