@@ -123,6 +123,12 @@ impl DescriptorTable {
         Some(index)
     }
 
+    /// Whether a live connection of this table recorded descriptor `fd` on `(dev, ino)`.
+    pub(crate) fn holds(&self, fd: RawFd, dev: u64, ino: u64) -> bool {
+        let wanted = Descriptor { fd, dev, ino };
+        (0..self.slots.len()).any(|index| self.ready_descriptor(index) == Some(wanted))
+    }
+
     fn ready_descriptor(&self, index: usize) -> Option<Descriptor> {
         let slot = &self.slots[index];
         (slot.state.load(Ordering::Acquire) == READY).then(|| Descriptor {
