@@ -115,6 +115,13 @@ impl<M: ManageConnection> GuardedPool<M> {
     /// Returning `r2d2::Builder::build(..)` makes that first use wait for the new pool's
     /// `min_idle` connections; `build_unchecked` lets `get` wait for just one.
     ///
+    /// The closure builds and runs an r2d2 pool in the forked child, on parking_lot, whose
+    /// process-global state a fork can leave inconsistent: docs/parking-lot.md measures a child
+    /// that builds, uses and drops such a pool hanging now and then (4 of 60, with no database
+    /// at all). So this is a fallback for a library that can only receive an `r2d2::Pool`; a
+    /// [`Pool`](crate::Pool) runs its children on std primitives instead. (The example does not
+    /// fork for that reason: a test that forks through it could hang.)
+    ///
     /// ```
     /// use diesel::r2d2::{ConnectionManager, Pool};
     /// use diesel::SqliteConnection;
