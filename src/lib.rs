@@ -179,6 +179,7 @@
 //! | [`fork_detection`], [`ForkDetection`] | how this process detects forks |
 //! | [`ForkLocal`] | any value, built once per process |
 //! | [`GuardedPool`] | fork protection for a plain `r2d2::Pool` a library receives |
+//! | [`guide`] | no items: async servers (axum, actix-web), PyO3 modules, clones across `fork()` |
 //! | [`ErrorKind`], [`ErrorExt`] | what kind of error an `r2d2::Error` of the pool is: `error.kind()` |
 //! | `PooledTransactionManager` | with `diesel`: the `TransactionManager` of [`PooledConnection`] |
 //! | [`Error`], [`State`], [`ManageConnection`], [`HandleError`], [`HandleEvent`], [`event`], [`Extensions`], [`CustomizeConnection`], [`LoggingErrorHandler`], [`NopErrorHandler`], [`NopEventHandler`], [`NopConnectionCustomizer`] | r2d2's, re-exported |
@@ -520,6 +521,7 @@ mod fork;
 mod fork_local;
 mod generation;
 mod guarded;
+pub mod guide;
 mod idle_slots;
 pub mod locate;
 mod manager;
