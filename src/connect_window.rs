@@ -72,7 +72,15 @@ static TURN: AtomicU64 = AtomicU64::new(0);
 /// descriptors of regular files it opens (SQLite's database files).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Watch {
+    #[cfg_attr(
+        not(any(feature = "diesel-postgres", feature = "postgres")),
+        allow(dead_code)
+    )]
     Sockets,
+    #[cfg_attr(
+        not(any(feature = "diesel-sqlite", feature = "rusqlite")),
+        allow(dead_code)
+    )]
     Files,
 }
 
