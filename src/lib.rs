@@ -123,14 +123,17 @@
 //! // was: type DbConn = r2d2::PooledConnection<ConnectionManager<SqliteConnection>>;
 //! type DbConn = PooledConnection<ConnectionManager<SqliteConnection>>;
 //!
-//! fn by_alias(conn: &mut DbConn) -> QueryResult<usize> {
-//!     diesel::sql_query("SELECT 1").execute(conn)
+//! fn one() -> diesel::dsl::select<diesel::dsl::AsExprOf<i32, diesel::sql_types::Integer>> {
+//!     diesel::select(1.into_sql::<diesel::sql_types::Integer>())
 //! }
-//! fn by_connection(conn: &mut SqliteConnection) -> QueryResult<usize> {
-//!     diesel::sql_query("SELECT 1").execute(conn)
+//! fn by_alias(conn: &mut DbConn) -> QueryResult<i32> {
+//!     one().get_result(conn)
+//! }
+//! fn by_connection(conn: &mut SqliteConnection) -> QueryResult<i32> {
+//!     one().get_result(conn)
 //! }
 //! // was: C: Connection<TransactionManager = diesel::r2d2::PoolTransactionManager<AnsiTransactionManager>>
-//! fn by_transaction_manager<C>(conn: &mut C) -> QueryResult<usize>
+//! fn by_transaction_manager<C>(conn: &mut C) -> QueryResult<i32>
 //! where
 //!     C: Connection<TransactionManager = PooledTransactionManager<AnsiTransactionManager>>,
 //! {
