@@ -468,7 +468,8 @@
 //!   that is above 65536) and replaced with `dup2` and `FD_CLOEXEC`; no socket cookie tells a
 //!   socket new, so sockets only a connect window names (PostgreSQL over a Unix socket or
 //!   through PgBouncer) are left open in a child and counted as leaked. These code paths are
-//!   tested on Linux with `--cfg forksafe_portable`; no macOS build is tested.
+//!   tested on Linux with `--cfg forksafe_portable`; CI compiles the library for macOS and
+//!   FreeBSD but runs nothing there.
 //! - **Windows** has no `fork()`, and the crate does not build there.
 //!
 //! # How it works

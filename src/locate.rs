@@ -166,13 +166,15 @@ pub fn file(path: impl AsRef<Path>) -> Option<RawFd> {
 
 /// The one descriptor of this process open on the regular file `(dev, ino)`; `None` if there
 /// are none or several.
+// `st_dev` and `st_ino` are `u64` on some targets and not on others (macOS: `i32` and `u64`).
+#[allow(clippy::unnecessary_cast)]
 fn only_descriptor_of(dev: u64, ino: u64) -> Option<RawFd> {
     let mut found = None;
     for fd in descriptors() {
         let Ok(stat) = fstat(fd) else { continue };
         let regular =
             SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG;
-        if regular && stat.st_dev == dev && stat.st_ino == ino {
+        if regular && stat.st_dev as u64 == dev && stat.st_ino as u64 == ino {
             if found.is_some() {
                 return None;
             }
