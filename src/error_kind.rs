@@ -88,10 +88,16 @@ impl fmt::Display for ErrorKind {
     }
 }
 
-/// [`ErrorKind`] for `r2d2::Error`, the pool's error type (kept for drop-in use).
-pub trait ErrorExt {
+/// [`ErrorKind`] for `r2d2::Error`, the pool's error type (kept for drop-in use). Sealed: it is
+/// implemented for `r2d2::Error` only, so methods can be added to it in minor releases.
+pub trait ErrorExt: sealed::Sealed {
     /// What went wrong: read from the error's message, which this crate writes.
     fn kind(&self) -> ErrorKind;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for r2d2::Error {}
 }
 
 impl ErrorExt for r2d2::Error {
