@@ -4,8 +4,8 @@
 //! parent's database sessions. While the child keeps that copy, the server session outlives
 //! the parent (a SIGKILLed master leaves its sessions open as long as any worker lives). The
 //! child cannot `close` or `shutdown` through the driver — that sends a goodbye on the shared
-//! stream — so it does what ActiveRecord does: `dup3` a `/dev/null` descriptor over the socket's
-//! number. The number stays valid for anything still holding it, the child's reference to the
+//! stream — so it does what ActiveRecord does: `dup3` (elsewhere than Linux `dup2`, see
+//! `sys::replace_descriptor`) a `/dev/null` descriptor over the socket's number. The number stays valid for anything still holding it, the child's reference to the
 //! socket is gone, and a later write or close goes nowhere.
 //!
 //! Replacing a descriptor that is *not* the connection's socket would be far worse than
@@ -19,8 +19,6 @@ use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-
-use nix::fcntl::OFlag;
 
 use crate::fork::ForkWaitingLease;
 use crate::stats::{Counters, Discarded};
@@ -123,6 +121,12 @@ impl DescriptorTable {
         slot.ino.store(descriptor.ino, Ordering::Relaxed);
         slot.state.store(READY, Ordering::Release);
         Some(index)
+    }
+
+    /// Whether a live connection of this table recorded descriptor `fd` on `(dev, ino)`.
+    pub(crate) fn holds(&self, fd: RawFd, dev: u64, ino: u64) -> bool {
+        let wanted = Descriptor { fd, dev, ino };
+        (0..self.slots.len()).any(|index| self.ready_descriptor(index) == Some(wanted))
     }
 
     fn ready_descriptor(&self, index: usize) -> Option<Descriptor> {
@@ -262,7 +266,7 @@ fn release_slot(slot: &Slot, descriptor: Option<Descriptor>, null: Option<&DevNu
     {
         return false;
     }
-    nix::unistd::dup3(null.fd(), descriptor.fd, OFlag::O_CLOEXEC).is_ok()
+    crate::sys::replace_descriptor(null.fd(), descriptor.fd)
 }
 
 /// An open `/dev/null`, the target every released socket number is pointed at.
@@ -325,7 +329,7 @@ mod tests {
         let _registration = table.register(Some(vec![fd]));
         // The number now refers to another file. (Replaced in one `dup2`, so no test running
         // in another thread can take the number in between.) It must not be touched.
-        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        let file = std::fs::File::open(std::env::current_exe().unwrap()).unwrap();
         nix::unistd::dup2(file.as_raw_fd(), fd).unwrap();
         let before = Descriptor::identify(fd).unwrap();
         let discarded = table.release_inherited();

@@ -125,8 +125,11 @@ where
     }
 }
 
-/// Runs the connection's own transaction manager on the connection inside the guard.
-#[doc(hidden)]
+/// The `TransactionManager` of a [`PooledConnection`] under diesel: runs the connection's own
+/// transaction manager on the connection inside the guard. Where code names
+/// `diesel::r2d2::PoolTransactionManager<T>` (a bound such as
+/// `C: Connection<TransactionManager = PoolTransactionManager<AnsiTransactionManager>>`), it
+/// names `forksafe_pool::PooledTransactionManager<T>` instead.
 #[allow(missing_debug_implementations)]
 pub struct PooledTransactionManager<T>(std::marker::PhantomData<T>);
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use r2d2::ManageConnection;
 
+use crate::error_kind::CROSSED_FORK_GUARDED;
 use crate::fork::PerProcess;
 use crate::r2d2_compat::{r2d2_error, r2d2_state};
 
@@ -113,6 +114,13 @@ impl<M: ManageConnection> GuardedPool<M> {
     /// again on later uses until it succeeds; its error is what `get` returns meanwhile.
     /// Returning `r2d2::Builder::build(..)` makes that first use wait for the new pool's
     /// `min_idle` connections; `build_unchecked` lets `get` wait for just one.
+    ///
+    /// The closure builds and runs an r2d2 pool in the forked child, on parking_lot, whose
+    /// process-global state a fork can leave inconsistent: docs/parking-lot.md measures a child
+    /// that builds, uses and drops such a pool hanging now and then (4 of 60, with no database
+    /// at all). So this is a fallback for a library that can only receive an `r2d2::Pool`; a
+    /// [`Pool`](crate::Pool) runs its children on std primitives instead. (The example does not
+    /// fork for that reason: a test that forks through it could hang.)
     ///
     /// ```
     /// use diesel::r2d2::{ConnectionManager, Pool};
@@ -222,7 +230,7 @@ impl<M: ManageConnection> GuardedPool<M> {
                 rebuilt
             }),
             None => Err(r2d2_error(format!(
-                "forksafe-pool: this r2d2 pool was wrapped in process {} and crossed fork() into process {}, \
+                "{CROSSED_FORK_GUARDED} {} and crossed fork() into process {}, \
                  where it must not be used (its sockets and locks are the parent's); give the GuardedPool \
                  a rebuild closure with GuardedPool::rebuild_with, or build the pool after fork()",
                 shared.wrapped_in,

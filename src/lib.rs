@@ -95,6 +95,61 @@
 //! one pool, [`GuardedPool`] for a plain `r2d2::Pool` a library receives and [`ForkLocal`] for
 //! any other per-process value.
 //!
+//! # Migrating from r2d2
+//!
+//! | where code names | change it to |
+//! |---|---|
+//! | `r2d2::Pool<M>`, `diesel::r2d2::Pool<M>` | [`forksafe_pool::Pool<M>`](Pool); `Pool::builder()`, every setter and `build` as before |
+//! | `r2d2::PooledConnection<M>` (a `type DbConn = ...` alias, `fn f(conn: &mut r2d2::PooledConnection<M>)`) | [`forksafe_pool::PooledConnection<M>`](PooledConnection): another type, with the same `Deref`/`DerefMut`, `extensions` and, with a `diesel-*` feature, diesel's connection traits |
+//! | `diesel::r2d2::PoolTransactionManager<T>` | `forksafe_pool::PooledTransactionManager<T>` (feature `diesel`) |
+//! | `r2d2::Error`, `r2d2::State` | nothing: they are the pool's own types, re-exported as [`Error`] and [`State`] |
+//! | `r2d2::ManageConnection`, `CustomizeConnection`, `HandleError`, `HandleEvent`, `r2d2::event::*`, `Extensions`, the `Nop…` and `Logging…` types | `forksafe_pool::` the same names (re-exported; [`event`] is r2d2's module): the direct `r2d2` dependency can go |
+//! | an `r2d2::Pool` your code is handed and cannot build | wrap it: [`GuardedPool::new`] |
+//!
+//! A function that takes the connection itself (`&mut PgConnection`) needs no change: `&mut
+//! conn` still coerces through `DerefMut`. Generic code bounded on diesel's traits
+//! (`C: Connection<Backend = Pg>`, `LoadConnection`) takes `&mut conn` as before, because the
+//! traits are implemented for [`PooledConnection`] itself. To tell errors apart without
+//! parsing messages, [`ErrorExt::kind`] reads an [`ErrorKind`] from the `r2d2::Error`.
+//!
+//! ```
+//! # #[cfg(feature = "diesel-sqlite")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use diesel::connection::AnsiTransactionManager;
+//! use diesel::prelude::*;
+//! use diesel::r2d2::ConnectionManager;
+//! use forksafe_pool::{Pool, PooledConnection, PooledTransactionManager};
+//!
+//! // was: type DbConn = r2d2::PooledConnection<ConnectionManager<SqliteConnection>>;
+//! type DbConn = PooledConnection<ConnectionManager<SqliteConnection>>;
+//!
+//! fn one() -> diesel::dsl::select<diesel::dsl::AsExprOf<i32, diesel::sql_types::Integer>> {
+//!     diesel::select(1.into_sql::<diesel::sql_types::Integer>())
+//! }
+//! fn by_alias(conn: &mut DbConn) -> QueryResult<i32> {
+//!     one().get_result(conn)
+//! }
+//! fn by_connection(conn: &mut SqliteConnection) -> QueryResult<i32> {
+//!     one().get_result(conn)
+//! }
+//! // was: C: Connection<TransactionManager = diesel::r2d2::PoolTransactionManager<AnsiTransactionManager>>
+//! fn by_transaction_manager<C>(conn: &mut C) -> QueryResult<i32>
+//! where
+//!     C: Connection<TransactionManager = PooledTransactionManager<AnsiTransactionManager>>,
+//! {
+//!     conn.transaction(|conn| conn.batch_execute("SELECT 1").map(|()| 1))
+//! }
+//!
+//! let pool = Pool::builder().max_size(1).build(ConnectionManager::new(":memory:"))?;
+//! let mut conn = pool.get()?;
+//! assert_eq!(by_alias(&mut conn)? + by_connection(&mut conn)?, 2);
+//! assert_eq!(by_transaction_manager(&mut conn)?, 1);
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "diesel-sqlite"))]
+//! # fn main() {}
+//! ```
+//!
 //! # Differences from r2d2
 //!
 //! - A [`PooledConnection`] checked out *before* a fork panics if the child dereferences it: its
@@ -127,7 +182,10 @@
 //! | [`fork_detection`], [`ForkDetection`] | how this process detects forks |
 //! | [`ForkLocal`] | any value, built once per process |
 //! | [`GuardedPool`] | fork protection for a plain `r2d2::Pool` a library receives |
-//! | [`Error`], [`State`], [`ManageConnection`], [`HandleError`], [`HandleEvent`], [`CustomizeConnection`], [`LoggingErrorHandler`], [`NopErrorHandler`], [`NopEventHandler`], [`NopConnectionCustomizer`] | r2d2's, re-exported |
+//! | [`guide`] | no items: async servers (axum, actix-web), PyO3 modules, clones across `fork()` |
+//! | [`ErrorKind`], [`ErrorExt`] | what kind of error an `r2d2::Error` of the pool is: `error.kind()` |
+//! | `PooledTransactionManager` | with `diesel`: the `TransactionManager` of [`PooledConnection`] |
+//! | [`Error`], [`State`], [`ManageConnection`], [`HandleError`], [`HandleEvent`], [`event`], [`Extensions`], [`CustomizeConnection`], [`LoggingErrorHandler`], [`NopErrorHandler`], [`NopEventHandler`], [`NopConnectionCustomizer`] | r2d2's, re-exported |
 //!
 //! ```
 //! # #[cfg(feature = "diesel-sqlite")]
@@ -199,16 +257,21 @@
 //! **A library that is handed an `r2d2::Pool`** cannot rebuild it: r2d2 gives back neither the
 //! manager nor the configuration. Wrap it in a [`GuardedPool`] in the process that built it. In
 //! a forked child the guard never touches the inherited pool (not its lock, not its
-//! connections, not even its `Drop`); it either rebuilds through a closure the application
-//! supplied ([`GuardedPool::rebuild_with`]), or fails every `get` at once with an
-//! [`r2d2::Error`] that says the pool crossed `fork()`:
+//! connections, not even its `Drop`); it fails every `get` at once with an [`r2d2::Error`]
+//! that says the pool crossed `fork()` ([`ErrorKind::CrossedFork`]), or rebuilds through a
+//! closure the application supplied ([`GuardedPool::rebuild_with`]). That closure builds an
+//! r2d2 pool in the child, which [docs/parking-lot.md] measures hanging now and then (4 of 60
+//! children that built and dropped one): so the example below forks only with the refusing
+//! guard, and a library that can ask for a [`Pool`] instead should.
+//!
+//! [docs/parking-lot.md]: https://github.com/forksafe-pool/forksafe-pool/blob/main/docs/parking-lot.md
 //!
 //! ```
 //! # #[cfg(feature = "diesel-sqlite")]
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use diesel::r2d2::{ConnectionManager, Pool};
 //! use diesel::SqliteConnection;
-//! use forksafe_pool::GuardedPool;
+//! use forksafe_pool::{ErrorExt, ErrorKind, GuardedPool};
 //! use nix::sys::wait::{waitpid, WaitStatus};
 //! use nix::unistd::{fork, ForkResult};
 //!
@@ -218,19 +281,19 @@
 //! };
 //! let strict = GuardedPool::new(build()?);
 //! let rebuilding = GuardedPool::new(build()?).rebuild_with(build);
+//! assert!(rebuilding.can_rebuild() && rebuilding.get().is_ok());
 //!
-//! // SAFETY (for the example): the child only uses the pools and leaves with `_exit`.
+//! // SAFETY (for the example): the child only uses the refusing pool and leaves with `_exit`.
 //! match unsafe { fork() }? {
 //!     ForkResult::Child => {
 //! #       // A deadline: a hung child dies of SIGALRM, so the test fails instead of hanging.
 //! #       unsafe { libc::alarm(20) };
-//!         let refused = strict.get().is_err_and(|error| error.to_string().contains("crossed fork()"));
-//!         let rebuilt = rebuilding.get().is_ok();
-//!         unsafe { libc::_exit(if refused && rebuilt { 0 } else { 1 }) };
+//!         let refused = strict.get().is_err_and(|error| error.kind() == ErrorKind::CrossedFork);
+//!         unsafe { libc::_exit(if refused { 0 } else { 1 }) };
 //!     }
 //!     ForkResult::Parent { child } => {
 //!         assert_eq!(waitpid(child, None)?, WaitStatus::Exited(child, 0));
-//!         assert!(strict.get().is_ok() && rebuilding.get().is_ok(), "the parent's pools work");
+//!         assert!(strict.get().is_ok(), "the parent's pool works");
 //!     }
 //! }
 //! # Ok(())
@@ -271,7 +334,7 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use diesel::r2d2::ConnectionManager;
 //! use diesel::SqliteConnection;
-//! use forksafe_pool::{OnFork, Pool};
+//! use forksafe_pool::{ErrorExt, ErrorKind, OnFork, Pool};
 //! use nix::sys::wait::{waitpid, WaitStatus};
 //! use nix::unistd::{fork, ForkResult};
 //!
@@ -287,7 +350,9 @@
 //! #       unsafe { libc::alarm(20) };
 //!         let warmed = pool.warm_up().is_ok() && pool.state().idle_connections == 2; // postfork
 //!         let nothing_discarded = pool.fork_stats().connections_discarded == 0;
-//!         let refused = strict.get().is_err_and(|error| error.to_string().contains("OnFork::Fail"));
+//!         let refused = strict.get().is_err_and(|error| {
+//!             error.to_string().contains("OnFork::Fail") && error.kind() == ErrorKind::CrossedFork
+//!         });
 //!         unsafe { libc::_exit(if warmed && nothing_discarded && refused { 0 } else { 1 }) };
 //!     }
 //!     ForkResult::Parent { child } => {
@@ -381,11 +446,14 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
-//! | `diesel` | diesel's connection traits for [`PooledConnection`], so `&mut conn` and `conn.transaction(..)` work unchanged |
-//! | `diesel-postgres` | diesel `PgConnection` (links libpq); sockets of inherited TCP connections, TLS or not, released in the child |
-//! | `diesel-mysql` | diesel `MysqlConnection` (links libmysqlclient or MariaDB Connector/C); sockets of inherited TCP connections released in the child |
-//! | `diesel-sqlite` | diesel `SqliteConnection`, SQLite compiled in; an inherited connection's database descriptor released in the child when it was the only one on its file |
-//! | `redis` | `Pool<redis::Client>` through the redis crate's r2d2 support; sockets of inherited TCP connections released in the child |
+//! | `diesel` | diesel's connection traits for [`PooledConnection`], so `&mut conn` and `conn.transaction(..)` work unchanged; `PooledTransactionManager` |
+//! | `diesel-postgres` | diesel `PgConnection` (links libpq); inherited sockets released in the child: TCP with or without TLS, Unix, direct or through PgBouncer |
+//! | `postgres` | `postgres::Client` (r2d2_postgres, plain or over postgres-openssl / postgres-native-tls); inherited sockets released as for `diesel-postgres` |
+//! | `diesel-mysql` | diesel `MysqlConnection` (links libmysqlclient or MariaDB Connector/C); sockets of inherited TCP connections released in the child (a Unix socket is left open and counted) |
+//! | `mysql` | `mysql::Conn` (r2d2_mysql); its socket, TCP or Unix, released in the child |
+//! | `diesel-sqlite` | diesel `SqliteConnection`, SQLite compiled in; each inherited connection's database descriptor released in the child (unless another pool or the application also has the file open); a libc `fork()` waits while a SQLite connection is checked out on another thread |
+//! | `rusqlite` | `rusqlite::Connection` (r2d2_sqlite); as `diesel-sqlite`, with rusqlite's own choice of bundled or system SQLite |
+//! | `redis` | `Pool<redis::Client>` through the redis crate's r2d2 support; sockets of inherited TCP connections released in the child (a Unix socket is left open and counted) |
 //!
 //! Which connections each backend can identify, and why the others are left open, is in
 //! [docs/backends.md](https://github.com/forksafe-pool/forksafe-pool/blob/main/docs/backends.md).
@@ -394,10 +462,14 @@
 //!
 //! - **Linux 4.14 and later**: a fork is detected with one memory load, whatever made it (libc
 //!   `fork()`, a raw `clone`/`SYS_fork`), through a page marked `MADV_WIPEONFORK`.
-//! - **Older Linux and other Unix systems**: each check also compares `getpid()`, a system call
-//!   per check; socket identification reads `/proc/self/fd`, so elsewhere than Linux inherited
-//!   connections are never used or closed in the child but their sockets are left open (counted
-//!   as leaked). Built and tested on Linux only.
+//! - **Older Linux**: each check also compares `getpid()`, a system call per check.
+//! - **macOS, the BSDs and other Unix systems**: the `getpid()` comparison too. Descriptors are
+//!   listed by probing every number below the descriptor limit (nothing is identified when
+//!   that is above 65536) and replaced with `dup2` and `FD_CLOEXEC`; no socket cookie tells a
+//!   socket new, so sockets only a connect window names (PostgreSQL over a Unix socket or
+//!   through PgBouncer) are left open in a child and counted as leaked. These code paths are
+//!   tested on Linux with `--cfg forksafe_portable`; CI compiles the library for macOS and
+//!   FreeBSD but runs nothing there.
 //! - **Windows** has no `fork()`, and the crate does not build there.
 //!
 //! # How it works
@@ -407,9 +479,9 @@
 //! saved configuration, on std's `Mutex` and `Condvar` rather than on r2d2, whose parking_lot
 //! state a fork corrupts. The inherited inner pool is never touched or dropped (dropping would
 //! run each driver's goodbye on the parent's socket); the descriptors of its connections, recorded
-//! at connect time, are pointed at `/dev/null` with `dup3`. A libc `fork()` waits, at most one
-//! second, for connects and closes running on other threads, so no driver lock is copied held
-//! into a child. The details, and the reasons for each choice, are in
+//! at connect time, are pointed at `/dev/null` with `dup3` (`dup2` elsewhere). A libc `fork()`
+//! waits, at most one second, for connects and closes running on other threads, so no driver
+//! lock is copied held into a child. The details, and the reasons for each choice, are in
 //! [docs/how-it-works.md](https://github.com/forksafe-pool/forksafe-pool/blob/main/docs/how-it-works.md)
 //! and [docs/parking-lot.md](https://github.com/forksafe-pool/forksafe-pool/blob/main/docs/parking-lot.md);
 //! measurements, each with the command that reproduces it, in
@@ -419,16 +491,20 @@
 //!
 //! Fork detection and the child's pool need raw system calls that no safe wrapper offers:
 //! mapping and `madvise`-ing the epoch page, registering `pthread_atfork` handlers, starting the
-//! child pool's connect threads with `pthread_create`, asking a socket's protocol with
-//! `getsockopt`, and making `r2d2::Error` and `r2d2::State` values without running r2d2. Every
-//! `unsafe` block carries a `// SAFETY:` comment naming each precondition; the crate denies
-//! `clippy::undocumented_unsafe_blocks` and `unsafe_op_in_unsafe_fn`.
+//! child pool's connect threads with `pthread_create`, asking a socket's protocol and cookie
+//! with `getsockopt`, probing descriptors with `fcntl` where there is no `/proc`, and making
+//! `r2d2::Error` and `r2d2::State` values without running r2d2; the pool's idle connections sit
+//! in atomic pointer slots (`Box::into_raw`/`from_raw`), so that a checkout takes no lock. The
+//! crate denies `unsafe_code` and allows it only in the modules that need it: `fork`'s files,
+//! `sys`, `r2d2_compat` and `process_pool::idle_slots` (and, in tests, a raw-fork test of `connect_window`).
+//! Every `unsafe` block carries a `// SAFETY:` comment naming each precondition; the crate
+//! denies `clippy::undocumented_unsafe_blocks` and `unsafe_op_in_unsafe_fn`.
 //!
 //! # Minimum supported Rust version
 //!
 //! Rust 1.88 (`rust-version` in Cargo.toml): diesel 2.3 needs 1.86, redis 1.x needs 1.88.
-// `unsafe` only in the modules that allow it for themselves: `fork`'s files, `sys` and
-// `r2d2_compat`.
+// `unsafe` only in the modules that allow it for themselves: `fork`'s files, `sys`,
+// `r2d2_compat` and `idle_slots` (and one raw-fork unit test in `connect_window`).
 #![deny(
     unsafe_code,
     unsafe_op_in_unsafe_fn,
@@ -443,11 +519,13 @@ mod connection;
 mod descriptors;
 #[cfg(feature = "diesel")]
 mod diesel_connection;
+mod error_kind;
 mod fork;
 mod fork_local;
 mod generation;
 mod generation_pool;
 mod guarded;
+pub mod guide;
 pub mod locate;
 mod manager;
 mod pool;
@@ -460,17 +538,36 @@ mod worker_threads;
 
 pub use crate::config::{Builder, OnFork};
 pub use crate::connection::PooledConnection;
+#[cfg(feature = "diesel")]
+pub use crate::diesel_connection::PooledTransactionManager;
+pub use crate::error_kind::{ErrorExt, ErrorKind};
 pub use crate::fork::{fork_detection, ForkDetection};
 pub use crate::fork_local::ForkLocal;
 pub use crate::guarded::GuardedPool;
 pub use crate::pool::Pool;
 pub use crate::stats::ForkStats;
 pub use r2d2::{
-    CustomizeConnection, Error, HandleError, HandleEvent, LoggingErrorHandler, ManageConnection,
-    NopConnectionCustomizer, NopErrorHandler, NopEventHandler, State,
+    event, CustomizeConnection, Error, Extensions, HandleError, HandleEvent, LoggingErrorHandler,
+    ManageConnection, NopConnectionCustomizer, NopErrorHandler, NopEventHandler, State,
 };
 
 /// The README's code, compiled by `cargo test --doc` so that it cannot go stale.
 #[cfg(all(doctest, feature = "diesel-postgres"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+/// What actix's `web::Data`, axum's `State` and every thread pool need of a pool and its
+/// guard, checked for every manager when the crate compiles (this function is never called;
+/// type-checking its body is the assertion), so that a change which loses one fails here
+/// rather than in users' builds.
+#[allow(dead_code)]
+fn pool_types_cross_threads<M: ManageConnection, T: Send + Sync>() {
+    fn send_sync_clone<X: Send + Sync + Clone + 'static>() {}
+    fn send_static<X: Send + 'static>() {}
+    fn send_sync<X: Send + Sync>() {}
+    send_sync_clone::<Pool<M>>();
+    send_static::<PooledConnection<M>>();
+    send_sync_clone::<GuardedPool<M>>();
+    send_sync::<ForkLocal<T>>();
+    send_sync::<Error>();
+}

@@ -10,7 +10,8 @@
 //! - [`tcp_socket`] (and [`tcp_socket_matching`]): the driver hides its socket, but the server
 //!   can say how it sees the session — its client address and its own (PostgreSQL
 //!   `inet_client_addr()`, MariaDB's processlist `HOST`, Redis `CLIENT INFO`). This process's
-//!   descriptors are scanned (`/proc/self/fd`) for TCP sockets whose own address
+//!   descriptors are scanned (`/proc/self/fd` on Linux; elsewhere every number below the
+//!   descriptor limit, when that is at most 65536) for TCP sockets whose own address
 //!   (`getsockname`) and peer (`getpeername`) are that pair. A TCP address pair names at most
 //!   one connection in a network namespace, so when the server's view is ours there is exactly
 //!   one such socket: the connection's. No match, two descriptors for one socket, a proxy or
@@ -55,8 +56,10 @@ use nix::sys::stat::{fstat, SFlag};
 /// `local`, its own address our `peer`. IPv4-mapped IPv6 addresses (`::ffff:127.0.0.1`, as a
 /// dual-stack server prints them) match their IPv4 form.
 ///
-/// Scans `/proc/self/fd`, so it costs a few system calls per open descriptor: call it once
-/// per connect (as a locator runs), not per checkout. Returns `None` where `/proc` is missing.
+/// Scans this process's descriptors (`/proc/self/fd` on Linux), so it costs a few system calls
+/// per open descriptor: call it once per connect (as a locator runs), not per checkout. Returns
+/// `None` where the descriptors cannot be listed (no `/proc`, and a descriptor limit above
+/// 65536).
 pub fn tcp_socket(local: SocketAddr, peer: SocketAddr) -> Option<RawFd> {
     let (local, peer) = (normalize(local), normalize(peer));
     tcp_socket_matching(|l, p| l == local && p == peer)
@@ -86,9 +89,12 @@ pub fn tcp_socket_matching(fits: impl Fn(SocketAddr, SocketAddr) -> bool) -> Opt
     }
     let (fd, inode) = found?;
     // The address pair only names one connection for TCP, so make sure it is a TCP socket;
-    // then that the descriptor was not closed and its number reused while we looked.
+    // then that the descriptor was not closed and its number reused while we looked (by its
+    // inode, and by its addresses again where a kernel's socket inodes say little).
     let tcp = crate::sys::socket_protocol(fd) == Some(libc::IPPROTO_TCP);
-    (tcp && socket_inode(fd) == Some(inode)).then_some(fd)
+    let same = socket_inode(fd) == Some(inode)
+        && matches!((local_addr(fd), peer_addr(fd)), (Some(local), Some(peer)) if fits(local, peer));
+    (tcp && same).then_some(fd)
 }
 
 /// Parses an address as servers print them: `ip:port`, `[ip]:port`, or an IPv6 address
@@ -136,8 +142,8 @@ pub fn as_raw_fd(conn: &impl AsRawFd) -> Option<RawFd> {
 /// inode); `None` if there is none or more than one, or `path` is not a regular file.
 ///
 /// More than one is the rule, not the exception, when several connections open one database
-/// file: nothing then tells which descriptor is whose, so the answer is `None`. The scan
-/// (`/proc/self/fd`) costs a system call per open descriptor.
+/// file: nothing then tells which descriptor is whose, so the answer is `None`. The scan (as in
+/// [`tcp_socket`]) costs a system call per open descriptor.
 ///
 /// ```
 /// use forksafe_pool::locate;
@@ -160,13 +166,15 @@ pub fn file(path: impl AsRef<Path>) -> Option<RawFd> {
 
 /// The one descriptor of this process open on the regular file `(dev, ino)`; `None` if there
 /// are none or several.
+// `st_dev` and `st_ino` are `u64` on some targets and not on others (macOS: `i32` and `u64`).
+#[allow(clippy::unnecessary_cast)]
 fn only_descriptor_of(dev: u64, ino: u64) -> Option<RawFd> {
     let mut found = None;
     for fd in descriptors() {
         let Ok(stat) = fstat(fd) else { continue };
         let regular =
             SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG;
-        if regular && stat.st_dev == dev && stat.st_ino == ino {
+        if regular && stat.st_dev as u64 == dev && stat.st_ino as u64 == ino {
             if found.is_some() {
                 return None;
             }
@@ -176,15 +184,11 @@ fn only_descriptor_of(dev: u64, ino: u64) -> Option<RawFd> {
     found
 }
 
-/// This process's open descriptor numbers (including, briefly, the directory handle used to
-/// list them, which is a directory and never matches a file or a socket).
+/// This process's open descriptor numbers (on Linux including, briefly, the directory handle
+/// used to list them, which is a directory and never matches a file or a socket); none when
+/// they cannot be listed, so nothing is found.
 fn descriptors() -> Vec<RawFd> {
-    let Ok(entries) = fs::read_dir("/proc/self/fd") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
-        .collect()
+    crate::sys::open_descriptors().unwrap_or_default()
 }
 
 /// An IPv4 address as itself, even when a dual-stack socket shows it IPv4-mapped.
@@ -206,14 +210,12 @@ fn sockets() -> Vec<(RawFd, u64)> {
         .collect()
 }
 
-/// The inode of the socket `fd` refers to now, from its `/proc/self/fd` link `socket:[N]`.
+/// The inode of the socket `fd` refers to now (`fstat`; on Linux the `N` of its
+/// `/proc/self/fd` link `socket:[N]`); `None` if it is closed or not a socket.
 fn socket_inode(fd: RawFd) -> Option<u64> {
-    let link = fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
-    link.to_str()?
-        .strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
+    let stat = fstat(fd).ok()?;
+    let socket = SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFSOCK;
+    socket.then_some(stat.st_ino as u64)
 }
 
 fn local_addr(fd: RawFd) -> Option<SocketAddr> {

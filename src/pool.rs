@@ -20,6 +20,7 @@ use scheduled_thread_pool::OnPoolDropBehavior;
 use crate::config::{Builder, Config, OnFork};
 use crate::connection::{Checkout, PooledConnection};
 use crate::descriptors::DescriptorTable;
+use crate::error_kind::{CROSSED_FORK_ON_FORK_FAIL, WARM_UP_SHORT};
 use crate::fork::{current_epoch, Epoch, PerProcess, Read};
 use crate::generation::{Generation, GenerationParts, Site};
 use crate::generation_pool::GenerationPool;
@@ -367,7 +368,7 @@ impl<M: ManageConnection> Pool<M> {
         let deadline = Instant::now() + timeout;
         let opened_too_few = |opened: u32| {
             r2d2_error(format!(
-                "forksafe-pool: warm_up opened {opened} of {wanted} connections within {timeout:?}"
+                "{WARM_UP_SHORT} {opened} of {wanted} connections within {timeout:?}"
             ))
         };
         if let GenerationPool::Own(pool) = &generation.pool {
@@ -550,8 +551,10 @@ impl<M: ManageConnection> Pool<M> {
         let rebuilt = shared.generation.read_or_try_init(|inherited| {
             let here = current_epoch();
             // False after `release_idle` in this same process: then nothing crossed a fork.
-            let crossed_fork =
-                shared.latest_generation_in.swap(here.get(), Ordering::AcqRel) != here.get();
+            let crossed_fork = shared
+                .latest_generation_in
+                .swap(here.get(), Ordering::AcqRel)
+                != here.get();
             // A parent that released its pool before forking left no generation; what its
             // retired generations still held is in the building process's table.
             let inherited_descriptors = inherited
@@ -575,7 +578,7 @@ impl<M: ManageConnection> Pool<M> {
             } else if shared.config.on_fork == OnFork::Fail {
                 Site::RefusingChild {
                     refusal: format!(
-                        "forksafe-pool: this pool crossed fork() into process {} and was built with \
+                        "{CROSSED_FORK_ON_FORK_FAIL} into process {} and was built with \
                          OnFork::Fail, so it is not rebuilt there; build the pool after fork(), or \
                          use OnFork::Rebuild",
                         std::process::id()
@@ -587,7 +590,10 @@ impl<M: ManageConnection> Pool<M> {
             let descriptors = if here == shared.built_in {
                 Arc::clone(&shared.building_descriptors)
             } else {
-                DescriptorTable::new(shared.config.settings.max_size, Arc::clone(&shared.counters))
+                DescriptorTable::new(
+                    shared.config.settings.max_size,
+                    Arc::clone(&shared.counters),
+                )
             };
             let generation = Generation::build(GenerationParts {
                 config: &shared.config,

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use forksafe_pool::{ForkStats, Pool};
+use forksafe_pool::{ErrorExt, ErrorKind, ForkStats, Pool};
 use support::fake_server::{
     fake_pool, only_we_wrote_on, warm_connections, FakeManager, FakeServer,
 };
@@ -513,8 +513,15 @@ fn a_child_that_cannot_connect_gets_a_clear_error_in_time() -> Check {
             let started = std::time::Instant::now();
             let error = match pool.get() {
                 Ok(_) => return Err("got a connection with the server gone".into()),
-                Err(error) => error.to_string(),
+                Err(error) => error,
             };
+            let kind = error.kind();
+            let error = error.to_string();
+            ensure!(
+                matches!(&kind, ErrorKind::ConnectFailed(message)
+                    if !message.is_empty() && error.contains(message.as_str()) && !message.contains("forksafe-pool")),
+                "not told as a failed connect with the manager's message: {kind:?} from {error}"
+            );
             let waited = started.elapsed();
             ensure!(
                 waited >= timeout && waited < timeout * 4,
@@ -563,8 +570,14 @@ fn a_connect_that_panics_in_a_child_is_reported_as_the_panic() -> Check {
                 .store(u32::MAX, Ordering::SeqCst);
             let error = match pool.get() {
                 Ok(_) => return Err("a connect that panics gave a connection".into()),
-                Err(error) => error.to_string(),
+                Err(error) => error,
             };
+            let kind = error.kind();
+            ensure!(
+                matches!(&kind, ErrorKind::ConnectPanicked(message) if message.contains(support::scripted::SCRIPTED_PANIC)),
+                "not told as a panicked connect: {kind:?}"
+            );
+            let error = error.to_string();
             ensure!(
                 error.starts_with("timed out waiting for connection: "),
                 "not r2d2's error: {error}"

@@ -7,9 +7,9 @@
 //! Every shared scenario of `support/backend.rs` that does not watch server sessions runs once
 //! per journal mode (`wal::`, `rollback::`). SQLite has no sessions, so a connection names
 //! itself: its first echo stores a random id in a TEMP table, which only that connection sees.
-//! A pool of several connections on one file is not identified for certain (see the crate's
-//! `sqlite_files` docs), so the shared scenarios accept each inherited connection released or
-//! counted; the own case here shows a pool of one has its descriptor released.
+//! Every connection of a pool on one file is identified (see the crate's `sqlite_files` docs),
+//! so the shared scenarios expect every inherited connection released; the own cases add a
+//! SIGKILLed master whose workers keep none of its descriptors, and a pool of one.
 
 #[macro_use]
 mod support;
@@ -97,7 +97,6 @@ fn session(conn: &rusqlite::Connection) -> rusqlite::Result<i64> {
 impl<J: Journal> Backend for At<J, SqliteConnectionManager> {
     type Observer = ();
     const SERVER_SESSIONS: bool = false;
-    const RELEASES_EVERY_CONNECTION: bool = false;
 
     fn url() -> String {
         J::url()
@@ -206,6 +205,21 @@ fn the_only_descriptor_is_released<J: Journal>() -> Check {
     Ok(())
 }
 
+/// A pool of 4 on one file, under a SIGKILLed master: its workers keep none of the master's 4
+/// descriptors of the file open, only their own connections' (every connection of the pool is
+/// identified, not just one that was alone on its file).
+fn master_sigkill_leaves_workers_no_inherited_descriptor<J: Journal>() -> Check {
+    let path = format!("{}-sigkill.db", J::url());
+    remove_database(&path);
+    let result = backend::master_sigkill_leaves_workers_no_inherited_file(
+        std::path::Path::new(&path),
+        || backend::warm_pool_at::<At<J, SqliteConnectionManager>>(&path),
+        |conn| At::<J, SqliteConnectionManager>::echo(conn, "worker").map(drop),
+    );
+    remove_database(&path);
+    result
+}
+
 /// An echo on a connection of a pool that is not a `Backend` (the pool of one above).
 fn echo_plain(conn: &rusqlite::Connection, value: &str) -> Check {
     let answer: String = conn
@@ -241,7 +255,15 @@ fn main() {
     for file in &files {
         remove_database(file.to_str().expect("UTF-8"));
     }
-    let own: [Case; 3] = [
+    let own: [Case; 5] = [
+        (
+            "wal::master_sigkill_leaves_workers_no_inherited_descriptor",
+            master_sigkill_leaves_workers_no_inherited_descriptor::<Wal>,
+        ),
+        (
+            "rollback::master_sigkill_leaves_workers_no_inherited_descriptor",
+            master_sigkill_leaves_workers_no_inherited_descriptor::<Rollback>,
+        ),
         (
             "wal::the_only_descriptor_is_released",
             the_only_descriptor_is_released::<Wal>,

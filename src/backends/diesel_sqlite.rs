@@ -7,6 +7,7 @@ use diesel::sql_types::Text;
 use diesel::{QueryableByName, RunQueryDsl, SqliteConnection};
 
 use super::sqlite_files::{database_descriptors, DATABASE_FILES};
+use crate::connect_window::CreatedSockets;
 
 /// One database of the connection: its file (empty for memory and temp).
 #[derive(QueryableByName)]
@@ -16,10 +17,17 @@ struct Database {
 }
 
 /// The database descriptors of a freshly opened `SqliteConnection`, when they can be told for
-/// certain; `Some(vec![])` for a connection that has no database file.
-pub(crate) fn locate(conn: &mut SqliteConnection) -> Option<Vec<RawFd>> {
+/// certain; `Some(vec![])` for a connection that has no database file. `created` is what the
+/// connect window saw.
+pub(crate) fn locate(
+    conn: &mut SqliteConnection,
+    created: Option<&CreatedSockets>,
+) -> Option<Vec<RawFd>> {
     let databases: Vec<Database> = diesel::sql_query(DATABASE_FILES).load(conn).ok()?;
-    database_descriptors(databases.iter().map(|database| database.file.as_str()))
+    database_descriptors(
+        databases.iter().map(|database| database.file.as_str()),
+        created,
+    )
 }
 
 #[cfg(test)]
@@ -40,7 +48,7 @@ mod tests {
     #[test]
     fn memory_databases_own_no_descriptor() {
         let mut conn = SqliteConnection::establish(":memory:").unwrap();
-        assert_eq!(locate(&mut conn), Some(vec![]));
+        assert_eq!(locate(&mut conn, None), Some(vec![]));
     }
 
     #[test]
@@ -48,20 +56,20 @@ mod tests {
         let path = temp_path("only");
         let _ = fs::remove_file(&path);
         let mut conn = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
-        let fds = locate(&mut conn).expect("the only descriptor of the file");
+        let fds = locate(&mut conn, None).expect("the only descriptor of the file");
         assert_eq!(fds.len(), 1);
         let meta = fs::metadata(&path).unwrap();
         let stat = fstat(fds[0]).unwrap();
         assert_eq!((stat.st_dev, stat.st_ino), (meta.dev(), meta.ino()));
         // A second descriptor on the same file makes it uncertain, for both connections.
         let other = fs::File::open(&path).unwrap();
-        assert_eq!(locate(&mut conn), None);
+        assert_eq!(locate(&mut conn, None), None);
         drop(other);
         let mut second = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
-        assert_eq!(locate(&mut second), None);
-        assert_eq!(locate(&mut conn), None);
+        assert_eq!(locate(&mut second, None), None);
+        assert_eq!(locate(&mut conn, None), None);
         drop(second);
-        assert_eq!(locate(&mut conn), Some(fds));
+        assert_eq!(locate(&mut conn, None), Some(fds));
         drop(conn);
         let _ = fs::remove_file(&path);
     }

@@ -9,8 +9,8 @@
 //! | `postgres` | `postgres::Client` (r2d2_postgres) | its socket, TCP (TLS or not) or Unix, direct or through PgBouncer: the server's view, else the connect window |
 //! | `diesel-mysql` | `diesel::MysqlConnection` | TCP socket, found from the server's view |
 //! | `mysql` | `mysql::Conn` (r2d2_mysql) | its socket, TCP or Unix, named by the driver |
-//! | `diesel-sqlite` | `diesel::SqliteConnection` | database file descriptors, when one per file |
-//! | `rusqlite` | `rusqlite::Connection` (r2d2_sqlite) | database file descriptors, when one per file |
+//! | `diesel-sqlite` | `diesel::SqliteConnection` | database file descriptors: the connect window, else the only one on the file |
+//! | `rusqlite` | `rusqlite::Connection` (r2d2_sqlite) | database file descriptors: the connect window, else the only one on the file |
 //! | `redis` | `redis::Connection` | TCP socket, found from `CLIENT INFO` |
 //!
 //! Connections are recognised by type (`Any` downcast), so a user's own
@@ -19,7 +19,7 @@
 use std::any::{Any, TypeId};
 use std::os::fd::RawFd;
 
-use crate::connect_window::CreatedSockets;
+use crate::connect_window::{CreatedSockets, Watch};
 
 #[cfg(feature = "diesel-mysql")]
 mod diesel_mysql;
@@ -40,20 +40,29 @@ mod rusqlite;
 #[cfg(any(feature = "diesel-sqlite", feature = "rusqlite"))]
 mod sqlite_files;
 
-/// Whether connects of `connection` (a connection type) are watched for the sockets they
-/// create (`connect_window`), because its backend may need that to name the socket: a driver
-/// that hides its socket, used through a proxy that hides the client's address from the server.
-pub(crate) fn watches_connects(connection: TypeId) -> bool {
+/// What connects of `connection` (a connection type) are watched for (`connect_window`),
+/// because its backend may need that: the sockets they create, for a driver that hides its
+/// socket, used through a proxy that hides the client's address from the server; the files
+/// they open, for SQLite, whose connections on one file cannot be told apart afterwards.
+pub(crate) fn watches_connects(connection: TypeId) -> Option<Watch> {
     #[cfg(feature = "diesel-postgres")]
     if connection == TypeId::of::<diesel::PgConnection>() {
-        return true;
+        return Some(Watch::Sockets);
     }
     #[cfg(feature = "postgres")]
     if connection == TypeId::of::<::postgres::Client>() {
-        return true;
+        return Some(Watch::Sockets);
+    }
+    #[cfg(feature = "diesel-sqlite")]
+    if connection == TypeId::of::<diesel::SqliteConnection>() {
+        return Some(Watch::Files);
+    }
+    #[cfg(feature = "rusqlite")]
+    if connection == TypeId::of::<::rusqlite::Connection>() {
+        return Some(Watch::Files);
     }
     let _ = connection;
-    false
+    None
 }
 
 /// The descriptors `conn` owns, for the connection types of the enabled backend features;
@@ -70,11 +79,11 @@ pub(crate) fn locate(conn: &mut dyn Any, created: Option<&CreatedSockets>) -> Op
     }
     #[cfg(feature = "rusqlite")]
     if let Some(conn) = conn.downcast_mut::<::rusqlite::Connection>() {
-        return rusqlite::locate(conn);
+        return rusqlite::locate(conn, created);
     }
     #[cfg(feature = "diesel-sqlite")]
     if let Some(conn) = conn.downcast_mut::<diesel::SqliteConnection>() {
-        return diesel_sqlite::locate(conn);
+        return diesel_sqlite::locate(conn, created);
     }
     #[cfg(feature = "diesel-mysql")]
     if let Some(conn) = conn.downcast_mut::<diesel::MysqlConnection>() {

@@ -8,18 +8,18 @@
 //!
 //! Right after connecting, the connection is asked which files it has open
 //! (`pragma_database_list`: `main` and anything attached). For each file, the descriptor is
-//! [`locate::file`](crate::locate::file): the one descriptor of this process that refers to
-//! that file (same device and inode). A file held open by *two* descriptors — a second
-//! connection of the pool, another pool, the application's own connection, a descriptor SQLite
-//! keeps open for a closed connection while locks are held — cannot be told apart from ours, so the connection is left unidentified
-//! (`None`: its descriptors leak in a forked child and it is counted in
-//! `ForkStats::connections_leaked`). In practice a pool of one connection per file is
-//! identified; in a larger pool at most the connection that opened while no other was open is,
-//! and since r2d2 opens `min_idle` connections on several threads at once, often none is. A
-//! leaked SQLite descriptor is harmless (there is no shared stream, and POSIX locks are not
-//! inherited by a child). Telling the connections of one file apart would need a record of
-//! the descriptors held by every live connection of the process, dropped *before* each
-//! connection closes; the descriptor table has one per pool generation only.
+//! the one the connect window saw appear on that file during the connect
+//! (`CreatedSockets::file_descriptor`: SQLite opens a descriptor of its own for every
+//! connection, and the pool's connects take turns, so each sees only its own appear), or else
+//! [`locate::file`](crate::locate::file): the one descriptor of this process on that file. So
+//! every connection of a pool on one file is identified, as long as nothing but that pool has
+//! the file open. What is left unidentified (`None`: its descriptors leak in a forked child and
+//! it is counted in `ForkStats::connections_leaked`): a file that another pool or the
+//! application's own connection also has open, or on which SQLite handed the connect a
+//! descriptor it kept from a closed connection (it does while other connections hold locks),
+//! since a descriptor of the file that appeared then could be another thread's. A leaked SQLite
+//! descriptor is harmless (there is no shared stream, and POSIX locks are not inherited by a
+//! child); it only keeps the file open as long as the child lives.
 //!
 //! Files that are deliberately never recorded:
 //! - `-shm` (WAL index): SQLite's Unix VFS shares one descriptor per database among all
@@ -55,22 +55,31 @@
 //! `SQLITE_FCNTL_WIN32_GET_HANDLE`, is Windows-only.) A VFS shim that wraps `unix` and watches its
 //! `open` calls through `xSetSystemCall` would see every descriptor SQLite opens — but that
 //! replaces a process-global hook shared by every SQLite user of the process, which a pool
-//! library must not do. So the several-descriptors-per-file case stays open, and counted.
+//! library must not do. Hence the connect window, which only looks.
 
 use std::os::fd::RawFd;
+use std::os::unix::fs::MetadataExt;
 
+use crate::connect_window::CreatedSockets;
 use crate::locate;
 
 /// The descriptors of a freshly opened connection's database files (`files` as
 /// `pragma_database_list` names them; empty for memory and temporary databases), when each
 /// can be told for certain; `Some(vec![])` for a connection that has no database file.
+/// `created` is what the connect window saw (`None` outside a connect).
 pub(crate) fn database_descriptors<S: AsRef<str>>(
     files: impl IntoIterator<Item = S>,
+    created: Option<&CreatedSockets>,
 ) -> Option<Vec<RawFd>> {
     files
         .into_iter()
         .filter(|file| !file.as_ref().is_empty())
-        .map(|file| locate::file(file.as_ref()))
+        .map(|file| {
+            let meta = std::fs::metadata(file.as_ref()).ok()?;
+            created
+                .and_then(|created| created.file_descriptor(meta.dev(), meta.ino()))
+                .or_else(|| locate::file(file.as_ref()))
+        })
         .collect()
 }
 

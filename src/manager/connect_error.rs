@@ -3,6 +3,8 @@
 use std::error::Error as StdError;
 use std::fmt;
 
+use crate::error_kind::{REBUILT_SUFFIX_START, RETIRED};
+
 /// The error of a connection attempt: the manager's own error, plus where it happened when the
 /// pool was rebuilt in a forked child.
 #[derive(Debug)]
@@ -25,14 +27,15 @@ impl<E> ConnectError<E> {
 impl<E: fmt::Display> fmt::Display for ConnectError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let Some(source) = &self.source else {
-            return f.write_str(
-                "forksafe-pool: this generation of the pool was retired by Pool::release_idle and opens no connections",
+            return write!(
+                f,
+                "{RETIRED} by Pool::release_idle and opens no connections"
             );
         };
         match self.rebuilt_after_fork_in {
             Some(pid) => write!(
                 f,
-                "{source} (forksafe-pool: the pool was rebuilt after fork() in process {pid} and could not connect)",
+                "{source}{REBUILT_SUFFIX_START} in process {pid} and could not connect)",
             ),
             None => source.fmt(f),
         }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use r2d2::ManageConnection;
 
-use crate::connect_window::{ConnectWindow, CreatedSockets};
+use crate::connect_window::{ConnectWindow, CreatedSockets, Watch};
 use crate::descriptors::DescriptorTable;
 use crate::fork::{DriverSection, ForkWaitsForDrop};
 
@@ -37,8 +37,8 @@ pub(crate) struct ForkSafeManager<M: ManageConnection> {
     /// Set when `Pool::release_idle` retires this generation: it opens no more connections,
     /// and every connection that comes back to it is closed instead of pooled.
     retired: Arc<AtomicBool>,
-    /// Whether the backend may need connects watched for the sockets they create.
-    may_watch: bool,
+    /// What the backend may need connects watched for (the sockets or files they create).
+    may_watch: Option<Watch>,
     /// Whether the next connect is watched; see `learn_whether_to_watch`.
     watch_connects: AtomicBool,
 }
@@ -51,8 +51,10 @@ impl<M: ManageConnection> ForkSafeManager<M> {
         rebuilt_after_fork_in: Option<u32>,
         retired: Arc<AtomicBool>,
     ) -> Self {
-        let may_watch =
-            locator.is_none() && crate::backends::watches_connects(TypeId::of::<M::Connection>());
+        let may_watch = locator
+            .is_none()
+            .then(|| crate::backends::watches_connects(TypeId::of::<M::Connection>()))
+            .flatten();
         ForkSafeManager {
             inner,
             table,
@@ -60,7 +62,7 @@ impl<M: ManageConnection> ForkSafeManager<M> {
             rebuilt_after_fork_in,
             retired,
             may_watch,
-            watch_connects: AtomicBool::new(may_watch),
+            watch_connects: AtomicBool::new(may_watch.is_some()),
         }
     }
 
@@ -95,7 +97,7 @@ impl<M: ManageConnection> ForkSafeManager<M> {
     /// backend named a socket without the window (the server's view works for this pool), and
     /// again once it could not name one without it (see `connect_window`).
     fn learn_whether_to_watch(&self, created: Option<&CreatedSockets>, named: bool) {
-        if !self.may_watch {
+        if self.may_watch.is_none() {
             return;
         }
         let watch = match created {
@@ -117,11 +119,13 @@ impl<M: ManageConnection> ManageConnection for ForkSafeManager<M> {
         // The section spans the locator too: it may query the server on the new session.
         let section = DriverSection::enter();
         let window = self
-            .watch_connects
-            .load(Ordering::Relaxed)
-            .then(ConnectWindow::open);
+            .may_watch
+            .filter(|_| self.watch_connects.load(Ordering::Relaxed))
+            .map(ConnectWindow::open);
         let connected = self.inner.connect();
-        let created = window.map(ConnectWindow::close);
+        let accounted = |(fd, dev, ino)| self.table.holds(fd, dev, ino);
+        // Dropped after the registration below: a files window holds the turn until then.
+        let created = window.map(|window| window.close(&accounted));
         let mut conn = connected.map_err(|error| self.wrap(error))?;
         let fds = self.locate(&mut conn, created.as_ref());
         self.learn_whether_to_watch(created.as_ref(), fds.is_some());

@@ -27,6 +27,7 @@ use scheduled_thread_pool::ScheduledThreadPool;
 
 use super::state::State;
 use super::{Pooled, Shared};
+use crate::error_kind::CONNECT_PANICKED;
 use crate::sync::{self, MutexGuard, Ordering};
 
 /// Where a pool opens its connections.
@@ -189,10 +190,7 @@ impl<M: ManageConnection> Shared<M> {
                     .copied()
                     .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
                     .unwrap_or("a panic without a message");
-                self.failed(
-                    state,
-                    format!("forksafe-pool: connecting panicked: {message}"),
-                );
+                self.failed(state, format!("{CONNECT_PANICKED}{message}"));
                 // The panic hook has already reported it where panics go; the error of the
                 // waiting `get` names it. The error handler takes only the manager's errors.
                 return None;

@@ -25,6 +25,7 @@ use super::checkout::Lease;
 use super::connecting::{Connector, Destination};
 use super::state::State;
 use super::{Pooled, Shared};
+use crate::error_kind::CHILD_NONE_FREE;
 use crate::r2d2_compat::r2d2_error;
 use crate::sync::{self, AtomicBool, Condvar, MutexGuard, Ordering};
 
@@ -231,8 +232,7 @@ impl<M: ManageConnection> Shared<M> {
                 let message = state.last_error.take().or_else(|| {
                     matches!(self.connector, Connector::Detached).then(|| {
                         format!(
-                            "forksafe-pool: no connection of the pool rebuilt after fork() in \
-                             process {} became free within {timeout:?}",
+                            "{CHILD_NONE_FREE} in process {} became free within {timeout:?}",
                             std::process::id()
                         )
                     })

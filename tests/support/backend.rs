@@ -759,3 +759,149 @@ pub fn bad_input_fails_within_connection_timeout<B: Backend>(
     }
     Ok(())
 }
+
+/// The descriptor numbers of process `pid` open on the file at `path` (its `/proc/PID/fd`
+/// links that lead to the file's device and inode).
+pub fn file_links(pid: u32, path: &std::path::Path) -> Result<BTreeSet<i32>, String> {
+    use std::os::unix::fs::MetadataExt;
+    let file = std::fs::metadata(path).map_err(|error| format!("{path:?}: {error}"))?;
+    let dir = format!("/proc/{pid}/fd");
+    let entries = std::fs::read_dir(&dir).map_err(|error| format!("{dir}: {error}"))?;
+    Ok(entries
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let target = std::fs::metadata(entry.path()).ok()?;
+            ((target.dev(), target.ino()) == (file.dev(), file.ino()))
+                .then(|| entry.file_name().to_str()?.parse().ok())?
+        })
+        .collect())
+}
+
+/// An embedded database's file under a SIGKILLed master: the master (a forked child of this
+/// test) builds a warm pool of `POOL_SIZE` connections on `path` with `build`, and forks 2
+/// workers that each run `work` on a connection of their own and stay alive; the master is
+/// SIGKILLed. Then, seen from here through `/proc/PID/fd`, no worker has the file open under
+/// any of the master's descriptor numbers (every inherited descriptor was released), and each
+/// worker's descriptors of the file are exactly those it reported as its own. (The test
+/// process must be a child subreaper, to reap the orphaned workers.)
+pub fn master_sigkill_leaves_workers_no_inherited_file<M: ManageConnection>(
+    path: &std::path::Path,
+    build: impl FnOnce() -> Result<Pool<M>, String>,
+    work: fn(&mut PooledConnection<M>) -> Check,
+) -> Check {
+    let (to_test, from_master) = datagram_pair()?;
+    let (go_sender, go_receiver) = datagram_pair()?;
+    let numbers =
+        |set: &BTreeSet<i32>| set.iter().map(i32::to_string).collect::<Vec<_>>().join(" ");
+    let master_pid = spawn_child(|| {
+        let run = || -> Check {
+            let pool = build()?;
+            let held = (0..POOL_SIZE)
+                .map(|_| pool.get_timeout(Duration::from_secs(10)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|error| format!("master get: {error}"))?;
+            drop(held);
+            let own = file_links(std::process::id(), path)?;
+            send(&to_test, format!("master {}", numbers(&own)))?;
+            for _ in 0..2 {
+                let (pool, to_test, go) = (&pool, &to_test, &go_receiver);
+                spawn_child(move || {
+                    let run = || -> Check {
+                        let mut conn = pool.get().map_err(|error| format!("get: {error}"))?;
+                        work(&mut conn)?;
+                        let own = file_links(std::process::id(), path)?;
+                        send(
+                            to_test,
+                            format!("worker {} {}", std::process::id(), numbers(&own)),
+                        )?;
+                        receive(go, DEADLINE)?;
+                        work(&mut conn)
+                    };
+                    match run() {
+                        Ok(()) => 0,
+                        Err(message) => {
+                            let _ = send(
+                                to_test,
+                                format!("error worker {}: {message}", std::process::id()),
+                            );
+                            1
+                        }
+                    }
+                });
+            }
+            // Stay alive with the pool until killed (bounded, so a broken test leaves nothing).
+            std::thread::sleep(DEADLINE * 2);
+            Err(String::from("the master was never killed"))
+        };
+        match run() {
+            Ok(()) => 0,
+            Err(message) => {
+                let _ = send(&to_test, format!("error master: {message}"));
+                1
+            }
+        }
+    });
+    let mut cleanup = KillOnDrop(vec![master_pid]);
+    let parse = |words: &[&str]| -> BTreeSet<i32> {
+        words.iter().filter_map(|word| word.parse().ok()).collect()
+    };
+    let mut master_fds = None;
+    let mut workers = Vec::new();
+    while master_fds.is_none() || workers.len() < 2 {
+        let message = receive(&from_master, DEADLINE)?;
+        let words: Vec<&str> = message.split_whitespace().collect();
+        match words.as_slice() {
+            ["master", fds @ ..] => master_fds = Some(parse(fds)),
+            ["worker", pid, fds @ ..] => {
+                let pid: i32 = pid
+                    .parse()
+                    .map_err(|_| format!("bad message {message:?}"))?;
+                cleanup.0.push(Pid::from_raw(pid));
+                workers.push((pid, parse(fds)));
+            }
+            _ => return Err(message),
+        }
+    }
+    let master_fds = master_fds.unwrap_or_default();
+    ensure!(
+        master_fds.len() == POOL_SIZE as usize,
+        "the master's pool of {POOL_SIZE} has descriptors {master_fds:?} on the file"
+    );
+
+    kill(master_pid, Signal::SIGKILL).map_err(|error| format!("kill master: {error}"))?;
+    let end = reap(master_pid, DEADLINE);
+    ensure!(
+        end == ChildEnd::Signaled(Signal::SIGKILL),
+        "the master ended {end:?}"
+    );
+    cleanup.0.retain(|&pid| pid != master_pid);
+    for (pid, own) in &workers {
+        let links = file_links(*pid as u32, path)?;
+        let inherited: BTreeSet<i32> = links.intersection(&master_fds).copied().collect();
+        ensure!(
+            inherited.is_empty(),
+            "worker {pid} keeps the master's descriptors {inherited:?} of the file open \
+             (its links to the file: {links:?}; the master's were {master_fds:?})"
+        );
+        ensure!(
+            links == *own,
+            "worker {pid}'s descriptors of the file are {links:?}, its own are {own:?}"
+        );
+    }
+
+    for _ in &workers {
+        send(&go_sender, String::from("go"))?;
+    }
+    for (pid, _) in std::mem::take(&mut workers) {
+        let pid = Pid::from_raw(pid);
+        cleanup.0.retain(|&p| p != pid);
+        let end = reap(pid, DEADLINE);
+        ensure!(end == ChildEnd::Exited(0), "worker {pid} ended {end:?}");
+    }
+    let _ = from_master.set_nonblocking(true);
+    let mut buf = [0; 4096];
+    if let Ok(len) = from_master.recv(&mut buf) {
+        return Err(String::from_utf8_lossy(&buf[..len]).into_owned());
+    }
+    Ok(())
+}
