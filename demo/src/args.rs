@@ -165,7 +165,7 @@ fn state_memory(args: &mut Args) -> StateMemory {
 /// The demo's arguments, checked before anything starts.
 pub struct DemoSettings {
     pub modes: Vec<Mode>,
-    /// `None`: the demo picks one (see [`choose_database`](crate::demo::choose_database)).
+    /// `None`: the demo picks one (see `choose_database` in demo.rs).
     pub database: Option<Database>,
     pub config: RunConfig,
     pub rounds: usize,

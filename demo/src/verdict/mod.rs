@@ -1,7 +1,7 @@
 //! The run's conclusion: how naive broke, whether forksafe answered every request right, and
 //! forksafe's figures against lazy's, each with its target and how precisely it is known.
 //!
-//! forksafe and lazy run side by side in every round (see [`load`](crate::driver::load)), so a
+//! forksafe and lazy run side by side in every round (see `driver/load.rs`), so a
 //! round gives one ratio per figure, forksafe's to lazy's. The verdict gives the median of the
 //! rounds' ratios and a confidence interval for it (see [`median`](crate::median)). A target
 //! is met when the whole interval is on its side of the bound, NOT met when the whole interval
@@ -35,7 +35,7 @@ fn ratio(of: f64, to: f64) -> Option<f64> {
 }
 
 /// forksafe's req/s to lazy's in one round: the median of the ratios of the slices they ran
-/// turn by turn (see [`load`](crate::driver::load)), so that a slice another program slowed down
+/// turn by turn (see `driver/load.rs`), so that a slice another program slowed down
 /// moves the round's ratio no more than any other slice; the ratio of their req/s over the
 /// round when there were no slices.
 pub fn throughput_ratio(forksafe: &ModeResult, lazy: &ModeResult) -> Option<f64> {
