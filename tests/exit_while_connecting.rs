@@ -11,7 +11,8 @@
 //!   and in a forked child that rebuilds it. No server and no TLS: what they check does not
 //!   depend on timing.
 //! - `tls::…` (feature `diesel-postgres`): children that start TLS connects with diesel's
-//!   `PgConnection` (`sslmode=require`) on 4 threads and `exit(0)` while they run, counted by
+//!   `PgConnection` (`sslmode=require`) on 4 threads and `exit(0)` soon after the first one
+//!   returned, while the others run, counted by
 //!   how they ended: plain r2d2 side by side with this crate's pool, in the process that built it
 //!   and in forked children racing their first `get`. `FORKSAFE_EXIT_RUNS` children per variant
 //!   (default 40); the binary prints the counts. Environment: `FORKSAFE_PG_URL` (default
@@ -137,7 +138,10 @@ fn exiting_child(
     Ok(match built {
         Built::ByTheExitingProcess => (end, lines),
         Built::BeforeTheFork => {
-            ensure!(end == ChildEnd::Exited(0), "the master ended {end:?}: {lines:?}");
+            ensure!(
+                end == ChildEnd::Exited(0),
+                "the master ended {end:?}: {lines:?}"
+            );
             let (lines, last) = lines
                 .trim_end_matches('\n')
                 .rsplit_once('\n')
@@ -259,19 +263,23 @@ mod tls {
         other: Vec<String>,
     }
 
-    /// Starts `THREADS` threads that each check out a connection (each a new TLS connect), waits
-    /// `delay`, and exits.
+    /// Starts `THREADS` threads that each check out a connection (each a new TLS connect), and
+    /// exits `delay` after the first checkout returned (at most 10 s after starting them): the
+    /// other threads' connects are then in flight.
     fn race_then_exit<G>(get: G, delay: Duration) -> !
     where
         G: Fn() + Clone + Send + 'static,
     {
+        let (got, first) = std::sync::mpsc::channel();
         for _ in 0..THREADS {
-            let get = get.clone();
+            let (get, got) = (get.clone(), got.clone());
             std::thread::spawn(move || {
                 get();
+                let _ = got.send(());
                 std::thread::sleep(Duration::from_secs(60));
             });
         }
+        let _ = first.recv_timeout(Duration::from_secs(10));
         std::thread::sleep(delay);
         // SAFETY: ends the child through libc's `exit`, as a server's worker does.
         unsafe { libc::exit(0) }
@@ -344,12 +352,17 @@ mod tls {
                 "set FORKSAFE_PG_URL",
             );
         }
-        let variants = [Variant::R2d2, Variant::OursBuilding, Variant::OursInAForkedChild];
+        let variants = [
+            Variant::R2d2,
+            Variant::OursBuilding,
+            Variant::OursInAForkedChild,
+        ];
         let mut ends: Vec<Ends> = variants.iter().map(|_| Ends::default()).collect();
         let runs = runs();
         for run in 0..runs {
-            // Exits from right away to well past a TLS connect (a few ms on loopback).
-            let delay = Duration::from_micros(500 * (run % 12) as u64);
+            // From right after the first checkout to well past the other connects (a TLS
+            // connect takes a few ms on loopback).
+            let delay = Duration::from_micros(250 * (run % 12) as u64);
             for (variant, ends) in variants.iter().zip(&mut ends) {
                 let pid = spawn_child(|| child(*variant, delay));
                 match run_end(*variant, reap(pid, DEADLINE)) {
@@ -398,9 +411,10 @@ fn main() {
             String::from("exit_waits_for_a_connect_in_flight_in_a_forked_child"),
             || exit_waits_for_a_connect_in_flight(Built::BeforeTheFork),
         ),
-        (String::from("no_connect_starts_once_exit_has_begun"), || {
-            no_connect_starts_once_exit_has_begun(Built::ByTheExitingProcess)
-        }),
+        (
+            String::from("no_connect_starts_once_exit_has_begun"),
+            || no_connect_starts_once_exit_has_begun(Built::ByTheExitingProcess),
+        ),
         (
             String::from("no_connect_starts_once_exit_has_begun_in_a_forked_child"),
             || no_connect_starts_once_exit_has_begun(Built::BeforeTheFork),

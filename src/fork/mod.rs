@@ -34,15 +34,21 @@
 //! covers [`ForkWaitingLease`]s: checkouts of connections whose library keeps per-process state
 //! a fork must not copy mid-use (SQLite's lock records).
 //!
+//! `exit` waits for driver sections as a fork does, at most as long: the `atexit` cleanup of
+//! OpenSSL and the destructors of other C libraries free the state a connect on another thread
+//! is using, and the process dies of a signal.
+//!
 //! One concept per file: `epoch` (the epoch and fork detection), `atfork` (the handlers),
 //! `per_process` ([`PerProcess`] and its install lock), `grace` (the reader counts of retired
-//! values), `driver_section` ([`DriverSection`], [`ForkWaitingLease`], [`ForkWaitsForDrop`]).
+//! values), `driver_section` ([`DriverSection`], [`ForkWaitingLease`], [`ForkWaitsForDrop`]),
+//! `exit_wait` (the `atexit` handler that makes `exit` wait for driver sections).
 //! Each file that needs `unsafe` allows it for itself (the crate root denies it); every block
 //! says why it is sound.
 
 mod atfork;
 mod driver_section;
 mod epoch;
+mod exit_wait;
 mod grace;
 mod per_process;
 
