@@ -6,8 +6,9 @@
 //! signal. The pool's own `exit` handler runs before OpenSSL's: it waits (at most a second) for
 //! connects and closes in progress on other threads, and keeps new ones from starting.
 //!
-//! - `exit_waits_for_a_connect_in_flight…`, `no_connect_starts_once_exit_has_begun…`: with a
-//!   manager that reports when each connect begins and ends, in the process that built the pool
+//! - `exit_waits_for_a_connect_in_flight…`, `no_connect_starts_once_exit_has_begun…`,
+//!   `exit_waits_for_a_validation_in_flight…`: with a manager that reports when each connect
+//!   (and validation) begins and ends, in the process that built the pool
 //!   and in a forked child that rebuilds it. No server and no TLS: what they check does not
 //!   depend on timing.
 //! - `tls::…` (feature `diesel-postgres`): children that start TLS connects with diesel's
@@ -40,11 +41,14 @@ const DEADLINE: Duration = Duration::from_secs(20);
 const CONNECT_TAKES: Duration = Duration::from_millis(300);
 
 /// A manager whose connects write `begin N` and `end N` lines to a pipe (with `write(2)`, so a
-/// line is out before the next statement runs) and take [`CONNECT_TAKES`] in between.
+/// line is out before the next statement runs) and take [`CONNECT_TAKES`] in between; with
+/// `slow_pings`, its validations (`is_valid`) write `ping begin N` and `ping end N` and take as
+/// long. `N` counts connects and validations together.
 #[derive(Clone)]
 struct Reporting {
     to_test: RawFd,
     attempts: Arc<AtomicU32>,
+    slow_pings: bool,
 }
 
 impl Reporting {
@@ -70,6 +74,12 @@ impl r2d2::ManageConnection for Reporting {
     }
 
     fn is_valid(&self, _: &mut u32) -> std::io::Result<()> {
+        if self.slow_pings {
+            let n = self.attempts.fetch_add(1, Ordering::SeqCst);
+            self.report(&format!("ping begin {n}"));
+            std::thread::sleep(CONNECT_TAKES);
+            self.report(&format!("ping end {n}"));
+        }
         Ok(())
     }
 
@@ -105,6 +115,7 @@ fn reporting_pool(manager: Reporting) -> Pool<Reporting> {
 /// fork" is built in a master, a child of the test process, which forks the exiting child.
 fn exiting_child(
     built: Built,
+    slow_pings: bool,
     child: impl FnOnce(&Pool<Reporting>, &AtomicU32),
 ) -> Result<(ChildEnd, String), String> {
     let (read, write): (OwnedFd, OwnedFd) =
@@ -112,6 +123,7 @@ fn exiting_child(
     let manager = Reporting {
         to_test: write.as_raw_fd(),
         attempts: Arc::new(AtomicU32::new(0)),
+        slow_pings,
     };
     let exiting = |pool: &Pool<Reporting>| {
         child(pool, &manager.attempts);
@@ -158,8 +170,13 @@ fn exiting_child(
 
 /// Waits (bounded) until a connect has begun.
 fn wait_for_a_begin(attempts: &AtomicU32) {
+    wait_for_begins(attempts, 1);
+}
+
+/// Waits (bounded) until `count` connects and validations have begun.
+fn wait_for_begins(attempts: &AtomicU32, count: u32) {
     let until = Instant::now() + Duration::from_secs(5);
-    while attempts.load(Ordering::SeqCst) == 0 && Instant::now() < until {
+    while attempts.load(Ordering::SeqCst) < count && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -177,7 +194,7 @@ fn get_on_a_thread(pool: &Pool<Reporting>, after: Duration) {
 /// `exit` on the main thread while another thread is inside a connect: the connect ends (its
 /// `end` line is written) before the process does.
 fn exit_waits_for_a_connect_in_flight(built: Built) -> Check {
-    let (end, lines) = exiting_child(built, |pool, attempts| {
+    let (end, lines) = exiting_child(built, false, |pool, attempts| {
         get_on_a_thread(pool, Duration::ZERO);
         wait_for_a_begin(attempts);
     })?;
@@ -192,7 +209,7 @@ fn exit_waits_for_a_connect_in_flight(built: Built) -> Check {
 /// A connect asked for after `exit` has begun (while `exit` waits for one in flight) does not
 /// start: the driver's code would run against the state the `atexit` handlers free.
 fn no_connect_starts_once_exit_has_begun(built: Built) -> Check {
-    let (end, lines) = exiting_child(built, |pool, attempts| {
+    let (end, lines) = exiting_child(built, false, |pool, attempts| {
         get_on_a_thread(pool, Duration::ZERO);
         wait_for_a_begin(attempts);
         // Asks a third of the way into the first connect, while exit waits for it.
@@ -202,6 +219,26 @@ fn no_connect_starts_once_exit_has_begun(built: Built) -> Check {
     ensure!(
         lines == "begin 0\nend 0\n",
         "expected the connect in flight to end and no other to begin: {lines:?}"
+    );
+    Ok(())
+}
+
+/// `exit` while another thread validates a connection it is checking out (`is_valid`, a query
+/// on the connection on the pool's behalf, the same TLS code as a connect): the validation ends
+/// before the process does.
+fn exit_waits_for_a_validation_in_flight(built: Built) -> Check {
+    let (end, lines) = exiting_child(built, true, |pool, attempts| {
+        // Opens the connection (the pool may validate it on the way) and puts it back.
+        drop(pool.get());
+        let before = attempts.load(Ordering::SeqCst);
+        get_on_a_thread(pool, Duration::ZERO);
+        wait_for_begins(attempts, before + 1);
+    })?;
+    ensure!(end == ChildEnd::Exited(0), "the child ended {end:?}");
+    let last = lines.lines().last().unwrap_or_default();
+    ensure!(
+        lines.starts_with("begin 0\nend 0\n") && last.starts_with("ping end "),
+        "the validation in flight at exit did not end before the process did: {lines:?}"
     );
     Ok(())
 }
@@ -418,6 +455,14 @@ fn main() {
         (
             String::from("no_connect_starts_once_exit_has_begun_in_a_forked_child"),
             || no_connect_starts_once_exit_has_begun(Built::BeforeTheFork),
+        ),
+        (
+            String::from("exit_waits_for_a_validation_in_flight"),
+            || exit_waits_for_a_validation_in_flight(Built::ByTheExitingProcess),
+        ),
+        (
+            String::from("exit_waits_for_a_validation_in_flight_in_a_forked_child"),
+            || exit_waits_for_a_validation_in_flight(Built::BeforeTheFork),
         ),
     ];
     #[cfg(feature = "diesel-postgres")]
