@@ -109,10 +109,9 @@ fn reporting_pool(manager: Reporting) -> Pool<Reporting> {
 /// Forks a child that gets a pool (built as `built` says) and runs `child` with it, then leaves
 /// through libc's `exit(0)`; returns how the child ended and the lines its connects wrote.
 ///
-/// The test process itself never builds a pool: a pool's thread pool parks its threads in
-/// parking_lot's process-global table, and a child of a process with parked parking_lot threads
-/// cannot safely start a thread pool of its own (docs/parking-lot.md). A pool built "before the
-/// fork" is built in a master, a child of the test process, which forks the exiting child.
+/// The test process itself never builds a pool, so that every child starts as a server's first
+/// process does, with no thread pool inherited: a pool built "before the fork" is built in a
+/// master, a child of the test process, which forks the exiting child.
 fn exiting_child(
     built: Built,
     slow_pings: bool,
@@ -330,7 +329,8 @@ mod tls {
     /// `delay`. For [`Variant::OursInAForkedChild`] it is a master that builds and warms this
     /// crate's pool and forks that child, and exits with how it ended (0, or 100 + the signal
     /// that killed it, or 99): the test process itself keeps no pool, whose parked thread pool
-    /// would make a child's own thread pool unsafe to start (docs/parking-lot.md).
+    /// would make plain r2d2's thread pool unsafe to start in the other variants' children
+    /// (docs/parking-lot.md).
     fn child(variant: Variant, delay: Duration) -> i32 {
         match variant {
             Variant::R2d2 => {
