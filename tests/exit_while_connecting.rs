@@ -7,7 +7,8 @@
 //! connects and closes in progress on other threads, and keeps new ones from starting.
 //!
 //! - `exit_waits_for_a_connect_in_flight…`, `no_connect_starts_once_exit_has_begun…`,
-//!   `exit_waits_for_a_validation_in_flight…`: with a manager that reports when each connect
+//!   `exit_waits_for_a_validation_in_flight…`, `exit_waits_for_a_connect_thread_that_is_ending`:
+//!   with a manager that reports when each connect
 //!   (and validation) begins and ends, in the process that built the pool
 //!   and in a forked child that rebuilds it. No server and no TLS: what they check does not
 //!   depend on timing.
@@ -52,6 +53,27 @@ struct Reporting {
     to_test: RawFd,
     attempts: Arc<AtomicU32>,
     slow_pings: bool,
+    /// Each connect leaves its thread a thread-local value whose destructor writes
+    /// `thread end begin`, takes [`CONNECT_TAKES`], writes `thread end end` and counts itself in
+    /// `attempts`: what a driver's thread-specific data (libkrb5's, OpenSSL's) does when the
+    /// thread that connected ends.
+    slow_thread_end: bool,
+}
+
+/// What a connect leaves its thread when `slow_thread_end` is set.
+struct ThreadEnd(Reporting);
+
+impl Drop for ThreadEnd {
+    fn drop(&mut self) {
+        self.0.attempts.fetch_add(1, Ordering::SeqCst);
+        self.0.report("thread end begin");
+        std::thread::sleep(CONNECT_TAKES);
+        self.0.report("thread end end");
+    }
+}
+
+thread_local! {
+    static THREAD_END: std::cell::RefCell<Option<ThreadEnd>> = const { std::cell::RefCell::new(None) };
 }
 
 impl Reporting {
@@ -73,6 +95,9 @@ impl r2d2::ManageConnection for Reporting {
         self.report(&format!("begin {n}"));
         std::thread::sleep(CONNECT_TAKES);
         self.report(&format!("end {n}"));
+        if self.slow_thread_end {
+            THREAD_END.with(|end| *end.borrow_mut() = Some(ThreadEnd(self.clone())));
+        }
         Ok(n)
     }
 
@@ -117,7 +142,7 @@ fn reporting_pool(manager: Reporting) -> Pool<Reporting> {
 /// master, a child of the test process, which forks the exiting child.
 fn exiting_child(
     built: Built,
-    slow_pings: bool,
+    (slow_pings, slow_thread_end): (bool, bool),
     child: impl FnOnce(&Pool<Reporting>, &AtomicU32),
 ) -> Result<(ChildEnd, String), String> {
     let (read, write): (OwnedFd, OwnedFd) =
@@ -126,6 +151,7 @@ fn exiting_child(
         to_test: write.as_raw_fd(),
         attempts: Arc::new(AtomicU32::new(0)),
         slow_pings,
+        slow_thread_end,
     };
     let exiting = |pool: &Pool<Reporting>| {
         child(pool, &manager.attempts);
@@ -196,7 +222,7 @@ fn get_on_a_thread(pool: &Pool<Reporting>, after: Duration) {
 /// `exit` on the main thread while another thread is inside a connect: the connect ends (its
 /// `end` line is written) before the process does.
 fn exit_waits_for_a_connect_in_flight(built: Built) -> Check {
-    let (end, lines) = exiting_child(built, false, |pool, attempts| {
+    let (end, lines) = exiting_child(built, (false, false), |pool, attempts| {
         get_on_a_thread(pool, Duration::ZERO);
         wait_for_a_begin(attempts);
     })?;
@@ -211,7 +237,7 @@ fn exit_waits_for_a_connect_in_flight(built: Built) -> Check {
 /// A connect asked for after `exit` has begun (while `exit` waits for one in flight) does not
 /// start: the driver's code would run against the state the `atexit` handlers free.
 fn no_connect_starts_once_exit_has_begun(built: Built) -> Check {
-    let (end, lines) = exiting_child(built, false, |pool, attempts| {
+    let (end, lines) = exiting_child(built, (false, false), |pool, attempts| {
         get_on_a_thread(pool, Duration::ZERO);
         wait_for_a_begin(attempts);
         // Asks a third of the way into the first connect, while exit waits for it.
@@ -229,7 +255,7 @@ fn no_connect_starts_once_exit_has_begun(built: Built) -> Check {
 /// on the connection on the pool's behalf, the same TLS code as a connect): the validation ends
 /// before the process does.
 fn exit_waits_for_a_validation_in_flight(built: Built) -> Check {
-    let (end, lines) = exiting_child(built, true, |pool, attempts| {
+    let (end, lines) = exiting_child(built, (true, false), |pool, attempts| {
         // Opens the connection (the pool may validate it on the way) and puts it back.
         drop(pool.get());
         let before = attempts.load(Ordering::SeqCst);
@@ -241,6 +267,23 @@ fn exit_waits_for_a_validation_in_flight(built: Built) -> Check {
     ensure!(
         lines.starts_with("begin 0\nend 0\n") && last.starts_with("ping end "),
         "the validation in flight at exit did not end before the process did: {lines:?}"
+    );
+    Ok(())
+}
+
+/// `exit` while a thread the pool connected on is ending (its thread-specific data being
+/// destroyed, which for libkrb5 and OpenSSL takes their global locks): it ends before the
+/// process does. A forked child connects on threads of its own that end after each connect.
+fn exit_waits_for_a_connect_thread_that_is_ending() -> Check {
+    let (end, lines) = exiting_child(Built::BeforeTheFork, (false, true), |pool, attempts| {
+        drop(pool.get());
+        // The connect (1) and its thread's end (2) have begun.
+        wait_for_begins(attempts, 2);
+    })?;
+    ensure!(end == ChildEnd::Exited(0), "the child ended {end:?}");
+    ensure!(
+        lines == "begin 0\nend 0\nthread end begin\nthread end end\n",
+        "the connect thread ending at exit did not end before the process did: {lines:?}"
     );
     Ok(())
 }
@@ -473,6 +516,10 @@ fn main() {
         (
             String::from("exit_waits_for_a_validation_in_flight_in_a_forked_child"),
             || exit_waits_for_a_validation_in_flight(Built::BeforeTheFork),
+        ),
+        (
+            String::from("exit_waits_for_a_connect_thread_that_is_ending"),
+            exit_waits_for_a_connect_thread_that_is_ending,
         ),
     ];
     #[cfg(feature = "diesel-postgres")]
