@@ -45,23 +45,25 @@ pub(super) fn fork_done_in_parent() {
 
 /// The `atexit` handler's work (see `exit_wait`), on the thread that called `exit`: marks an
 /// exit under way in this process, so that sections that would start on other threads wait,
-/// then waits until no other thread of this process is inside a [`DriverSection`], for at most
-/// [`EXIT_WAITS_FOR_DRIVERS_AT_MOST`]. Fork-waiting leases are not waited for: a checked-out
-/// connection is the application's, and the driver is not inside its connect or close.
-pub(super) fn wait_for_other_threads_at_exit() {
+/// then waits until no other thread of this process is inside a [`DriverSection`], at most
+/// until `deadline` (see [`EXIT_WAITS_FOR_DRIVERS_AT_MOST`]). Fork-waiting leases are not
+/// waited for: a checked-out connection is the application's, and the driver is not inside its
+/// connect or close.
+pub(super) fn wait_for_other_threads_at_exit(deadline: Instant) {
     let here = current_epoch();
     let _ = EXITING_ON_THIS_THREAD.try_with(|exiting| exiting.set(true));
     EXITS_PENDING.add(here);
     // `exit` called from inside a section (a customizer that exits) must not wait for itself.
     let own_sections = SECTIONS_ON_THIS_THREAD.try_with(Cell::get).unwrap_or(0);
     let others_busy = || DRIVER_SECTIONS.get(here) > own_sections;
-    if !others_busy() {
-        return;
-    }
-    let deadline = Instant::now() + EXIT_WAITS_FOR_DRIVERS_AT_MOST;
     while others_busy() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_micros(50));
     }
+}
+
+/// Whether an `exit` is under way in the process of `epoch` (see `ending_threads`).
+pub(super) fn exit_pending(epoch: Epoch) -> bool {
+    EXITS_PENDING.get(epoch) > 0
 }
 
 /// How long `exit` waits for connects and closes in progress on other threads, and how long a

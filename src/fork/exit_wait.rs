@@ -20,7 +20,9 @@
 //! [`EXIT_WAITS_FOR_DRIVERS_AT_MOST`](super::driver_section::EXIT_WAITS_FOR_DRIVERS_AT_MOST),
 //! until no other thread is inside a driver section, and from then on a section that would start
 //! on another thread waits (as long at most, so that no `atexit` handler that joins threads can
-//! deadlock on it) — by then the process has ended. The library destructors run after every
+//! deadlock on it) — by then the process has ended. It then waits, within the same second, for
+//! the pool's own connect threads that are ending (`ending_threads`): their thread-specific
+//! data destructors take the same libraries' locks. The library destructors run after every
 //! `atexit` handler, so they are covered whatever the order.
 //!
 //! A child of `fork()` inherits the registration; its counts are its own (see
@@ -32,6 +34,7 @@
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::driver_section::EXIT_WAITS_FOR_DRIVERS_AT_MOST;
 use super::epoch::Epoch;
 
 /// Where the lineage stands: 0 before any registration; `epoch << 1` while the process of that
@@ -115,5 +118,8 @@ fn openssl_registers_its_cleanup_first() {
 /// The `atexit` handler: see the module docs. Runs on the thread that called `exit`, in an
 /// ordinary (not async-signal) context, so it may read the clock and sleep; it never unwinds.
 extern "C" fn wait_at_exit() {
-    super::driver_section::wait_for_other_threads_at_exit();
+    let deadline = std::time::Instant::now() + EXIT_WAITS_FOR_DRIVERS_AT_MOST;
+    super::driver_section::wait_for_other_threads_at_exit(deadline);
+    // Then for the connect threads whose sections ended and that are ending themselves.
+    super::ending_threads::wait_until_gone(deadline);
 }

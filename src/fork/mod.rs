@@ -41,18 +41,21 @@
 //! One concept per file: `epoch` (the epoch and fork detection), `atfork` (the handlers),
 //! `per_process` ([`PerProcess`] and its install lock), `grace` (the reader counts of retired
 //! values), `driver_section` ([`DriverSection`], [`ForkWaitingLease`], [`ForkWaitsForDrop`]),
-//! `exit_wait` (the `atexit` handler that makes `exit` wait for driver sections).
+//! `exit_wait` (the `atexit` handler that makes `exit` wait for driver sections),
+//! `ending_threads` (the pool's connect threads that are ending, which `exit` waits for too).
 //! Each file that needs `unsafe` allows it for itself (the crate root denies it); every block
 //! says why it is sound.
 
 mod atfork;
 mod driver_section;
+mod ending_threads;
 mod epoch;
 mod exit_wait;
 mod grace;
 mod per_process;
 
 pub(crate) use driver_section::{DriverSection, ForkWaitingLease, ForkWaitsForDrop};
+pub(crate) use ending_threads::connect_thread_ends;
 pub(crate) use epoch::{current_epoch, Epoch};
 pub use epoch::{fork_detection, ForkDetection};
 pub(crate) use per_process::{PerProcess, Read};
