@@ -211,9 +211,8 @@ fn count_in_unless_pending(count: &ProcessCount, epoch: Epoch, waits_for: WaitsF
 /// would start while a fork is pending waits for the fork (as long at most). `exit` waits for
 /// sections in the same way, and a section that would start on another thread during an `exit`
 /// waits too (see `exit_wait`): the C libraries' exit-time cleanup frees the state a connect
-/// uses. Forks that bypass
-/// the atfork handlers (a raw fork syscall) do not wait; nothing can make them. The counts are
-/// [`ProcessCount`]s, so a child of any fork starts with none.
+/// uses. Forks that bypass the atfork handlers (a raw fork syscall) do not wait; nothing can
+/// make them. The counts are [`ProcessCount`]s, so a child of any fork starts with none.
 pub(crate) struct DriverSection {
     /// The process that entered, whose count this section is in.
     epoch: Epoch,
