@@ -19,9 +19,11 @@
 //! parking_lot's process-global table, which a child inherits with the parent's parked threads
 //! still linked in; the child's new threads reuse those threads' stacks (glibc gives a child the
 //! stacks of the threads it lost), thread-local parking data included, and starting a thread
-//! pool there cross-links the table: `build` then waits for ever (measured: 2 of 40 children
-//! that built a pool while their parent's pool idled, `tests/build_in_forked_child.rs`). A pool
-//! built in such a process connects as a forked child's does (see `std_pool`).
+//! pool there cross-links the table: `build` then waits for ever (measured: 1 to 8 of 40
+//! children that built a pool while their parent's pool idled, in each of four runs of
+//! `tests/build_in_forked_child.rs`; it is also what silenced the forked master of
+//! `tests/pgbouncer.rs`'s `master_sigkill_leaves_no_sessions_behind`). A pool built in such a
+//! process connects as a forked child's does (see `std_pool`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};

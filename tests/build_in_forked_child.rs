@@ -6,7 +6,9 @@
 //! threads still linked in, and its own new threads reuse those threads' stacks (glibc hands a
 //! child the stacks of the threads it lost), thread-local parking data included: a thread pool
 //! started in the child then corrupts the table, and `build` waits for ever
-//! (docs/parking-lot.md has the mechanism).
+//! (docs/parking-lot.md has the mechanism). A test's forked master is such a child:
+//! `master_sigkill_leaves_no_sessions_behind` (tests/support/backend.rs) failed with "no message
+//! within 30s" when its master hung in `warm_pool`'s `build` this way.
 //!
 //! A `harness = false` binary (see `fork_core.rs`).
 
