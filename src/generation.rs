@@ -85,7 +85,12 @@ impl<M: ManageConnection> Generation<M> {
                     r2d2_threads: None,
                 })
             }
-            Site::BuildingProcess { wait_for_min_idle } => (false, wait_for_min_idle),
+            // A process forked from one that started thread pools must not start any (see
+            // `worker_threads`): the pool it builds connects as a forked child's does.
+            Site::BuildingProcess { wait_for_min_idle } => (
+                crate::worker_threads::an_ancestor_started_thread_pools(),
+                wait_for_min_idle,
+            ),
             Site::ForkedChild => (true, false),
         };
         let retired = Arc::new(AtomicBool::new(false));

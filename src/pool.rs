@@ -202,8 +202,12 @@ impl<M: ManageConnection> Pool<M> {
     ) -> Result<Pool<M>, r2d2::Error> {
         // r2d2's default, three threads, for this crate's pool in this process. A pool on r2d2
         // (one with an event handler) without a thread pool of the user's gives each of its
-        // generations one of its own instead, which ends with it (see `generation`).
-        if config.thread_pool.is_none() && config.event_handler.is_none() {
+        // generations one of its own instead, which ends with it (see `generation`). None in a
+        // process forked from one that started thread pools (see `worker_threads`).
+        if config.thread_pool.is_none()
+            && config.event_handler.is_none()
+            && !crate::worker_threads::an_ancestor_started_thread_pools()
+        {
             config.thread_pool = Some(Arc::new(started_thread_pool(
                 OnPoolDropBehavior::CompletePendingScheduled,
             )));

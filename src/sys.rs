@@ -26,6 +26,9 @@ pub(crate) fn spawn_detached(job: Box<dyn FnOnce() + Send>) -> bool {
         let job = unsafe { Box::from_raw(arg.cast::<Box<dyn FnOnce() + Send>>()) };
         // A panic must not unwind out of an `extern "C"` function (that aborts the process).
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+        // What runs after this (the thread's thread-specific data destructors) is the drivers'
+        // code too: `exit` must wait for it.
+        crate::fork::connect_thread_ends();
         ptr::null_mut()
     }
     let arg = Box::into_raw(Box::new(job)).cast::<libc::c_void>();

@@ -13,13 +13,37 @@
 //! The same lock is taken while a thread exits, and nothing here waits for that: a fork while a
 //! thread pool's threads end (right after a `Pool` is dropped, or when a retired generation of a
 //! pool with an event handler is freed) can still catch one.
+//!
+//! No thread pool is started in a process whose ancestor started one
+//! ([`an_ancestor_started_thread_pools`]): scheduled-thread-pool parks its idle threads in
+//! parking_lot's process-global table, which a child inherits with the parent's parked threads
+//! still linked in; the child's new threads reuse those threads' stacks (glibc gives a child the
+//! stacks of the threads it lost), thread-local parking data included, and starting a thread
+//! pool there cross-links the table: `build` then waits for ever (measured: 1 to 8 of 40
+//! children that built a pool while their parent's pool idled, in each of four runs of
+//! `tests/build_in_forked_child.rs`; it is also what silenced the forked master of
+//! `tests/pgbouncer.rs`'s `master_sigkill_leaves_no_sessions_behind`). A pool built in such a
+//! process connects as a forked child's does (see `std_pool`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use scheduled_thread_pool::{OnPoolDropBehavior, ScheduledThreadPool};
 
-use crate::fork::DriverSection;
+use crate::fork::{current_epoch, DriverSection};
+
+/// The epoch of the first process of this lineage that started a thread pool here; 0 if none
+/// has. Inherited, so a child sees its ancestor's.
+static FIRST_STARTED_IN: AtomicU64 = AtomicU64::new(0);
+
+/// Whether a process this one was forked from (directly or not) started a thread pool of this
+/// crate, whose threads may have been parked in parking_lot's table at the fork: then this
+/// process must not start one (see the module docs).
+pub(crate) fn an_ancestor_started_thread_pools() -> bool {
+    let first = FIRST_STARTED_IN.load(Ordering::Acquire);
+    first != 0 && first != current_epoch().get()
+}
 
 /// r2d2's default number of threads.
 const THREADS: usize = 3;
@@ -32,6 +56,13 @@ const START_AT_MOST: Duration = Duration::from_secs(1);
 /// still scheduled when it is dropped.
 pub(crate) fn started_thread_pool(on_drop: OnPoolDropBehavior) -> ScheduledThreadPool {
     let _section = DriverSection::enter();
+    // Before the threads start, so that a child forked from now on sees it.
+    let _ = FIRST_STARTED_IN.compare_exchange(
+        0,
+        current_epoch().get(),
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    );
     let threads = ScheduledThreadPool::builder()
         .num_threads(THREADS)
         .thread_name_pattern("r2d2-worker-{}")

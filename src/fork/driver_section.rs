@@ -1,5 +1,6 @@
 //! Stretches of code a libc `fork()` waits for: driver sections (connects and closes) and
-//! fork-waiting leases (checkouts of connections such as SQLite's).
+//! fork-waiting leases (checkouts of connections such as SQLite's). `exit` waits for driver
+//! sections too (see `exit_wait`).
 #![allow(unsafe_code)]
 
 use std::cell::Cell;
@@ -42,6 +43,35 @@ pub(super) fn fork_done_in_parent() {
     FORKS_PENDING.sub(current_epoch());
 }
 
+/// The `atexit` handler's work (see `exit_wait`), on the thread that called `exit`: marks an
+/// exit under way in this process, so that sections that would start on other threads wait,
+/// then waits until no other thread of this process is inside a [`DriverSection`], at most
+/// until `deadline` (see [`EXIT_WAITS_FOR_DRIVERS_AT_MOST`]). Fork-waiting leases are not
+/// waited for: a checked-out connection is the application's, and the driver is not inside its
+/// connect or close.
+pub(super) fn wait_for_other_threads_at_exit(deadline: Instant) {
+    let here = current_epoch();
+    let _ = EXITING_ON_THIS_THREAD.try_with(|exiting| exiting.set(true));
+    EXITS_PENDING.add(here);
+    // `exit` called from inside a section (a customizer that exits) must not wait for itself.
+    let own_sections = SECTIONS_ON_THIS_THREAD.try_with(Cell::get).unwrap_or(0);
+    let others_busy = || DRIVER_SECTIONS.get(here) > own_sections;
+    while others_busy() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+/// Whether an `exit` is under way in the process of `epoch` (see `ending_threads`).
+pub(super) fn exit_pending(epoch: Epoch) -> bool {
+    EXITS_PENDING.get(epoch) > 0
+}
+
+/// How long `exit` waits for connects and closes in progress on other threads, and how long a
+/// section that would start on another thread meanwhile waits: as long as a fork waits, for
+/// the same reasons (a TLS or GSSAPI connect to a distant server ends well within it; a server
+/// that never answers must not keep a process from ending).
+pub(crate) const EXIT_WAITS_FOR_DRIVERS_AT_MOST: Duration = FORK_WAITS_FOR_DRIVERS_AT_MOST;
+
 /// How long a libc `fork()` waits for connects and closes in progress on other threads (and for
 /// fork-waiting leases to be returned). Long
 /// enough for a TLS (and GSSAPI) connect to a distant server; short enough that a master
@@ -58,6 +88,9 @@ static FORK_WAITING_LEASES: ProcessCount = ProcessCount::new();
 
 /// libc `fork()`s of this process between their prepare and parent handlers.
 static FORKS_PENDING: ProcessCount = ProcessCount::new();
+
+/// Calls of `exit` under way in this process (never lowered: the process is ending).
+static EXITS_PENDING: ProcessCount = ProcessCount::new();
 
 /// A count that belongs to one process: the word holds the epoch of the process that last
 /// changed it beside the count, and the count reads as 0 in any other process. So no child
@@ -112,13 +145,35 @@ thread_local! {
     /// a guard may be dropped on another thread; a `ProcessCount`, so that a forked child
     /// does not take its parent's leases for its own.
     static LEASES_TAKEN_ON_THIS_THREAD: Arc<ProcessCount> = Arc::new(ProcessCount::new());
+
+    /// Whether this thread called `exit` (its own sections, in later `atexit` handlers or
+    /// library destructors, do not wait for the exit).
+    static EXITING_ON_THIS_THREAD: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Counts this thread into `count` once no libc `fork()` of this process is pending, waiting
-/// for a pending one at most [`FORK_WAITS_FOR_DRIVERS_AT_MOST`]. A thread that already holds a
-/// section or a lease does not wait: the pending fork is waiting for that one, and would only
-/// time out.
-fn count_in_unless_fork_pending(count: &ProcessCount, epoch: Epoch) {
+/// What a thread about to count itself in waits for.
+#[derive(Clone, Copy)]
+enum WaitsFor {
+    /// A libc `fork()` pending in this process.
+    Forks,
+    /// A pending fork, or an `exit` under way on another thread.
+    ForksAndExits,
+}
+
+impl WaitsFor {
+    fn pending(self, epoch: Epoch) -> bool {
+        FORKS_PENDING.get(epoch) > 0
+            || (matches!(self, WaitsFor::ForksAndExits)
+                && EXITS_PENDING.get(epoch) > 0
+                && !EXITING_ON_THIS_THREAD.try_with(Cell::get).unwrap_or(true))
+    }
+}
+
+/// Counts this thread into `count` once nothing `waits_for` names is pending in this process,
+/// waiting for it at most [`FORK_WAITS_FOR_DRIVERS_AT_MOST`]. A thread that already holds a
+/// section or a lease does not wait: the pending fork (or exit) is waiting for that one, and
+/// would only time out.
+fn count_in_unless_pending(count: &ProcessCount, epoch: Epoch, waits_for: WaitsFor) {
     let holds_some = SECTIONS_ON_THIS_THREAD.try_with(Cell::get).unwrap_or(0) > 0
         || LEASES_TAKEN_ON_THIS_THREAD
             .try_with(|taken| taken.get(epoch))
@@ -126,11 +181,11 @@ fn count_in_unless_fork_pending(count: &ProcessCount, epoch: Epoch) {
             > 0;
     let mut deadline = None;
     loop {
-        if holds_some || FORKS_PENDING.get(epoch) == 0 {
+        if holds_some || !waits_for.pending(epoch) {
             count.add(epoch);
-            // Seen by a prepare handler that raised FORKS_PENDING before this increment, or
-            // this load sees its raise: one side always waits for the other.
-            if holds_some || FORKS_PENDING.get(epoch) == 0 {
+            // Seen by a prepare (or exit) handler that raised its count before this
+            // increment, or this load sees its raise: one side always waits for the other.
+            if holds_some || !waits_for.pending(epoch) {
                 return;
             }
             count.sub(epoch);
@@ -153,9 +208,11 @@ fn count_in_unless_fork_pending(count: &ProcessCount, epoch: Epoch) {
 /// thread holds one copies the lock, held, into a child where its owner does not exist, and
 /// every connect the child then makes blocks on it forever. So the prepare handler waits until
 /// no section is running (at most [`FORK_WAITS_FOR_DRIVERS_AT_MOST`]), and a section that
-/// would start while a fork is pending waits for the fork (as long at most). Forks that bypass
-/// the atfork handlers (a raw fork syscall) do not wait; nothing can make them. The counts are
-/// [`ProcessCount`]s, so a child of any fork starts with none.
+/// would start while a fork is pending waits for the fork (as long at most). `exit` waits for
+/// sections in the same way, and a section that would start on another thread during an `exit`
+/// waits too (see `exit_wait`): the C libraries' exit-time cleanup frees the state a connect
+/// uses. Forks that bypass the atfork handlers (a raw fork syscall) do not wait; nothing can
+/// make them. The counts are [`ProcessCount`]s, so a child of any fork starts with none.
 pub(crate) struct DriverSection {
     /// The process that entered, whose count this section is in.
     epoch: Epoch,
@@ -165,7 +222,10 @@ impl DriverSection {
     pub(crate) fn enter() -> Self {
         // Also registers the atfork handlers, if no pool has yet.
         let epoch = current_epoch();
-        count_in_unless_fork_pending(&DRIVER_SECTIONS, epoch);
+        count_in_unless_pending(&DRIVER_SECTIONS, epoch, WaitsFor::ForksAndExits);
+        // Inside the section: registering may initialise OpenSSL, whose locks a fork must not
+        // copy held.
+        super::exit_wait::register(epoch);
         // `try_with`: a close may run in a thread-local's destructor, after this one is gone.
         let _ = SECTIONS_ON_THIS_THREAD.try_with(|sections| sections.set(sections.get() + 1));
         DriverSection { epoch }
@@ -213,7 +273,7 @@ impl ForkWaitingLease {
     #[inline(never)]
     pub(crate) fn take() -> Self {
         let epoch = current_epoch();
-        count_in_unless_fork_pending(&FORK_WAITING_LEASES, epoch);
+        count_in_unless_pending(&FORK_WAITING_LEASES, epoch, WaitsFor::Forks);
         let taker = LEASES_TAKEN_ON_THIS_THREAD.try_with(Arc::clone).ok();
         if let Some(taker) = &taker {
             taker.add(epoch);

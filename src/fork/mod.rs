@@ -34,17 +34,24 @@
 //! covers [`ForkWaitingLease`]s: checkouts of connections whose library keeps per-process state
 //! a fork must not copy mid-use (SQLite's lock records).
 //!
+//! `exit` waits for driver sections as a fork does, at most as long: the `atexit` cleanup of
+//! OpenSSL and the destructors of other C libraries free the state a connect on another thread
+//! is using, and the process dies of a signal.
+//!
 //! One concept per file: `epoch` (the epoch and fork detection), `atfork` (the handlers and
 //! their registration), `per_process` ([`PerProcess`]), `install_lock` (its fork-aware lock),
 //! `grace` (the reader counts of retired values), `driver_section` ([`DriverSection`],
-//! [`ForkWaitingLease`], [`ForkWaitsForDrop`]), `models` (loom models of retirement; see
-//! `crate::sync`).
+//! [`ForkWaitingLease`], [`ForkWaitsForDrop`]), `exit_wait` (the `atexit` handler that makes
+//! `exit` wait for driver sections), `ending_threads` (the pool's connect threads that are
+//! ending, which `exit` waits for too), `models` (loom models of retirement; see `crate::sync`).
 //! Each file that needs `unsafe` allows it for itself (the crate root denies it); every block
 //! says why it is sound.
 
 mod atfork;
 mod driver_section;
+mod ending_threads;
 mod epoch;
+mod exit_wait;
 mod grace;
 mod install_lock;
 #[cfg(all(test, forksafe_loom))]
@@ -52,6 +59,7 @@ mod models;
 mod per_process;
 
 pub(crate) use driver_section::{DriverSection, ForkWaitingLease, ForkWaitsForDrop};
+pub(crate) use ending_threads::connect_thread_ends;
 pub(crate) use epoch::{current_epoch, Epoch};
 pub use epoch::{fork_detection, ForkDetection};
 pub(crate) use per_process::{PerProcess, Read};

@@ -143,6 +143,9 @@ impl<M: ManageConnection> ManageConnection for ForkSafeManager<M> {
         if self.is_retired() {
             return Err(self.refuse());
         }
+        // A validation is a query on the pool's behalf, through the same TLS code as a
+        // connect: `exit` must wait for it before OpenSSL's cleanup, as for a connect.
+        let _section = DriverSection::enter();
         self.inner
             .is_valid(&mut conn.conn)
             .map_err(|error| self.wrap(error))
