@@ -73,6 +73,9 @@ pub(crate) struct Config<M: ManageConnection> {
     pub(crate) thread_pool: Option<Arc<ScheduledThreadPool>>,
     pub(crate) descriptor_locator: Option<Locator<M::Connection>>,
     pub(crate) on_fork: OnFork,
+    /// How often idle connections are checked against `idle_timeout` and `max_lifetime`:
+    /// r2d2's 30 s, shorter only in tests (`Builder::reaper_rate_for_tests`).
+    pub(crate) reaper_rate: Duration,
 }
 
 /// What a [`Pool`] does when it is first used in a forked child; see [`Builder::on_fork`].
@@ -115,6 +118,7 @@ impl<M: ManageConnection> Default for Builder<M> {
                 thread_pool: None,
                 descriptor_locator: None,
                 on_fork: OnFork::Rebuild,
+                reaper_rate: crate::process_pool::REAPER_RATE,
             },
             _manager: PhantomData,
         }
@@ -272,6 +276,22 @@ impl<M: ManageConnection> Builder<M> {
     /// is yours to start: run a job on each of its threads before you fork.
     pub fn thread_pool(mut self, thread_pool: Arc<ScheduledThreadPool>) -> Self {
         self.config.thread_pool = Some(thread_pool);
+        self
+    }
+
+    /// Not part of the API: how often the pool closes idle connections past `idle_timeout` or
+    /// `max_lifetime` in the background, so that tests need not wait r2d2's 30 s. A pool with
+    /// an event handler keeps r2d2's own rate in the process that built it.
+    ///
+    /// Defaults to 30 seconds, r2d2's rate.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `rate` is zero.
+    #[doc(hidden)]
+    pub fn reaper_rate_for_tests(mut self, rate: Duration) -> Self {
+        assert!(rate > Duration::ZERO, "reaper_rate must be positive");
+        self.config.reaper_rate = rate;
         self
     }
 

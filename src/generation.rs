@@ -22,7 +22,7 @@ use crate::generation_pool::GenerationPool;
 use crate::manager::{
     ConnectError, CustomizerAdapter, ErrorHandlerAdapter, ForkSafeManager, Tracked,
 };
-use crate::process_pool::{Connector, ProcessPool, REAPER_RATE};
+use crate::process_pool::{Connector, ProcessPool};
 use crate::worker_threads::started_thread_pool;
 
 pub(crate) struct Generation<M: ManageConnection> {
@@ -102,9 +102,9 @@ impl<M: ManageConnection> Generation<M> {
         let connector = match &config.thread_pool {
             Some(threads) if !in_forked_child => Connector::ThreadPool {
                 threads: Arc::clone(threads),
-                reaper_rate: REAPER_RATE,
+                reaper_rate: config.reaper_rate,
             },
-            _ => Connector::Detached,
+            _ => Connector::detached(config.reaper_rate),
         };
         let pool = ProcessPool::new(
             manager,

@@ -146,6 +146,14 @@ struct Pooled<M: ManageConnection> {
     slot: u32,
 }
 
+impl<M: ManageConnection> Drop for Shared<M> {
+    fn drop(&mut self) {
+        if let Connector::Detached { upkeep, .. } = &self.connector {
+            upkeep.stop();
+        }
+    }
+}
+
 impl<M: ManageConnection> Clone for ProcessPool<M> {
     fn clone(&self) -> Self {
         ProcessPool {
@@ -163,10 +171,10 @@ impl<M: ManageConnection> fmt::Debug for ProcessPool<M> {
 }
 
 impl<M: ManageConnection> ProcessPool<M> {
-    /// Makes the pool without waiting for connections, like r2d2's `build_unchecked`. With a
-    /// thread pool (the building process) it starts opening `min_idle` connections and
-    /// reaping stale ones in the background, as r2d2 does; a child's pool opens connections
-    /// only when a `get` needs one.
+    /// Makes the pool without waiting for connections, like r2d2's `build_unchecked`, and
+    /// starts opening `min_idle` connections and reaping stale ones in the background, as r2d2
+    /// does: on the thread pool in the building process, on an upkeep thread of its own in a
+    /// forked child (see `upkeep`).
     pub(crate) fn new(
         manager: ForkSafeManager<M>,
         settings: Settings,
@@ -226,7 +234,7 @@ impl<M: ManageConnection> ProcessPool<M> {
             }),
         };
         pool.shared.replenish(&mut pool.shared.lock());
-        pool.shared.start_reaper();
+        pool.shared.start_upkeep();
         pool
     }
 

@@ -229,7 +229,7 @@ impl<M: ManageConnection> Shared<M> {
                 }
             } else if now >= deadline {
                 let message = state.last_error.take().or_else(|| {
-                    matches!(self.connector, Connector::Detached).then(|| {
+                    matches!(self.connector, Connector::Detached { .. }).then(|| {
                         format!(
                             "forksafe-pool: no connection of the pool rebuilt after fork() in \
                              process {} became free within {timeout:?}",
