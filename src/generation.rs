@@ -112,6 +112,8 @@ impl<M: ManageConnection> Generation<M> {
             connector,
             Box::new(ErrorHandlerAdapter(Arc::clone(&config.error_handler))),
             Box::new(CustomizerAdapter(Arc::clone(&config.connection_customizer))),
+            // Only a forked child gets here with a handler (see above).
+            config.event_handler.clone(),
         );
         if wait {
             pool.wait_for_initial_connections(config.settings.connection_timeout)?;

@@ -30,7 +30,8 @@ use scheduled_thread_pool::ScheduledThreadPool;
 
 use super::state::State;
 use super::upkeep::UpkeepSignal;
-use super::{Pooled, Shared};
+use super::{next_connection_id, Pooled, Shared};
+use crate::r2d2_compat::acquire_event;
 use crate::sync::{self, MutexGuard, Ordering};
 
 /// Where a pool opens its connections.
@@ -161,6 +162,10 @@ impl<M: ManageConnection> Shared<M> {
                 .connect()
                 .and_then(|mut conn| self.customizer.on_acquire(&mut conn).map(|()| conn))
         }));
+        let id = next_connection_id();
+        if let (Some(events), Ok(Ok(_))) = (&self.events, &result) {
+            events.handle_acquire(acquire_event(id));
+        }
         let mut state = self.lock();
         state.connecting -= 1;
         state.attempts_ended += 1;
@@ -177,7 +182,9 @@ impl<M: ManageConnection> Shared<M> {
                 let conn = Box::new(Pooled {
                     conn,
                     extensions: r2d2::Extensions::new(),
+                    id,
                     birth: sync::now(),
+                    checked_out: None,
                     idle_since: None,
                     releases,
                     slot,

@@ -63,11 +63,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use r2d2::{CustomizeConnection, HandleError, ManageConnection};
+use r2d2::{CustomizeConnection, HandleError, HandleEvent, ManageConnection};
 
 use crate::config::Settings;
 use crate::manager::{ConnectError, ForkSafeManager, Tracked};
-use crate::r2d2_compat::r2d2_state;
+use crate::r2d2_compat::{checkout_event, r2d2_state, timeout_event};
 use crate::sync::{self, AtomicBool, AtomicU32, AtomicU64, Condvar, Mutex};
 
 mod checkout;
@@ -90,6 +90,14 @@ use waiting::FAIR_AFTER;
 
 type Conn<M> = Tracked<<M as ManageConnection>::Connection>;
 
+/// The next connection's number in this process, like r2d2's (which numbers connections
+/// across all pools). A std atomic: a counter pairs with nothing the models check, and a loom
+/// atomic cannot live in a static.
+fn next_connection_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 type Error<M> = ConnectError<<M as ManageConnection>::Error>;
 
 /// A pool on std's locks; cheap to clone, like r2d2's.
@@ -103,6 +111,10 @@ struct Shared<M: ManageConnection> {
     connector: Connector,
     error_handler: Box<dyn HandleError<Error<M>>>,
     customizer: Box<dyn CustomizeConnection<Conn<M>, Error<M>>>,
+    /// The user's event handler, in a forked child (the building process runs a pool with one
+    /// on r2d2): r2d2's events, made by `r2d2_compat`. Without one the clock is not read for
+    /// events.
+    events: Option<Arc<dyn HandleEvent>>,
     /// The idle connections, each in the slot it owns (`Pooled::slot`); taken and given back
     /// without the lock (see the module docs, "Under contention").
     idle: IdleSlots<Pooled<M>>,
@@ -137,7 +149,11 @@ struct Shared<M: ManageConnection> {
 struct Pooled<M: ManageConnection> {
     conn: Conn<M>,
     extensions: r2d2::Extensions,
+    /// Its number in this process, for events (`next_connection_id`).
+    id: u64,
     birth: Instant,
+    /// When it was last checked out; only kept with an event handler (for `CheckinEvent`).
+    checked_out: Option<Instant>,
     /// When it went idle; only kept with an `idle_timeout`.
     idle_since: Option<Instant>,
     /// `Shared::releases` when its attempt was reserved.
@@ -181,6 +197,7 @@ impl<M: ManageConnection> ProcessPool<M> {
         connector: Connector,
         error_handler: Box<dyn HandleError<Error<M>>>,
         customizer: Box<dyn CustomizeConnection<Conn<M>, Error<M>>>,
+        events: Option<Arc<dyn HandleEvent>>,
     ) -> Self {
         Self::with_fairness(
             manager,
@@ -188,6 +205,7 @@ impl<M: ManageConnection> ProcessPool<M> {
             connector,
             error_handler,
             customizer,
+            events,
             FAIR_AFTER,
         )
     }
@@ -199,6 +217,7 @@ impl<M: ManageConnection> ProcessPool<M> {
         connector: Connector,
         error_handler: Box<dyn HandleError<Error<M>>>,
         customizer: Box<dyn CustomizeConnection<Conn<M>, Error<M>>>,
+        events: Option<Arc<dyn HandleEvent>>,
         fair_after: Duration,
     ) -> Self {
         let pool = ProcessPool {
@@ -208,6 +227,7 @@ impl<M: ManageConnection> ProcessPool<M> {
                 connector,
                 error_handler,
                 customizer,
+                events,
                 idle: IdleSlots::new(settings.max_size as usize),
                 state: Mutex::new(State {
                     open: 0,
@@ -241,6 +261,9 @@ impl<M: ManageConnection> ProcessPool<M> {
     /// Checks out a connection, waiting at most `timeout`, like `r2d2::Pool::get_timeout`.
     #[inline]
     pub(crate) fn get_timeout(&self, timeout: Duration) -> Result<Lease<M>, r2d2::Error> {
+        if self.shared.events.is_some() {
+            return self.get_timeout_with_events(timeout);
+        }
         match self.shared.take_idle() {
             Some(lease) => Ok(lease),
             None => self
@@ -249,11 +272,45 @@ impl<M: ManageConnection> ProcessPool<M> {
         }
     }
 
-    /// An idle connection if there is one, without waiting, like `r2d2::Pool::try_get`.
+    /// `get_timeout` with an event handler: a `CheckoutEvent` with the wait, or a
+    /// `TimeoutEvent`, as r2d2 reports them.
+    #[cold]
+    #[inline(never)]
+    fn get_timeout_with_events(&self, timeout: Duration) -> Result<Lease<M>, r2d2::Error> {
+        let start = sync::now();
+        let result = match self.shared.take_idle() {
+            Some(lease) => Ok(lease),
+            None => self.shared.wait_for_connection(start + timeout, timeout),
+        };
+        let Some(events) = &self.shared.events else {
+            return result;
+        };
+        match result {
+            Ok(mut lease) => {
+                let now = sync::now();
+                let id = lease.checked_out_at(now);
+                if let Some(event) = checkout_event(id, now - start) {
+                    events.handle_checkout(event);
+                }
+                Ok(lease)
+            }
+            Err(error) => {
+                events.handle_timeout(timeout_event(timeout));
+                Err(error)
+            }
+        }
+    }
+
+    /// An idle connection if there is one, without waiting, like `r2d2::Pool::try_get` (which
+    /// reports no checkout event).
     pub(crate) fn try_get(&self) -> Option<Lease<M>> {
-        let lease = self.shared.take_idle();
-        if lease.is_none() {
-            self.shared.in_use_again(&mut self.shared.lock());
+        let mut lease = self.shared.take_idle();
+        match &mut lease {
+            None => self.shared.in_use_again(&mut self.shared.lock()),
+            Some(lease) if self.shared.events.is_some() => {
+                lease.checked_out_at(sync::now());
+            }
+            Some(_) => {}
         }
         lease
     }

@@ -164,6 +164,7 @@ fn pool_on<M: ManageConnection>(
         connector,
         Box::new(ErrorHandlerAdapter(Arc::new(r2d2::NopErrorHandler))),
         Box::new(CustomizerAdapter(Arc::new(r2d2::NopConnectionCustomizer))),
+        None,
         fair_after,
     )
 }

@@ -6,7 +6,8 @@
 //! - `backend`: the fork scenarios every server backend runs.
 //! - `fake_server`: a fake database that records which process wrote on which connection.
 //! - `no_io`: the no-I/O manager; `scripted`: a manager whose connects fail or hang on cue;
-//!   `events`: an event handler that counts; `inspect`: memory and descriptors of this process.
+//!   `events`: event handlers that count or log; `inspect`: memory and descriptors of this process.
+//! - `worker_pool`: a forked worker keeps the whole pool (events, `min_idle`, the reaper).
 //!
 //! Every test binary compiles the whole kit and uses a part of it, hence `dead_code` is allowed.
 #![allow(dead_code)]
@@ -29,3 +30,4 @@ pub mod inspect;
 pub mod no_io;
 pub mod runner;
 pub mod scripted;
+pub mod worker_pool;
