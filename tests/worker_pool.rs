@@ -23,19 +23,17 @@ use support::worker_pool::{a_worker_keeps_the_whole_pool, eventually, master_poo
 fn a_worker_keeps_the_whole_pool_no_io() -> Check {
     let events = EventLog::default();
     let pool = master_pool(NoIoManager::default(), &events)?;
-    let at_fork = events.len();
-    in_child(|| a_worker_keeps_the_whole_pool(&pool, &events, at_fork))
+    in_child(|| a_worker_keeps_the_whole_pool(&pool, &events))
 }
 
 /// The same after a raw `SYS_fork`, which runs no atfork handler.
 fn a_worker_of_a_raw_fork_keeps_the_whole_pool() -> Check {
     let events = EventLog::default();
     let pool = master_pool(NoIoManager::default(), &events)?;
-    let at_fork = events.len();
     let (report, child_report) = datagram_pair()?;
     let pid = spawn_raw(|| {
         child_case(&child_report, || {
-            a_worker_keeps_the_whole_pool(&pool, &events, at_fork)
+            a_worker_keeps_the_whole_pool(&pool, &events)
         })
     });
     expect_child_exit("raw-forked worker", pid, &report)
@@ -49,8 +47,7 @@ fn a_grandchild_forked_during_upkeep_keeps_the_whole_pool() -> Check {
     in_child(|| {
         drop(pool.get().map_err(|error| format!("worker get: {error}"))?);
         for round in 0..20 {
-            let at_fork = events.len();
-            in_child(|| a_worker_keeps_the_whole_pool(&pool, &events, at_fork))
+            in_child(|| a_worker_keeps_the_whole_pool(&pool, &events))
                 .map_err(|error| format!("grandchild {round}: {error}"))?;
         }
         Ok(())
@@ -68,13 +65,18 @@ fn a_worker_retries_failed_connects_until_min_idle() -> Check {
         .build(manager.clone())
         .map_err(|error| format!("build: {error}"))?;
     in_child(|| {
-        manager.script().fail_next.store(3, std::sync::atomic::Ordering::SeqCst);
+        manager
+            .script()
+            .fail_next
+            .store(3, std::sync::atomic::Ordering::SeqCst);
         let attempts_before = manager.attempts();
         let began = Instant::now();
         let _ = pool.state();
-        eventually("min_idle not reached after failures", Duration::from_secs(10), || {
-            pool.state().idle_connections == 2
-        })?;
+        eventually(
+            "min_idle not reached after failures",
+            Duration::from_secs(10),
+            || pool.state().idle_connections == 2,
+        )?;
         let attempts = manager.attempts() - attempts_before;
         // Two attempts start at once and fail; the back-off (200 ms, then 400 ms = half the
         // timeout) spaces the next.

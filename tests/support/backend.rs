@@ -17,8 +17,8 @@ use nix::unistd::Pid;
 
 use super::events::EventLog;
 use super::fork::{fork_while_connecting, reap, spawn_child, ChildEnd};
-use super::worker_pool;
 use super::runner::{require_server, run_cases, Case, Check, NamedCase};
+use super::worker_pool;
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 pub const POOL_SIZE: u32 = 4;
@@ -195,9 +195,8 @@ pub fn scenarios<B: Backend>(prefix: &str) -> Vec<NamedCase> {
 pub fn a_worker_keeps_the_whole_pool<B: Backend>() -> Check {
     let events = EventLog::default();
     let pool = worker_pool::master_pool(B::manager(&B::url())?, &events)?;
-    let at_fork = events.len();
     in_child(|| {
-        worker_pool::a_worker_keeps_the_whole_pool(&pool, &events, at_fork)?;
+        worker_pool::a_worker_keeps_the_whole_pool(&pool, &events)?;
         let mut conn = pool.get().map_err(|error| format!("get: {error}"))?;
         B::echo(&mut conn, "worker").map(drop)
     })
