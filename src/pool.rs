@@ -567,6 +567,11 @@ impl<M: ManageConnection> Pool<M> {
                     leaked = discarded.connections_unidentified,
                     "forksafe-pool: discarded inherited connections after fork"
                 );
+                if discarded.connections_unidentified > 0 {
+                    // Once per pool and process: the next generation of this process inherits
+                    // nothing.
+                    warn_if_no_backend::<M>(&shared.config, discarded.connections_unidentified);
+                }
             }
             let site = if here == shared.built_in {
                 Site::BuildingProcess {
@@ -609,6 +614,31 @@ impl<M: ManageConnection> Pool<M> {
     }
 }
 
+/// Says loudly, in a child that left `leaked` inherited connections open, when no backend
+/// knows their type (a missing feature, another major version of the driver) and no
+/// `descriptor_locator` was given: every worker then keeps the master's sessions open.
+fn warn_if_no_backend<M: ManageConnection>(config: &Config<M>, leaked: u64) {
+    let connection = std::any::TypeId::of::<M::Connection>();
+    if config.descriptor_locator.is_some() || crate::backends::knows(connection) {
+        return;
+    }
+    let type_name = std::any::type_name::<M::Connection>();
+    let remedy = match crate::backends::feature_for(type_name) {
+        Some(feature) => format!(
+            "enable forksafe-pool's feature \"{feature}\" (for this major version of the driver), \
+             or see Builder::descriptor_locator"
+        ),
+        None => "no backend knows this type; see Builder::descriptor_locator".to_string(),
+    };
+    tracing::warn!(
+        pid = std::process::id(),
+        connection_type = type_name,
+        leaked,
+        "forksafe-pool: {leaked} inherited connections of type {type_name} cannot be released in \
+         this process and stay open (ForkStats::connections_leaked): {remedy}"
+    );
+}
+
 impl<M: ManageConnection> Drop for Shared<M> {
     /// A pool dropped in a child that never used it still lets go of the inherited sockets;
     /// `PerProcess` then leaks the inherited generation instead of dropping it.
@@ -623,6 +653,10 @@ impl<M: ManageConnection> Drop for Shared<M> {
             None if current_epoch() != self.built_in => &self.building_descriptors,
             None => return,
         };
-        self.counters.record_rebuild(inherited.release_inherited());
+        let discarded = inherited.release_inherited();
+        self.counters.record_rebuild(discarded);
+        if discarded.connections_unidentified > 0 {
+            warn_if_no_backend::<M>(&self.config, discarded.connections_unidentified);
+        }
     }
 }

@@ -15,6 +15,7 @@ use forksafe_pool::Pool;
 use support::backend::{child_case, datagram_pair, expect_child_exit, in_child};
 use support::events::EventLog;
 use support::fork::spawn_raw;
+use support::log_capture::Captured;
 use support::no_io::NoIoManager;
 use support::runner::{run_cases, Case, Check};
 use support::scripted::ScriptedManager;
@@ -94,6 +95,46 @@ fn a_worker_retries_failed_connects_until_min_idle() -> Check {
     })
 }
 
+/// A worker that inherits connections no backend knows (here the no-I/O manager's, which has
+/// no descriptors to name) says so once at `warn` level, naming the type and what to do, however
+/// often it uses the pool; a pool with a `descriptor_locator` says nothing.
+fn unreleasable_inherited_connections_are_reported_once() -> Check {
+    let pool = Pool::builder()
+        .max_size(2)
+        .build(NoIoManager::default())
+        .map_err(|error| format!("build: {error}"))?;
+    let located = Pool::builder()
+        .max_size(2)
+        .descriptor_locator(|_: &mut support::no_io::NoIoConnection| None)
+        .build(NoIoManager::default())
+        .map_err(|error| format!("build: {error}"))?;
+    in_child(|| {
+        let captured = Captured::install();
+        let _ = pool.state();
+        drop(pool.get().map_err(|error| format!("get: {error}"))?);
+        pool.release_idle();
+        drop(pool.get().map_err(|error| format!("get again: {error}"))?);
+        drop(located.get().map_err(|error| format!("get: {error}"))?);
+        let warnings = captured.at(tracing::Level::WARN);
+        ensure!(
+            pool.fork_stats().connections_leaked == 2
+                && located.fork_stats().connections_leaked == 2,
+            "leaked: {:?} and {:?}",
+            pool.fork_stats(),
+            located.fork_stats()
+        );
+        ensure!(
+            warnings.len() == 1
+                && warnings[0].contains("2 inherited connections of type")
+                && warnings[0].contains("NoIoConnection")
+                && warnings[0]
+                    .contains("no backend knows this type; see Builder::descriptor_locator"),
+            "warnings: {warnings:?}"
+        );
+        Ok(())
+    })
+}
+
 fn main() {
     let cases: Vec<Case> = vec![
         (
@@ -111,6 +152,10 @@ fn main() {
         (
             "a_worker_retries_failed_connects_until_min_idle",
             a_worker_retries_failed_connects_until_min_idle,
+        ),
+        (
+            "unreleasable_inherited_connections_are_reported_once",
+            unreleasable_inherited_connections_are_reported_once,
         ),
     ];
     run_cases(cases);

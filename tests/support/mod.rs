@@ -8,6 +8,7 @@
 //! - `no_io`: the no-I/O manager; `scripted`: a manager whose connects fail or hang on cue;
 //!   `events`: event handlers that count or log; `inspect`: memory and descriptors of this process.
 //! - `worker_pool`: a forked worker keeps the whole pool (events, `min_idle`, the reaper).
+//! - `log_capture`: a `tracing` subscriber that keeps what was logged.
 //!
 //! Every test binary compiles the whole kit and uses a part of it, hence `dead_code` is allowed.
 #![allow(dead_code)]
@@ -27,6 +28,7 @@ pub mod events;
 pub mod fake_server;
 pub mod fork;
 pub mod inspect;
+pub mod log_capture;
 pub mod no_io;
 pub mod runner;
 pub mod scripted;
