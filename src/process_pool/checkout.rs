@@ -170,7 +170,10 @@ impl<M: ManageConnection> Shared<M> {
     }
 
     /// Closes a connection taken out of the pool, waking `get` calls that may use its slot.
-    pub(super) fn discard(self: &Arc<Self>, conn: Pooled<M>) {
+    /// Its `ReleaseEvent` comes first, so that it precedes the acquire of a connection opened
+    /// to replace it (r2d2 reports it after scheduling the replacement, which races).
+    pub(super) fn discard(self: &Arc<Self>, mut conn: Pooled<M>) {
+        self.report_release(&mut conn);
         let mut state = self.lock();
         self.closing(&mut state, [conn.slot]);
         self.wake_all(state);
@@ -247,14 +250,22 @@ impl<M: ManageConnection> Shared<M> {
         }
     }
 
-    /// Closes a connection through the customizer's `on_release`, after its `ReleaseEvent`.
-    pub(super) fn close(&self, conn: Pooled<M>) {
+    /// Closes a connection through the customizer's `on_release`, after its `ReleaseEvent`
+    /// unless that was reported already.
+    pub(super) fn close(&self, mut conn: Pooled<M>) {
+        self.report_release(&mut conn);
+        self.customizer.on_release(conn.conn);
+    }
+
+    /// Reports a connection's `ReleaseEvent` to the event handler, once.
+    fn report_release(&self, conn: &mut Pooled<M>) {
         if let Some(events) = &self.events {
-            if let Some(event) = release_event(conn.id, sync::now() - conn.birth) {
-                events.handle_release(event);
+            if !std::mem::replace(&mut conn.released, true) {
+                if let Some(event) = release_event(conn.id, sync::now() - conn.birth) {
+                    events.handle_release(event);
+                }
             }
         }
-        self.customizer.on_release(conn.conn);
     }
 }
 

@@ -185,6 +185,7 @@ impl<M: ManageConnection> Shared<M> {
                     id,
                     birth: sync::now(),
                     checked_out: None,
+                    released: false,
                     idle_since: None,
                     releases,
                     slot,

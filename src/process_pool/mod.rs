@@ -154,6 +154,8 @@ struct Pooled<M: ManageConnection> {
     birth: Instant,
     /// When it was last checked out; only kept with an event handler (for `CheckinEvent`).
     checked_out: Option<Instant>,
+    /// Whether its `ReleaseEvent` was reported (it is about to be closed).
+    released: bool,
     /// When it went idle; only kept with an `idle_timeout`.
     idle_since: Option<Instant>,
     /// `Shared::releases` when its attempt was reserved.
