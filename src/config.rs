@@ -242,10 +242,11 @@ impl<M: ManageConnection> Builder<M> {
 
     /// Receives r2d2's pool events (acquire, release, checkout, checkin, timeout).
     ///
-    /// Defaults to none. Only r2d2 can make r2d2's event values, so a pool with a handler runs
+    /// Defaults to none. Only r2d2 can run r2d2's event code, so a pool with a handler runs
     /// on an `r2d2::Pool` in the process that built it, which costs about 1.5 × this crate's
-    /// own pool per checkout (1.05 × plain r2d2); the pool rebuilt in a forked child raises no
-    /// events.
+    /// own pool per checkout (1.05 × plain r2d2). The pool rebuilt in a forked child reports
+    /// the same events for the connections it opens (never for inherited ones), on this
+    /// crate's own pool.
     pub fn event_handler(mut self, event_handler: Box<dyn HandleEvent>) -> Self {
         self.config.event_handler = Some(Arc::from(event_handler));
         self
@@ -264,8 +265,9 @@ impl<M: ManageConnection> Builder<M> {
     }
 
     /// The thread pool that opens connections and reaps old ones, in the process that built the
-    /// pool. Its threads do not exist in a forked child; the pool rebuilt there runs no threads
-    /// at all and opens connections on the threads that call `get`.
+    /// pool. Its threads do not exist in a forked child; the pool rebuilt there does the same
+    /// work on one thread of its own and a short-lived thread per connection attempt (see
+    /// [`Pool`'s docs](crate::Pool#in-a-forked-child)).
     ///
     /// Defaults to a new pool of three threads per pool, as in r2d2; for a pool with an
     /// [`event_handler`](Builder::event_handler), to three threads per r2d2 pool it builds (a
