@@ -69,7 +69,7 @@ pub(crate) struct Config<M: ManageConnection> {
     pub(crate) event_handler: Option<Arc<dyn HandleEvent>>,
     pub(crate) connection_customizer: Arc<dyn CustomizeConnection<M::Connection, M::Error>>,
     /// Where the building process opens connections and reaps old ones (a forked child's
-    /// pool has no long-lived threads).
+    /// pool does that on threads of its own, see `process_pool::upkeep`).
     pub(crate) thread_pool: Option<Arc<ScheduledThreadPool>>,
     pub(crate) descriptor_locator: Option<Locator<M::Connection>>,
     pub(crate) on_fork: OnFork,

@@ -47,7 +47,8 @@ pub(crate) enum Site {
     /// The process that built the `Pool`: r2d2 with an event handler, else a `ProcessPool` that
     /// connects on the configured thread pool. `wait_for_min_idle` is `Builder::build`'s wait.
     BuildingProcess { wait_for_min_idle: bool },
-    /// A forked child: a `ProcessPool` that connects on short-lived raw threads (see `process_pool`).
+    /// A forked child: a `ProcessPool` that connects on short-lived raw threads and keeps
+    /// itself on an upkeep thread of its own (see `process_pool`).
     ForkedChild,
     /// A forked child of a pool built with `OnFork::Fail`: every checkout fails with `refusal`.
     RefusingChild { refusal: String },

@@ -1,7 +1,8 @@
 //! The pool one process checks out from: r2d2's checkout rules, on std's `Mutex` and
-//! `Condvar` and a lock-free idle list. A forked child always runs on it; the process that built
-//! the `Pool` does too, unless an event handler is set (r2d2's event types can only be made by
-//! r2d2, so such a pool keeps an r2d2 pool there; see `generation_pool`).
+//! `Condvar` and a lock-free idle list. A forked child always runs on it (reporting r2d2's
+//! events to an event handler, with event values made by `r2d2_compat`); the process that built
+//! the `Pool` does too, unless an event handler is set (there such a pool keeps an r2d2 pool;
+//! see `generation_pool`).
 //!
 //! Why not r2d2 in a forked child, and why not std threads there either: a fork leaves
 //! parking_lot's process-global table of parked threads, and std's thread-start lock, as the
@@ -21,7 +22,7 @@
 //! | `state.rs` | the counts under the lock, and taking the lock under contention |
 //! | `waiting.rs` | a `get` that waits: the queue, wake-ups and the fair handover |
 //! | `connecting.rs` | opening connections: where ([`Connector`]), `min_idle`, failures and back-off |
-//! | `upkeep.rs` | `build`'s and `warm_up`'s fill, the reaper, `release_idle` |
+//! | `upkeep.rs` | `build`'s and `warm_up`'s fill, the reaper, a forked child's upkeep thread, `release_idle` |
 //! | `models.rs` | loom models of the lock-free parts (`--cfg forksafe_loom`, see `crate::sync`) |
 //!
 //! # The invariants
