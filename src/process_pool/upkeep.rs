@@ -442,4 +442,22 @@ mod tests {
             Arc::strong_count(&signal) == 1
         });
     }
+
+    /// A kick that comes while the upkeep thread is in a round is not lost: its next sleep
+    /// ends at once; a stop ends it for good.
+    #[test]
+    fn the_upkeep_signal_keeps_a_kick_and_a_stop() {
+        let signal = super::UpkeepSignal::new();
+        let hour = Instant::now() + Duration::from_secs(3600);
+        signal.kick();
+        let began = Instant::now();
+        assert!(signal.sleep_until(hour), "a kick ended the thread");
+        assert!(
+            began.elapsed() < Duration::from_secs(1),
+            "the kick was lost"
+        );
+        assert!(signal.sleep_until(Instant::now() + Duration::from_millis(10)));
+        signal.stop();
+        assert!(!signal.sleep_until(hour), "a stop did not end the thread");
+    }
 }
