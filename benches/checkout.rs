@@ -149,6 +149,21 @@ fn profile(which: &str, iterations: u64) {
                          forksafe {best_child:.1} ns in a forked child, ratio {:.3}",
                         best_child / best_r2d2
                     );
+                    // What the child's pool costs besides: its threads (the main thread and
+                    // the pool's upkeep thread) and resident memory.
+                    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+                    let field = |name: &str| {
+                        status
+                            .lines()
+                            .find(|line| line.starts_with(name))
+                            .map_or("?", |line| line[name.len()..].trim())
+                            .to_string()
+                    };
+                    println!(
+                        "the child: {} threads, VmRSS {}",
+                        field("Threads:"),
+                        field("VmRSS:")
+                    );
                     // `_exit` skips std's flush of stdout, which is line-buffered only on a
                     // terminal.
                     let _ = std::io::Write::flush(&mut std::io::stdout());

@@ -69,10 +69,13 @@ pub(crate) struct Config<M: ManageConnection> {
     pub(crate) event_handler: Option<Arc<dyn HandleEvent>>,
     pub(crate) connection_customizer: Arc<dyn CustomizeConnection<M::Connection, M::Error>>,
     /// Where the building process opens connections and reaps old ones (a forked child's
-    /// pool has no long-lived threads).
+    /// pool does that on threads of its own, see `process_pool::upkeep`).
     pub(crate) thread_pool: Option<Arc<ScheduledThreadPool>>,
     pub(crate) descriptor_locator: Option<Locator<M::Connection>>,
     pub(crate) on_fork: OnFork,
+    /// How often idle connections are checked against `idle_timeout` and `max_lifetime`:
+    /// r2d2's 30 s, shorter only in tests (`Builder::reaper_rate_for_tests`).
+    pub(crate) reaper_rate: Duration,
 }
 
 /// What a [`Pool`] does when it is first used in a forked child; see [`Builder::on_fork`].
@@ -115,6 +118,7 @@ impl<M: ManageConnection> Default for Builder<M> {
                 thread_pool: None,
                 descriptor_locator: None,
                 on_fork: OnFork::Rebuild,
+                reaper_rate: crate::process_pool::REAPER_RATE,
             },
             _manager: PhantomData,
         }
@@ -238,10 +242,11 @@ impl<M: ManageConnection> Builder<M> {
 
     /// Receives r2d2's pool events (acquire, release, checkout, checkin, timeout).
     ///
-    /// Defaults to none. Only r2d2 can make r2d2's event values, so a pool with a handler runs
+    /// Defaults to none. Only r2d2 can run r2d2's event code, so a pool with a handler runs
     /// on an `r2d2::Pool` in the process that built it: its checkouts cost what r2d2's do,
     /// which docs/measurements.md ("Checkout cost") measures at nearly twice this crate's own
-    /// pool's. The pool rebuilt in a forked child raises no events.
+    /// pool's. The pool rebuilt in a forked child reports the same events for the connections
+    /// it opens (never for inherited ones), on this crate's own pool.
     pub fn event_handler(mut self, event_handler: Box<dyn HandleEvent>) -> Self {
         self.config.event_handler = Some(Arc::from(event_handler));
         self
@@ -260,8 +265,9 @@ impl<M: ManageConnection> Builder<M> {
     }
 
     /// The thread pool that opens connections and reaps old ones, in the process that built the
-    /// pool. Its threads do not exist in a forked child; the pool rebuilt there runs no threads
-    /// at all and opens connections on the threads that call `get`.
+    /// pool. Its threads do not exist in a forked child; the pool rebuilt there does the same
+    /// work on one thread of its own and a short-lived thread per connection attempt (see
+    /// [`Pool`'s docs](crate::Pool#in-a-forked-child)).
     ///
     /// Defaults to a new pool of three threads per pool, as in r2d2; for a pool with an
     /// [`event_handler`](Builder::event_handler), to three threads per r2d2 pool it builds (a
@@ -272,6 +278,22 @@ impl<M: ManageConnection> Builder<M> {
     /// is yours to start: run a job on each of its threads before you fork.
     pub fn thread_pool(mut self, thread_pool: Arc<ScheduledThreadPool>) -> Self {
         self.config.thread_pool = Some(thread_pool);
+        self
+    }
+
+    /// Not part of the API: how often the pool closes idle connections past `idle_timeout` or
+    /// `max_lifetime` in the background, so that tests need not wait r2d2's 30 s. A pool with
+    /// an event handler keeps r2d2's own rate in the process that built it.
+    ///
+    /// Defaults to 30 seconds, r2d2's rate.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `rate` is zero.
+    #[doc(hidden)]
+    pub fn reaper_rate_for_tests(mut self, rate: Duration) -> Self {
+        assert!(rate > Duration::ZERO, "reaper_rate must be positive");
+        self.config.reaper_rate = rate;
         self
     }
 

@@ -22,7 +22,7 @@ use crate::generation_pool::GenerationPool;
 use crate::manager::{
     ConnectError, CustomizerAdapter, ErrorHandlerAdapter, ForkSafeManager, Tracked,
 };
-use crate::process_pool::{Connector, ProcessPool, REAPER_RATE};
+use crate::process_pool::{Connector, ProcessPool};
 use crate::worker_threads::started_thread_pool;
 
 pub(crate) struct Generation<M: ManageConnection> {
@@ -47,7 +47,8 @@ pub(crate) enum Site {
     /// The process that built the `Pool`: r2d2 with an event handler, else a `ProcessPool` that
     /// connects on the configured thread pool. `wait_for_min_idle` is `Builder::build`'s wait.
     BuildingProcess { wait_for_min_idle: bool },
-    /// A forked child: a `ProcessPool` that connects on short-lived raw threads (see `process_pool`).
+    /// A forked child: a `ProcessPool` that connects on short-lived raw threads and keeps
+    /// itself on an upkeep thread of its own (see `process_pool`).
     ForkedChild,
     /// A forked child of a pool built with `OnFork::Fail`: every checkout fails with `refusal`.
     RefusingChild { refusal: String },
@@ -107,9 +108,9 @@ impl<M: ManageConnection> Generation<M> {
         let connector = match &config.thread_pool {
             Some(threads) if !in_forked_child => Connector::ThreadPool {
                 threads: Arc::clone(threads),
-                reaper_rate: REAPER_RATE,
+                reaper_rate: config.reaper_rate,
             },
-            _ => Connector::Detached,
+            _ => Connector::detached(config.reaper_rate),
         };
         let pool = ProcessPool::new(
             manager,
@@ -117,6 +118,9 @@ impl<M: ManageConnection> Generation<M> {
             connector,
             Box::new(ErrorHandlerAdapter(Arc::clone(&config.error_handler))),
             Box::new(CustomizerAdapter(Arc::clone(&config.connection_customizer))),
+            // Only a forked child (or a process forked from one that started thread pools) gets
+            // here with a handler (see above).
+            config.event_handler.clone(),
         );
         if wait {
             pool.wait_for_initial_connections(config.settings.connection_timeout)?;

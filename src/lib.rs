@@ -163,10 +163,11 @@
 //!   can make r2d2's events. Where its behaviour differs from r2d2's on purpose (stale
 //!   connections closed at checkout, panicking connects), [`Pool`'s docs](Pool#differences-from-r2d2)
 //!   say why.
-//! - In a forked child the `event_handler` receives no events, a `thread_pool` you passed is not
-//!   used (its threads do not exist in the child), and the pool keeps no threads: a `get()` that
-//!   needs a connection opens one on a short-lived thread and waits for it no longer than its
-//!   timeout, and `min_idle` is not kept up in the background ([`Pool::warm_up`] opens them).
+//! - In a forked child the pool does r2d2's background work too, for its own connections
+//!   (events, `min_idle`, retries, the reaper; see [`Pool`'s docs](Pool#in-a-forked-child)),
+//!   but not on a `thread_pool` you passed (its threads do not exist in the child): on one
+//!   thread per pool of its own, started by the pool's first use in the child, and a
+//!   short-lived thread per connection attempt.
 //! - The manager is shared by the pool of every process it is rebuilt in (a manager holds a URL,
 //!   not connections), so it needs no `Clone`.
 //!

@@ -61,8 +61,7 @@ use crate::worker_threads::started_thread_pool;
 ///   is closed when a checkout finds it, and the checkout takes (or opens) another; r2d2 hands
 ///   it out until its reaper, every 30 seconds, closes it. Those limits exist because servers,
 ///   proxies and firewalls drop sessions left idle too long (MySQL's `wait_timeout`, a NAT's
-///   idle timer), so r2d2 can hand out a connection that is already dead; and a forked child
-///   has no reaper thread, so without this check it would never honour them. The clock is read
+///   idle timer), so r2d2 can hand out a connection that is already dead. The clock is read
 ///   only when one of the two is set.
 /// - **A connection returned past `max_lifetime` is closed**, not put back: r2d2 keeps it idle
 ///   (and hands it out again) until its reaper runs. The lifetime is a limit the user chose (a
@@ -72,10 +71,7 @@ use crate::worker_threads::started_thread_pool;
 ///   failed attempt until it succeeds — including one a `get` started and then stopped waiting
 ///   for. Both fill a pool whose server comes back without any `get` (one used only through
 ///   `try_get` too); with `min_idle` below `max_size` this pool does not open, after the
-///   server returns, a connection nobody is waiting for. In a forked child there is no
-///   background thread to wait out a back-off (see the crate docs): a child's pool retries
-///   when a `get` or [`warm_up`](Self::warm_up) needs a connection, and a child that only
-///   calls `try_get` gets `None` until one of those has opened one.
+///   server returns, a connection nobody is waiting for.
 /// - **A connect that panics frees its slot.** Its message becomes the error of the `get`
 ///   that waited for it ("timed out waiting for connection: forksafe-pool: connecting
 ///   panicked: …") and the pool retries after the back-off. In r2d2 the thread pool catches
@@ -84,6 +80,26 @@ use crate::worker_threads::started_thread_pool;
 /// - [`warm_up`](Self::warm_up), [`release_idle`](Self::release_idle) and
 ///   [`fork_stats`](Self::fork_stats) are this crate's own.
 ///
+/// # In a forked child
+///
+/// A child's pool is r2d2's pool for the connections it opens itself: its `event_handler` gets
+/// acquire, release, checkout, checkin and timeout events (never for an inherited
+/// connection), `min_idle` is reached and kept in the background, failed connects are retried
+/// after r2d2's back-off until it is, and idle connections past `idle_timeout` or
+/// `max_lifetime` are closed every 30 seconds, as r2d2's reaper does.
+///
+/// - **It starts at the pool's first use in the child** (`get`, `try_get`, `state`,
+///   `warm_up`, …), not at the fork: nothing may be started from inside a fork handler, and a
+///   child that never uses the pool then costs nothing. A worker that wants its connections
+///   before its first request touches the pool (or calls [`warm_up`](Self::warm_up), which also
+///   waits for them) right after the fork.
+/// - **It runs on threads of its own**, not on a `thread_pool` you passed (its threads are the
+///   parent's): one long-lived thread per pool, which sleeps until the next reaper run or the
+///   end of a back-off, and a short-lived thread per connection attempt, all made with
+///   `pthread_create` directly (a std thread start in a child can block for ever on a lock the
+///   fork froze). A pool dropped in the child ends its thread.
+/// - **It is fork-safe itself**: a child that forks again leaves a grandchild that never
+///   touches the child's pool and starts its own on first use.
 /// # Behind PgBouncer
 ///
 /// diesel's `PgConnection` and `postgres::Client` through PgBouncer work in session and in
@@ -574,6 +590,11 @@ impl<M: ManageConnection> Pool<M> {
                     leaked = discarded.connections_unidentified,
                     "forksafe-pool: discarded inherited connections after fork"
                 );
+                if discarded.connections_unidentified > 0 {
+                    // Once per pool and process: the next generation of this process inherits
+                    // nothing.
+                    warn_if_no_backend::<M>(&shared.config, discarded.connections_unidentified);
+                }
             }
             let site = if here == shared.built_in {
                 Site::BuildingProcess {
@@ -619,6 +640,31 @@ impl<M: ManageConnection> Pool<M> {
     }
 }
 
+/// Says loudly, in a child that left `leaked` inherited connections open, when no backend
+/// knows their type (a missing feature, another major version of the driver) and no
+/// `descriptor_locator` was given: every worker then keeps the master's sessions open.
+fn warn_if_no_backend<M: ManageConnection>(config: &Config<M>, leaked: u64) {
+    let connection = std::any::TypeId::of::<M::Connection>();
+    if config.descriptor_locator.is_some() || crate::backends::knows(connection) {
+        return;
+    }
+    let type_name = std::any::type_name::<M::Connection>();
+    let remedy = match crate::backends::feature_for(type_name) {
+        Some(feature) => format!(
+            "enable forksafe-pool's feature \"{feature}\" (for this major version of the driver), \
+             or see Builder::descriptor_locator"
+        ),
+        None => "no backend knows this type; see Builder::descriptor_locator".to_string(),
+    };
+    tracing::warn!(
+        pid = std::process::id(),
+        connection_type = type_name,
+        leaked,
+        "forksafe-pool: {leaked} inherited connections of type {type_name} cannot be released in \
+         this process and stay open (ForkStats::connections_leaked): {remedy}"
+    );
+}
+
 impl<M: ManageConnection> Drop for Shared<M> {
     /// A pool dropped in a child that never used it still lets go of the inherited sockets;
     /// `PerProcess` then leaks the inherited generation instead of dropping it.
@@ -633,6 +679,10 @@ impl<M: ManageConnection> Drop for Shared<M> {
             None if current_epoch() != self.built_in => &self.building_descriptors,
             None => return,
         };
-        self.counters.record_rebuild(inherited.release_inherited());
+        let discarded = inherited.release_inherited();
+        self.counters.record_rebuild(discarded);
+        if discarded.connections_unidentified > 0 {
+            warn_if_no_backend::<M>(&self.config, discarded.connections_unidentified);
+        }
     }
 }

@@ -23,7 +23,7 @@
 //! children that built a pool while their parent's pool idled, in each of four runs of
 //! `tests/build_in_forked_child.rs`; it is also what silenced the forked master of
 //! `tests/pgbouncer.rs`'s `master_sigkill_leaves_no_sessions_behind`). A pool built in such a
-//! process connects as a forked child's does (see `std_pool`).
+//! process connects as a forked child's does (see `process_pool`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};

@@ -1,11 +1,11 @@
-//! Fork torture: eight scenarios that fork for real while parent threads use the pool; every
+//! Fork torture: nine scenarios that fork for real while parent threads use the pool; every
 //! child is reaped with a deadline and a hung child fails the run.
 //!
 //! A `harness = false` binary, so that no test harness threads or atfork registrations are in
 //! the way. `cargo test` runs it at CI length; the full length and a subset are arguments:
 //!
 //! ```text
-//! cargo test --release --all-features --test torture -- --full                # all eight, full length
+//! cargo test --release --all-features --test torture -- --full                # all nine, full length
 //! cargo test --release --all-features --test torture -- --full --pg-forks 300 # scenario 1 shorter
 //! cargo test --release --all-features --test torture -- --only 2,6            # some scenarios
 //! ```

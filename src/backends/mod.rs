@@ -101,6 +101,59 @@ pub(crate) fn locate(conn: &mut dyn Any, created: Option<&CreatedSockets>) -> Op
     None
 }
 
+/// Whether an enabled backend feature knows the connection type `connection`: only then can
+/// [`locate`] name its descriptors.
+pub(crate) fn knows(connection: TypeId) -> bool {
+    #[cfg(feature = "mysql")]
+    if connection == TypeId::of::<::mysql::Conn>() {
+        return true;
+    }
+    #[cfg(feature = "postgres")]
+    if connection == TypeId::of::<::postgres::Client>() {
+        return true;
+    }
+    #[cfg(feature = "rusqlite")]
+    if connection == TypeId::of::<::rusqlite::Connection>() {
+        return true;
+    }
+    #[cfg(feature = "diesel-sqlite")]
+    if connection == TypeId::of::<::diesel::SqliteConnection>() {
+        return true;
+    }
+    #[cfg(feature = "diesel-mysql")]
+    if connection == TypeId::of::<::diesel::MysqlConnection>() {
+        return true;
+    }
+    #[cfg(feature = "redis")]
+    if connection == TypeId::of::<::redis::Connection>() {
+        return true;
+    }
+    #[cfg(feature = "diesel-postgres")]
+    if connection == TypeId::of::<::diesel::PgConnection>() {
+        return true;
+    }
+    let _ = connection;
+    false
+}
+
+/// The feature whose backend would release connections of the type named `type_name` (as
+/// `std::any::type_name` spells it), read from the name: the type may be one of another major
+/// version of its driver, which no feature of this version knows however it is named.
+pub(crate) fn feature_for(type_name: &str) -> Option<&'static str> {
+    let krate = type_name.split("::").next().unwrap_or_default();
+    let last = type_name.rsplit("::").next().unwrap_or_default();
+    match (krate, last) {
+        ("diesel", "PgConnection") => Some("diesel-postgres"),
+        ("diesel", "MysqlConnection") => Some("diesel-mysql"),
+        ("diesel", "SqliteConnection") => Some("diesel-sqlite"),
+        ("postgres", "Client") => Some("postgres"),
+        ("mysql", "Conn") => Some("mysql"),
+        ("rusqlite", "Connection") => Some("rusqlite"),
+        ("redis", "Connection") => Some("redis"),
+        _ => None,
+    }
+}
+
 /// Whether a libc `fork()` must wait while a connection like `conn` is checked out, because
 /// its library keeps per-process state that a fork copies mid-use (see `ForkWaitingLease`).
 /// A backend opts in with one line for its connection type.
@@ -115,4 +168,35 @@ pub(crate) fn fork_waits_while_checked_out(conn: &dyn Any) -> bool {
     }
     let _ = conn;
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::feature_for;
+
+    #[test]
+    fn the_feature_is_read_from_the_type_name() {
+        for (name, feature) in [
+            (
+                "diesel::pg::connection::PgConnection",
+                Some("diesel-postgres"),
+            ),
+            (
+                "diesel::mysql::connection::MysqlConnection",
+                Some("diesel-mysql"),
+            ),
+            (
+                "diesel::sqlite::connection::SqliteConnection",
+                Some("diesel-sqlite"),
+            ),
+            ("postgres::client::Client", Some("postgres")),
+            ("mysql::conn::Conn", Some("mysql")),
+            ("rusqlite::Connection", Some("rusqlite")),
+            ("redis::connection::Connection", Some("redis")),
+            ("my_app::db::Connection", None),
+            ("u32", None),
+        ] {
+            assert_eq!(feature_for(name), feature, "{name}");
+        }
+    }
 }

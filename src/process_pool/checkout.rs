@@ -16,6 +16,7 @@ use std::time::Instant;
 use r2d2::ManageConnection;
 
 use super::{Conn, Pooled, Shared};
+use crate::r2d2_compat::{checkin_event, release_event};
 use crate::sync::{self, Ordering};
 
 /// A connection checked out of a [`ProcessPool`]; goes back when dropped.
@@ -63,9 +64,24 @@ impl<M: ManageConnection> DerefMut for Lease<M> {
     }
 }
 
+impl<M: ManageConnection> Lease<M> {
+    /// Notes when the connection was checked out, for its `CheckinEvent`; returns its id.
+    pub(super) fn checked_out_at(&mut self, now: Instant) -> u64 {
+        let pooled = self.pooled_mut();
+        pooled.checked_out = Some(now);
+        pooled.id
+    }
+}
+
 impl<M: ManageConnection> Drop for Lease<M> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
+            if let (Some(events), Some(since)) = (&self.pool.events, conn.checked_out) {
+                // Before it can be handed out again, as r2d2 reports it.
+                if let Some(event) = checkin_event(conn.id, sync::now() - since) {
+                    events.handle_checkin(event);
+                }
+            }
             self.pool.put_back(conn);
         }
     }
@@ -154,7 +170,10 @@ impl<M: ManageConnection> Shared<M> {
     }
 
     /// Closes a connection taken out of the pool, waking `get` calls that may use its slot.
-    pub(super) fn discard(self: &Arc<Self>, conn: Pooled<M>) {
+    /// Its `ReleaseEvent` comes first, so that it precedes the acquire of a connection opened
+    /// to replace it (r2d2 reports it after scheduling the replacement, which races).
+    pub(super) fn discard(self: &Arc<Self>, mut conn: Pooled<M>) {
+        self.report_release(&mut conn);
         let mut state = self.lock();
         self.closing(&mut state, [conn.slot]);
         self.wake_all(state);
@@ -231,8 +250,22 @@ impl<M: ManageConnection> Shared<M> {
         }
     }
 
-    pub(super) fn close(&self, conn: Pooled<M>) {
+    /// Closes a connection through the customizer's `on_release`, after its `ReleaseEvent`
+    /// unless that was reported already.
+    pub(super) fn close(&self, mut conn: Pooled<M>) {
+        self.report_release(&mut conn);
         self.customizer.on_release(conn.conn);
+    }
+
+    /// Reports a connection's `ReleaseEvent` to the event handler, once.
+    fn report_release(&self, conn: &mut Pooled<M>) {
+        if let Some(events) = &self.events {
+            if !std::mem::replace(&mut conn.released, true) {
+                if let Some(event) = release_event(conn.id, sync::now() - conn.birth) {
+                    events.handle_release(event);
+                }
+            }
+        }
     }
 }
 

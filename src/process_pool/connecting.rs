@@ -9,14 +9,18 @@
 //! same unless a `get` started the attempt and `min_idle` is below `max_size`).
 //!
 //! In a forked child no std thread can be relied on (docs/how-it-works.md, "What a forked child
-//! must not do"), so a `get` that
-//! needs a connection starts one attempt on a short-lived thread made with `pthread_create`
-//! directly (`sys::spawn_detached`), and waits for it no longer than its timeout: a connect that
-//! hangs (a server that never answers) does not hold `get` past `connection_timeout`. A
-//! connection that arrives after its caller gave up goes idle in the pool, as with r2d2's
-//! workers. Only if no thread can be made at all does `get` connect on its own thread. A connect
-//! that panics, here or on the thread pool, counts as a failed attempt whose error is the
-//! panic's message, so its slot is freed and the waiting `get` says why it got nothing.
+//! must not do") and the thread pool's
+//! threads are the parent's, so each attempt runs on a short-lived thread made with
+//! `pthread_create` directly (`sys::spawn_detached`), and the rest of r2d2's background work —
+//! waking when a back-off ends, the reaper — on one long-lived thread per pool made the same
+//! way (`upkeep`). The same rules then hold as in the building process: `min_idle` is kept
+//! from the pool's first use in the child, and failed attempts are retried after their
+//! back-off. A `get` waits for an attempt no longer than its timeout: a connect that hangs (a
+//! server that never answers) does not hold `get` past `connection_timeout`. A connection that
+//! arrives after its caller gave up goes idle in the pool, as with r2d2's workers. Only if no
+//! thread can be made at all does `get` connect on its own thread. A connect that panics, here
+//! or on the thread pool, counts as a failed attempt whose error is the panic's message, so its
+//! slot is freed and the waiting `get` says why it got nothing.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -26,8 +30,10 @@ use r2d2::ManageConnection;
 use scheduled_thread_pool::ScheduledThreadPool;
 
 use super::state::State;
-use super::{Pooled, Shared};
+use super::upkeep::UpkeepSignal;
+use super::{next_connection_id, Pooled, Shared};
 use crate::error_kind::CONNECT_PANICKED;
+use crate::r2d2_compat::acquire_event;
 use crate::sync::{self, MutexGuard, Ordering};
 
 /// Where a pool opens its connections.
@@ -38,8 +44,13 @@ pub(crate) enum Connector {
         threads: Arc<ScheduledThreadPool>,
         reaper_rate: Duration,
     },
-    /// A forked child: each attempt on a short-lived thread of its own (see the module docs).
-    Detached,
+    /// A forked child: each attempt on a short-lived thread of its own, the waits for a
+    /// back-off and the reaper (every `reaper_rate`) on the pool's upkeep thread, which
+    /// `upkeep` tells to stop when the pool is dropped (see the module docs).
+    Detached {
+        upkeep: Arc<UpkeepSignal>,
+        reaper_rate: Duration,
+    },
     /// A loom model's: each attempt on a thread of the model, keeping `min_idle` as the
     /// building process does, with no reaper and no retries (a model runs `reap` itself).
     #[cfg(forksafe_loom)]
@@ -47,11 +58,19 @@ pub(crate) enum Connector {
 }
 
 impl Connector {
+    /// A forked child's connector, reaping every `reaper_rate`.
+    pub(crate) fn detached(reaper_rate: Duration) -> Connector {
+        Connector::Detached {
+            upkeep: Arc::new(UpkeepSignal::new()),
+            reaper_rate,
+        }
+    }
+
     /// Whether the pool keeps `min_idle` in the background.
     fn keeps_min_idle(&self) -> bool {
         match self {
             Connector::ThreadPool { .. } => true,
-            Connector::Detached => false,
+            Connector::Detached { .. } => true,
             #[cfg(forksafe_loom)]
             Connector::ModelThreads => true,
         }
@@ -75,10 +94,11 @@ impl<M: ManageConnection> Shared<M> {
         }
     }
 
-    /// In the building process, starts attempts until `min_idle` connections are idle or
-    /// being opened, within `max_size`, as r2d2 does after every checkout and close; none
-    /// before a failure's back-off has passed, none while released and not used since, none
-    /// for a retired generation.
+    /// Starts attempts until `min_idle` connections are idle or being opened, within
+    /// `max_size`, as r2d2 does after every checkout and close; none before a failure's
+    /// back-off has passed, none while released and not used since, none for a retired
+    /// generation. In a forked child, an attempt for which no thread can be made is given
+    /// back; the upkeep thread tries again at the next reaper run or failure.
     pub(super) fn replenish(self: &Arc<Self>, state: &mut State<M>) {
         if !self.connector.keeps_min_idle() {
             return;
@@ -94,8 +114,12 @@ impl<M: ManageConnection> Shared<M> {
             && !self.manager.is_retired()
         {
             let releases = self.reserve_attempt(state);
-            // Always started: a thread pool takes every job.
-            self.start_attempt(releases);
+            // A thread pool takes every job; a forked child may have no thread to give.
+            if !self.start_attempt(releases) {
+                state.connecting -= 1;
+                self.counts_changed(state);
+                break;
+            }
         }
     }
 
@@ -110,7 +134,7 @@ impl<M: ManageConnection> Shared<M> {
                 });
                 true
             }
-            Connector::Detached => crate::sys::spawn_detached(Box::new(move || {
+            Connector::Detached { .. } => crate::sys::spawn_detached(Box::new(move || {
                 shared.connect_one(Destination::Idle, releases);
             })),
             #[cfg(forksafe_loom)]
@@ -140,6 +164,10 @@ impl<M: ManageConnection> Shared<M> {
                 .connect()
                 .and_then(|mut conn| self.customizer.on_acquire(&mut conn).map(|()| conn))
         }));
+        let id = next_connection_id();
+        if let (Some(events), Ok(Ok(_))) = (&self.events, &result) {
+            events.handle_acquire(acquire_event(id));
+        }
         let mut state = self.lock();
         state.connecting -= 1;
         state.attempts_ended += 1;
@@ -156,7 +184,10 @@ impl<M: ManageConnection> Shared<M> {
                 let conn = Box::new(Pooled {
                     conn,
                     extensions: r2d2::Extensions::new(),
+                    id,
                     birth: sync::now(),
+                    checked_out: None,
+                    released: false,
                     idle_since: None,
                     releases,
                     slot,
@@ -201,11 +232,10 @@ impl<M: ManageConnection> Shared<M> {
     }
 
     /// Records a failed attempt: its error for the `get` calls that wait, and r2d2's back-off
-    /// (200 ms doubling, at most half of `connection_timeout`) before the next. In the building
-    /// process the pool tries again on its own once the back-off has passed, as r2d2's
-    /// workers do, so that `min_idle` is reached without any `get` (a pool used only through
-    /// `try_get` fills up). A forked child's pool has no thread to wait on; it tries again when
-    /// a `get` or `warm_up` needs a connection.
+    /// (200 ms doubling, at most half of `connection_timeout`) before the next. The pool tries
+    /// again on its own once the back-off has passed, as r2d2's workers do, so that `min_idle`
+    /// is reached without any `get` (a pool used only through `try_get` fills up): on the thread
+    /// pool in the building process, on the upkeep thread in a forked child.
     pub(super) fn failed(self: &Arc<Self>, mut state: MutexGuard<'_, State<M>>, message: String) {
         self.counts_changed(&state);
         state.last_error = Some(message);
@@ -227,5 +257,9 @@ impl<M: ManageConnection> Shared<M> {
         }
         // A waiter may take the freed slot (after the back-off).
         self.wake_all(state);
+        if let Connector::Detached { upkeep, .. } = &self.connector {
+            // Its next wake-up is at the latest `retry_at`.
+            upkeep.kick();
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! The pool one process checks out from: r2d2's checkout rules, on std's `Mutex` and
-//! `Condvar` and a lock-free idle list. A forked child always runs on it; the process that built
-//! the `Pool` does too, unless an event handler is set (r2d2's event types can only be made by
-//! r2d2, so such a pool keeps an r2d2 pool there; see `generation_pool`).
+//! `Condvar` and a lock-free idle list. A forked child always runs on it (reporting r2d2's
+//! events to an event handler, with event values made by `r2d2_compat`); the process that built
+//! the `Pool` does too, unless an event handler is set (there such a pool keeps an r2d2 pool;
+//! see `generation_pool`).
 //!
 //! Why not r2d2 in a forked child: a fork leaves parking_lot's process-global table of parked
 //! threads as the parent's threads had it ([docs/parking-lot.md] has the story and its
@@ -22,7 +23,7 @@
 //! | `state.rs` | the counts under the lock, and taking the lock under contention |
 //! | `waiting.rs` | a `get` that waits: the queue, wake-ups and the fair handover |
 //! | `connecting.rs` | opening connections: where ([`Connector`]), `min_idle`, failures and back-off |
-//! | `upkeep.rs` | `build`'s and `warm_up`'s fill, the reaper, `release_idle` |
+//! | `upkeep.rs` | `build`'s and `warm_up`'s fill, the reaper, a forked child's upkeep thread, `release_idle` |
 //! | `models.rs` | loom models of the lock-free parts (`--cfg forksafe_loom`, see `crate::sync`) |
 //!
 //! # The invariants
@@ -65,11 +66,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use r2d2::{CustomizeConnection, HandleError, ManageConnection};
+use r2d2::{CustomizeConnection, HandleError, HandleEvent, ManageConnection};
 
 use crate::config::Settings;
 use crate::manager::{ConnectError, ForkSafeManager, Tracked};
-use crate::r2d2_compat::r2d2_state;
+use crate::r2d2_compat::{checkout_event, r2d2_state, timeout_event};
 use crate::sync::{self, AtomicBool, AtomicU32, AtomicU64, Condvar, Mutex};
 
 mod checkout;
@@ -92,6 +93,14 @@ use waiting::FAIR_AFTER;
 
 type Conn<M> = Tracked<<M as ManageConnection>::Connection>;
 
+/// The next connection's number in this process, like r2d2's (which numbers connections
+/// across all pools). A std atomic: a counter pairs with nothing the models check, and a loom
+/// atomic cannot live in a static.
+fn next_connection_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 type Error<M> = ConnectError<<M as ManageConnection>::Error>;
 
 /// A pool on std's locks; cheap to clone, like r2d2's.
@@ -105,6 +114,10 @@ struct Shared<M: ManageConnection> {
     connector: Connector,
     error_handler: Box<dyn HandleError<Error<M>>>,
     customizer: Box<dyn CustomizeConnection<Conn<M>, Error<M>>>,
+    /// The user's event handler, in a forked child (the building process runs a pool with one
+    /// on r2d2): r2d2's events, made by `r2d2_compat`. Without one the clock is not read for
+    /// events.
+    events: Option<Arc<dyn HandleEvent>>,
     /// The idle connections, each in the slot it owns (`Pooled::slot`); taken and given back
     /// without the lock (see the module docs, "Under contention").
     idle: IdleSlots<Pooled<M>>,
@@ -139,13 +152,27 @@ struct Shared<M: ManageConnection> {
 struct Pooled<M: ManageConnection> {
     conn: Conn<M>,
     extensions: r2d2::Extensions,
+    /// Its number in this process, for events (`next_connection_id`).
+    id: u64,
     birth: Instant,
+    /// When it was last checked out; only kept with an event handler (for `CheckinEvent`).
+    checked_out: Option<Instant>,
+    /// Whether its `ReleaseEvent` was reported (it is about to be closed).
+    released: bool,
     /// When it went idle; only kept with an `idle_timeout`.
     idle_since: Option<Instant>,
     /// `Shared::releases` when its attempt was reserved.
     releases: u64,
     /// The idle slot it owns.
     slot: u32,
+}
+
+impl<M: ManageConnection> Drop for Shared<M> {
+    fn drop(&mut self) {
+        if let Connector::Detached { upkeep, .. } = &self.connector {
+            upkeep.stop();
+        }
+    }
 }
 
 impl<M: ManageConnection> Clone for ProcessPool<M> {
@@ -165,16 +192,17 @@ impl<M: ManageConnection> fmt::Debug for ProcessPool<M> {
 }
 
 impl<M: ManageConnection> ProcessPool<M> {
-    /// Makes the pool without waiting for connections, like r2d2's `build_unchecked`. With a
-    /// thread pool (the building process) it starts opening `min_idle` connections and
-    /// reaping stale ones in the background, as r2d2 does; a child's pool opens connections
-    /// only when a `get` needs one.
+    /// Makes the pool without waiting for connections, like r2d2's `build_unchecked`, and
+    /// starts opening `min_idle` connections and reaping stale ones in the background, as r2d2
+    /// does: on the thread pool in the building process, on an upkeep thread of its own in a
+    /// forked child (see `upkeep`).
     pub(crate) fn new(
         manager: ForkSafeManager<M>,
         settings: Settings,
         connector: Connector,
         error_handler: Box<dyn HandleError<Error<M>>>,
         customizer: Box<dyn CustomizeConnection<Conn<M>, Error<M>>>,
+        events: Option<Arc<dyn HandleEvent>>,
     ) -> Self {
         Self::with_fairness(
             manager,
@@ -182,6 +210,7 @@ impl<M: ManageConnection> ProcessPool<M> {
             connector,
             error_handler,
             customizer,
+            events,
             FAIR_AFTER,
         )
     }
@@ -193,6 +222,7 @@ impl<M: ManageConnection> ProcessPool<M> {
         connector: Connector,
         error_handler: Box<dyn HandleError<Error<M>>>,
         customizer: Box<dyn CustomizeConnection<Conn<M>, Error<M>>>,
+        events: Option<Arc<dyn HandleEvent>>,
         fair_after: Duration,
     ) -> Self {
         let pool = ProcessPool {
@@ -202,6 +232,7 @@ impl<M: ManageConnection> ProcessPool<M> {
                 connector,
                 error_handler,
                 customizer,
+                events,
                 idle: IdleSlots::new(settings.max_size as usize),
                 state: Mutex::new(State {
                     open: 0,
@@ -228,13 +259,16 @@ impl<M: ManageConnection> ProcessPool<M> {
             }),
         };
         pool.shared.replenish(&mut pool.shared.lock());
-        pool.shared.start_reaper();
+        pool.shared.start_upkeep();
         pool
     }
 
     /// Checks out a connection, waiting at most `timeout`, like `r2d2::Pool::get_timeout`.
     #[inline]
     pub(crate) fn get_timeout(&self, timeout: Duration) -> Result<Lease<M>, r2d2::Error> {
+        if self.shared.events.is_some() {
+            return self.get_timeout_with_events(timeout);
+        }
         match self.shared.take_idle() {
             Some(lease) => Ok(lease),
             None => self
@@ -243,11 +277,45 @@ impl<M: ManageConnection> ProcessPool<M> {
         }
     }
 
-    /// An idle connection if there is one, without waiting, like `r2d2::Pool::try_get`.
+    /// `get_timeout` with an event handler: a `CheckoutEvent` with the wait, or a
+    /// `TimeoutEvent`, as r2d2 reports them.
+    #[cold]
+    #[inline(never)]
+    fn get_timeout_with_events(&self, timeout: Duration) -> Result<Lease<M>, r2d2::Error> {
+        let start = sync::now();
+        let result = match self.shared.take_idle() {
+            Some(lease) => Ok(lease),
+            None => self.shared.wait_for_connection(start + timeout, timeout),
+        };
+        let Some(events) = &self.shared.events else {
+            return result;
+        };
+        match result {
+            Ok(mut lease) => {
+                let now = sync::now();
+                let id = lease.checked_out_at(now);
+                if let Some(event) = checkout_event(id, now - start) {
+                    events.handle_checkout(event);
+                }
+                Ok(lease)
+            }
+            Err(error) => {
+                events.handle_timeout(timeout_event(timeout));
+                Err(error)
+            }
+        }
+    }
+
+    /// An idle connection if there is one, without waiting, like `r2d2::Pool::try_get` (which
+    /// reports no checkout event).
     pub(crate) fn try_get(&self) -> Option<Lease<M>> {
-        let lease = self.shared.take_idle();
-        if lease.is_none() {
-            self.shared.in_use_again(&mut self.shared.lock());
+        let mut lease = self.shared.take_idle();
+        match &mut lease {
+            None => self.shared.in_use_again(&mut self.shared.lock()),
+            Some(lease) if self.shared.events.is_some() => {
+                lease.checked_out_at(sync::now());
+            }
+            Some(_) => {}
         }
         lease
     }

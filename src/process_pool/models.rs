@@ -107,6 +107,7 @@ fn model(max_size: u32, min_idle: u32, fair_after: Duration) -> Model {
         Box::new(CustomizerAdapter(
             Arc::clone(&closed) as Arc<dyn CustomizeConnection<u32, std::io::Error>>
         )),
+        None,
         fair_after,
     );
     Model {

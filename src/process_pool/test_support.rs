@@ -59,6 +59,50 @@ impl ManageConnection for PanickyCheck {
     }
 }
 
+/// `Counting` connections whose first `fail_first` connects fail.
+#[derive(Debug, Default)]
+pub(super) struct FailingFirst {
+    pub(super) connects: Counting,
+    pub(super) fail_first: AtomicU32,
+    pub(super) attempts: AtomicU32,
+}
+
+impl ManageConnection for FailingFirst {
+    type Connection = u32;
+    type Error = std::io::Error;
+
+    fn connect(&self) -> Result<u32, std::io::Error> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        let failing = self
+            .fail_first
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(1)
+            })
+            .is_ok();
+        if failing {
+            return Err(std::io::Error::other("no server yet"));
+        }
+        self.connects.connect()
+    }
+
+    fn is_valid(&self, _: &mut u32) -> Result<(), std::io::Error> {
+        Ok(())
+    }
+
+    fn has_broken(&self, _: &mut u32) -> bool {
+        false
+    }
+}
+
+/// Waits until `done` holds, at most 5 s; panics with `what` otherwise.
+pub(super) fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// `size` connections at most, nothing else set.
 pub(super) fn settings(size: u32) -> Settings {
     Settings {
@@ -79,6 +123,34 @@ pub(super) fn pool<M: ManageConnection>(
     reaper_rate: Duration,
     fair_after: Duration,
 ) -> ProcessPool<M> {
+    let connector = Connector::ThreadPool {
+        threads: Arc::new(ScheduledThreadPool::new(1)),
+        reaper_rate,
+    };
+    pool_on(manager, settings, connector, fair_after)
+}
+
+/// A forked child's kind of pool (attempts on detached threads, an upkeep thread) that reaps
+/// every `reaper_rate`; it works the same in the test process.
+pub(super) fn child_pool<M: ManageConnection>(
+    manager: &Arc<M>,
+    settings: Settings,
+    reaper_rate: Duration,
+) -> ProcessPool<M> {
+    pool_on(
+        manager,
+        settings,
+        Connector::detached(reaper_rate),
+        FAIR_AFTER,
+    )
+}
+
+fn pool_on<M: ManageConnection>(
+    manager: &Arc<M>,
+    settings: Settings,
+    connector: Connector,
+    fair_after: Duration,
+) -> ProcessPool<M> {
     let manager = ForkSafeManager::new(
         Arc::clone(manager),
         DescriptorTable::new(settings.max_size, Arc::new(Counters::default())),
@@ -89,12 +161,10 @@ pub(super) fn pool<M: ManageConnection>(
     ProcessPool::with_fairness(
         manager,
         settings,
-        Connector::ThreadPool {
-            threads: Arc::new(ScheduledThreadPool::new(1)),
-            reaper_rate,
-        },
+        connector,
         Box::new(ErrorHandlerAdapter(Arc::new(r2d2::NopErrorHandler))),
         Box::new(CustomizerAdapter(Arc::new(r2d2::NopConnectionCustomizer))),
+        None,
         fair_after,
     )
 }

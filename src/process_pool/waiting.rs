@@ -230,7 +230,7 @@ impl<M: ManageConnection> Shared<M> {
                 }
             } else if now >= deadline {
                 let message = state.last_error.take().or_else(|| {
-                    matches!(self.connector, Connector::Detached).then(|| {
+                    matches!(self.connector, Connector::Detached { .. }).then(|| {
                         format!(
                             "{CHILD_NONE_FREE} in process {} became free within {timeout:?}",
                             std::process::id()

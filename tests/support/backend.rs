@@ -15,8 +15,10 @@ use forksafe_pool::{ForkStats, ManageConnection, Pool, PooledConnection};
 use nix::sys::signal::{kill, raise, Signal};
 use nix::unistd::Pid;
 
+use super::events::EventLog;
 use super::fork::{fork_while_connecting, reap, spawn_child, ChildEnd};
 use super::runner::{require_server, run_cases, Case, Check, NamedCase};
+use super::worker_pool;
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 pub const POOL_SIZE: u32 = 4;
@@ -173,6 +175,10 @@ pub fn scenarios<B: Backend>(prefix: &str) -> Vec<NamedCase> {
             "forks_while_the_master_connects",
             forks_while_the_master_connects::<B>,
         ),
+        (
+            "a_worker_keeps_the_whole_pool",
+            a_worker_keeps_the_whole_pool::<B>,
+        ),
     ];
     if !B::SERVER_SESSIONS {
         shared.retain(|(name, _)| *name != "master_sigkill_leaves_no_sessions_behind");
@@ -181,6 +187,19 @@ pub fn scenarios<B: Backend>(prefix: &str) -> Vec<NamedCase> {
         .into_iter()
         .map(|(name, case)| (format!("{prefix}{name}"), case))
         .collect()
+}
+
+/// A worker of a master whose pool has an event handler, `min_idle` and an idle timeout gets
+/// r2d2's events, `min_idle` and the reaper in the background (see `worker_pool`), and its
+/// connections answer it.
+pub fn a_worker_keeps_the_whole_pool<B: Backend>() -> Check {
+    let events = EventLog::default();
+    let pool = worker_pool::master_pool(B::manager(&B::url())?, &events)?;
+    in_child(|| {
+        worker_pool::a_worker_keeps_the_whole_pool(&pool, &events)?;
+        let mut conn = pool.get().map_err(|error| format!("get: {error}"))?;
+        B::echo(&mut conn, "worker").map(drop)
+    })
 }
 
 /// A pool like a pre-forking server's master builds: `POOL_SIZE` connections, all opened now.

@@ -42,3 +42,62 @@ impl r2d2::HandleEvent for EventCounts {
         self.count(Self::TIMEOUT);
     }
 }
+
+/// What an [`EventLog`] keeps of each event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    Acquire(u64),
+    Release(u64),
+    Checkout(u64),
+    Checkin(u64),
+    Timeout,
+}
+
+/// Records every pool event in order, with its connection id. Clones share the log; a forked
+/// child's log starts as a copy of its parent's, so a child looks at what came after
+/// [`len`](Self::len) at the fork.
+#[derive(Clone, Debug, Default)]
+pub struct EventLog(Arc<std::sync::Mutex<Vec<Event>>>);
+
+impl EventLog {
+    fn push(&self, event: Event) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(event);
+    }
+
+    pub fn len(&self) -> usize {
+        self.events().len()
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The events from index `from` on.
+    pub fn since(&self, from: usize) -> Vec<Event> {
+        self.events().split_off(from)
+    }
+}
+
+impl r2d2::HandleEvent for EventLog {
+    fn handle_acquire(&self, event: r2d2::event::AcquireEvent) {
+        self.push(Event::Acquire(event.connection_id()));
+    }
+    fn handle_release(&self, event: r2d2::event::ReleaseEvent) {
+        self.push(Event::Release(event.connection_id()));
+    }
+    fn handle_checkout(&self, event: r2d2::event::CheckoutEvent) {
+        self.push(Event::Checkout(event.connection_id()));
+    }
+    fn handle_checkin(&self, event: r2d2::event::CheckinEvent) {
+        self.push(Event::Checkin(event.connection_id()));
+    }
+    fn handle_timeout(&self, _: r2d2::event::TimeoutEvent) {
+        self.push(Event::Timeout);
+    }
+}

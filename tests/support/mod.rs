@@ -6,7 +6,9 @@
 //! - `backend`: the fork scenarios every server backend runs.
 //! - `fake_server`: a fake database that records which process wrote on which connection.
 //! - `no_io`: the no-I/O manager; `scripted`: a manager whose connects fail or hang on cue;
-//!   `events`: an event handler that counts; `inspect`: memory and descriptors of this process.
+//!   `events`: event handlers that count or log; `inspect`: memory and descriptors of this process.
+//! - `worker_pool`: a forked worker keeps the whole pool (events, `min_idle`, the reaper).
+//! - `log_capture`: a `tracing` subscriber that keeps what was logged.
 //!
 //! Every test binary compiles the whole kit and uses a part of it, hence `dead_code` is allowed.
 #![allow(dead_code)]
@@ -26,6 +28,8 @@ pub mod events;
 pub mod fake_server;
 pub mod fork;
 pub mod inspect;
+pub mod log_capture;
 pub mod no_io;
 pub mod runner;
 pub mod scripted;
+pub mod worker_pool;

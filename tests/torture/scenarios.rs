@@ -46,6 +46,8 @@ pub struct Scale {
     pub fork_during_rebuild: u64,
     /// `Command::spawn` calls (half of them with `pre_exec`).
     pub command_spawn: u64,
+    /// Workers that each fork [`GRANDCHILDREN`] while their pool's upkeep churns.
+    pub upkeep_workers: u64,
 }
 
 impl Scale {
@@ -59,6 +61,7 @@ impl Scale {
         raw_fork: 1000,
         fork_during_rebuild: 300,
         command_spawn: 300,
+        upkeep_workers: 30,
     };
 
     /// The full-length run of the example.
@@ -71,6 +74,7 @@ impl Scale {
         raw_fork: 10_000,
         fork_during_rebuild: 3000,
         command_spawn: 3000,
+        upkeep_workers: 300,
     };
 }
 
@@ -148,6 +152,7 @@ fn describe(end: &ChildEnd) -> &'static str {
         ChildEnd::Exited(58) => "its own child was killed by a signal",
         ChildEnd::Exited(59) => "its own child hung",
         ChildEnd::Exited(6) => "fork failed",
+        ChildEnd::Exited(7) => "min_idle not reached in the background",
         ChildEnd::Exited(101) => "panicked",
         _ => "",
     }
@@ -178,7 +183,7 @@ type Scenario = fn(&Scale) -> Outcome;
 
 /// Runs the scenarios whose number is in `only` (all when empty).
 pub fn run_all(scale: &Scale, only: &[u32], mut report: impl FnMut(&Outcome)) -> Vec<Outcome> {
-    let scenarios: [(u32, Scenario); 8] = [
+    let scenarios: [(u32, Scenario); 9] = [
         (1, postgres_storm),
         (2, fake_storm),
         (3, child_ends),
@@ -187,6 +192,7 @@ pub fn run_all(scale: &Scale, only: &[u32], mut report: impl FnMut(&Outcome)) ->
         (6, raw_fork_syscall),
         (7, fork_during_rebuild),
         (8, command_spawn),
+        (9, fork_during_upkeep),
     ];
     let mut outcomes = Vec::new();
     for (number, scenario) in scenarios {
@@ -885,4 +891,77 @@ fn command_spawn(scale: &Scale) -> Outcome {
     }
     check_wire(&server, &mut outcome);
     outcome
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 9: a worker forks while its pool's upkeep runs
+
+/// Grandchildren each worker of scenario 9 forks.
+const GRANDCHILDREN: u64 = 10;
+
+/// Workers whose pool keeps busy in the background (`min_idle` 2, connections idle for 2 ms
+/// reaped every millisecond and reopened on connect threads of 200 µs each) fork grandchildren
+/// at varying instants, so that forks catch the upkeep thread in a round, holding the pool's
+/// lock or its own, and connect threads mid-connect. Every grandchild must reach `min_idle` in
+/// the background from its first touch (`try_get`) and check out a connection of its own, as
+/// must the worker between forks.
+fn fork_during_upkeep(scale: &Scale) -> Outcome {
+    let mut outcome = Outcome::new("9. a worker forks while its pool's upkeep runs");
+    let pool: Pool<NoIoManager> = Pool::builder()
+        .max_size(4)
+        .min_idle(Some(2))
+        .idle_timeout(Some(Duration::from_millis(2)))
+        .reaper_rate_for_tests(Duration::from_millis(1))
+        .connection_timeout(Duration::from_secs(10))
+        .descriptor_locator(|_: &mut NoIoConnection| Some(Vec::new()))
+        .build(NoIoManager::with_connect_delay(Duration::from_micros(200)))
+        .expect("no-I/O pool");
+    for _ in 0..scale.upkeep_workers {
+        let pid = spawn_child(|| upkeep_worker(&pool));
+        outcome.child_ended(pid, reap(pid, CHILD_DEADLINE), Ok(0));
+        // The grandchildren are counted too.
+        outcome.forks += GRANDCHILDREN;
+    }
+    outcome
+}
+
+fn upkeep_worker(pool: &Pool<NoIoManager>) -> i32 {
+    let code = serves_its_own(pool);
+    if code != 0 {
+        return code;
+    }
+    for i in 0..GRANDCHILDREN {
+        std::thread::sleep(Duration::from_micros(i * 370 % 2000));
+        let pid = spawn_child(|| serves_its_own(pool));
+        if let Some(failed_below) = failure_below(reap(pid, CHILD_DEADLINE / 2)) {
+            return failed_below;
+        }
+        let code = serves_its_own(pool);
+        if code != 0 {
+            return code;
+        }
+    }
+    0
+}
+
+/// `min_idle` is reached without a `get` (the first touch may be this `try_get`), then a
+/// checkout gets a connection this process opened.
+fn serves_its_own(pool: &Pool<NoIoManager>) -> i32 {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        match pool.try_get() {
+            Some(conn) if conn.opened_by != std::process::id() => return 4,
+            Some(_) => break,
+            None if Instant::now() >= until => return 7,
+            None => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    match pool.get() {
+        Ok(conn) if conn.opened_by == std::process::id() => 0,
+        Ok(_) => 4,
+        Err(error) => {
+            eprintln!("process {}: get: {error}", std::process::id());
+            2
+        }
+    }
 }
