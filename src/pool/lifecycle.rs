@@ -15,7 +15,7 @@ impl<M: ManageConnection> Pool<M> {
     /// `min_idle` is `None`), at most `connection_timeout` — rebuilding it first in a forked
     /// child. Call it in a worker right after `fork()` (uWSGI's `@postfork`, a gunicorn
     /// `post_fork` hook) so the first request does not pay for connecting; or in the master
-    /// after [`Builder::build_unchecked`].
+    /// after [`Builder::build_unchecked`](crate::Builder::build_unchecked).
     ///
     /// ```
     /// use diesel::r2d2::ConnectionManager;
@@ -119,7 +119,7 @@ impl<M: ManageConnection> Pool<M> {
     /// every retired generation still holds. The generation is freed once no thread is still
     /// inside a call that reached it (a `get` waiting on it holds only r2d2's pool, which lives
     /// as long as that wait and the connections it hands out), and r2d2's pool is dropped with
-    /// its last connection. Without a [`thread_pool`](Builder::thread_pool) of yours, each
+    /// its last connection. Without a [`thread_pool`](crate::Builder::thread_pool) of yours, each
     /// generation runs on three threads of its own, as r2d2 would give it, which end with its
     /// r2d2 pool, and with them r2d2's jobs for it (its reaper, its retries of the reconnects
     /// the retired generation refuses). So nothing of a retired generation outlives its
