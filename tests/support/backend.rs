@@ -518,6 +518,21 @@ pub fn children_end_by_return_exit_and_sigkill<B: Backend>() -> Check {
 }
 
 /// Sends one line over a datagram socket.
+/// A forked process's exit code for `result`; a failure is first told to the test as
+/// "error {who} {pid}: {message}" (the test reads why, not only that it failed).
+fn exit_code_telling(to_test: &UnixDatagram, who: &str, result: Check) -> i32 {
+    match result {
+        Ok(()) => 0,
+        Err(message) => {
+            let _ = send(
+                to_test,
+                format!("error {who} {}: {message}", std::process::id()),
+            );
+            1
+        }
+    }
+}
+
 pub fn send(socket: &UnixDatagram, message: String) -> Check {
     socket
         .send(message.as_bytes())
@@ -591,29 +606,14 @@ pub fn master_sigkill_leaves_no_sessions_behind<B: Backend>() -> Check {
                         check_released(pool, u64::from(POOL_SIZE), 0)?;
                         send(to_test, format!("done {}", std::process::id()))
                     };
-                    match run() {
-                        Ok(()) => 0,
-                        Err(message) => {
-                            let _ = send(
-                                to_test,
-                                format!("error worker {}: {message}", std::process::id()),
-                            );
-                            1
-                        }
-                    }
+                    exit_code_telling(to_test, "worker", run())
                 });
             }
             // Stay alive with the pool until killed (bounded, so a broken test leaves nothing).
             std::thread::sleep(DEADLINE * 2);
             Err(String::from("the master was never killed"))
         };
-        match run() {
-            Ok(()) => 0,
-            Err(message) => {
-                let _ = send(&to_test, format!("error master: {message}"));
-                1
-            }
-        }
+        exit_code_telling(&to_test, "master", run())
     });
     let mut cleanup = KillOnDrop(vec![master_pid]);
     let mut master_ids = BTreeSet::new();
@@ -826,6 +826,9 @@ pub fn master_sigkill_leaves_workers_no_inherited_file<M: ManageConnection>(
                 let (pool, to_test, go) = (&pool, &to_test, &go_receiver);
                 spawn_child(move || {
                     let run = || -> Check {
+                        // The worker's pool keeps `min_idle` in the background from its first
+                        // use: once it is reached, no descriptor of the file appears any more.
+                        pool.warm_up().map_err(|error| format!("warm_up: {error}"))?;
                         let mut conn = pool.get().map_err(|error| format!("get: {error}"))?;
                         work(&mut conn)?;
                         let own = file_links(std::process::id(), path)?;
@@ -836,29 +839,14 @@ pub fn master_sigkill_leaves_workers_no_inherited_file<M: ManageConnection>(
                         receive(go, DEADLINE)?;
                         work(&mut conn)
                     };
-                    match run() {
-                        Ok(()) => 0,
-                        Err(message) => {
-                            let _ = send(
-                                to_test,
-                                format!("error worker {}: {message}", std::process::id()),
-                            );
-                            1
-                        }
-                    }
+                    exit_code_telling(to_test, "worker", run())
                 });
             }
             // Stay alive with the pool until killed (bounded, so a broken test leaves nothing).
             std::thread::sleep(DEADLINE * 2);
             Err(String::from("the master was never killed"))
         };
-        match run() {
-            Ok(()) => 0,
-            Err(message) => {
-                let _ = send(&to_test, format!("error master: {message}"));
-                1
-            }
-        }
+        exit_code_telling(&to_test, "master", run())
     });
     let mut cleanup = KillOnDrop(vec![master_pid]);
     let parse = |words: &[&str]| -> BTreeSet<i32> {
