@@ -828,7 +828,8 @@ pub fn master_sigkill_leaves_workers_no_inherited_file<M: ManageConnection>(
                     let run = || -> Check {
                         // The worker's pool keeps `min_idle` in the background from its first
                         // use: once it is reached, no descriptor of the file appears any more.
-                        pool.warm_up().map_err(|error| format!("warm_up: {error}"))?;
+                        pool.warm_up()
+                            .map_err(|error| format!("warm_up: {error}"))?;
                         let mut conn = pool.get().map_err(|error| format!("get: {error}"))?;
                         work(&mut conn)?;
                         let own = file_links(std::process::id(), path)?;
