@@ -82,14 +82,14 @@ pub(super) fn ensure_registered() {
 }
 
 /// Whether this lineage has its handlers (a test's view of [`REGISTRATION`]).
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux", not(forksafe_portable)))]
 pub(super) fn registered() -> bool {
     REGISTRATION.load(Ordering::Acquire) == DONE
 }
 
 /// Makes this process look like the child of a parent that forked while registering: the
 /// registration is pending in another process.
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux", not(forksafe_portable)))]
 pub(super) fn pretend_a_parent_was_registering() {
     let parent = u64::from(std::process::id()).wrapping_add(1);
     REGISTRATION.store(parent, Ordering::Release);

@@ -352,6 +352,8 @@ impl<C> Drop for ForkWaitsForDrop<C> {
 mod tests {
     use super::*;
 
+    // `SYS_fork` is Linux's.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     #[test]
     fn a_raw_fork_child_inherits_no_section_and_no_pending_fork() {
         let here = current_epoch();
