@@ -22,7 +22,7 @@ use crate::generation_pool::GenerationPool;
 use crate::manager::{
     ConnectError, CustomizerAdapter, ErrorHandlerAdapter, ForkSafeManager, Tracked,
 };
-use crate::process_pool::{Connector, ProcessPool};
+use crate::process_pool::{Connector, Hooks, ProcessPool};
 use crate::worker_threads::started_thread_pool;
 
 pub(crate) struct Generation<M: ManageConnection> {
@@ -116,11 +116,13 @@ impl<M: ManageConnection> Generation<M> {
             manager,
             config.settings,
             connector,
-            Box::new(ErrorHandlerAdapter(Arc::clone(&config.error_handler))),
-            Box::new(CustomizerAdapter(Arc::clone(&config.connection_customizer))),
-            // Only a forked child (or a process forked from one that started thread pools) gets
-            // here with a handler (see above).
-            config.event_handler.clone(),
+            Hooks {
+                error_handler: Box::new(ErrorHandlerAdapter(Arc::clone(&config.error_handler))),
+                customizer: Box::new(CustomizerAdapter(Arc::clone(&config.connection_customizer))),
+                // Only a forked child (or a process forked from one that started thread pools)
+                // gets here with a handler (see above).
+                events: config.event_handler.clone(),
+            },
         );
         if wait {
             pool.wait_for_initial_connections(config.settings.connection_timeout)?;

@@ -103,6 +103,15 @@ fn next_connection_id() -> u64 {
 
 type Error<M> = ConnectError<<M as ManageConnection>::Error>;
 
+/// The user's code the pool calls, fitted to the pool's connection and error types.
+pub(crate) struct Hooks<M: ManageConnection> {
+    pub(crate) error_handler: Box<dyn HandleError<Error<M>>>,
+    pub(crate) customizer: Box<dyn CustomizeConnection<Conn<M>, Error<M>>>,
+    /// r2d2's events; only given in a forked child (the building process runs a pool with a
+    /// handler on r2d2).
+    pub(crate) events: Option<Arc<dyn HandleEvent>>,
+}
+
 /// A pool on std's locks; cheap to clone, like r2d2's.
 pub(crate) struct ProcessPool<M: ManageConnection> {
     shared: Arc<Shared<M>>,
@@ -200,19 +209,9 @@ impl<M: ManageConnection> ProcessPool<M> {
         manager: ForkSafeManager<M>,
         settings: Settings,
         connector: Connector,
-        error_handler: Box<dyn HandleError<Error<M>>>,
-        customizer: Box<dyn CustomizeConnection<Conn<M>, Error<M>>>,
-        events: Option<Arc<dyn HandleEvent>>,
+        hooks: Hooks<M>,
     ) -> Self {
-        Self::with_fairness(
-            manager,
-            settings,
-            connector,
-            error_handler,
-            customizer,
-            events,
-            FAIR_AFTER,
-        )
+        Self::with_fairness(manager, settings, connector, hooks, FAIR_AFTER)
     }
 
     /// `new`, with the wait after which a `get` is handed the next connection put back.
@@ -220,11 +219,14 @@ impl<M: ManageConnection> ProcessPool<M> {
         manager: ForkSafeManager<M>,
         settings: Settings,
         connector: Connector,
-        error_handler: Box<dyn HandleError<Error<M>>>,
-        customizer: Box<dyn CustomizeConnection<Conn<M>, Error<M>>>,
-        events: Option<Arc<dyn HandleEvent>>,
+        hooks: Hooks<M>,
         fair_after: Duration,
     ) -> Self {
+        let Hooks {
+            error_handler,
+            customizer,
+            events,
+        } = hooks;
         let pool = ProcessPool {
             shared: Arc::new(Shared {
                 manager,

@@ -20,7 +20,7 @@ use std::time::Duration;
 use loom::thread;
 use r2d2::{CustomizeConnection, ManageConnection};
 
-use super::{Connector, ProcessPool};
+use super::{Connector, Hooks, ProcessPool};
 use crate::config::Settings;
 use crate::descriptors::DescriptorTable;
 use crate::manager::{CustomizerAdapter, ErrorHandlerAdapter, ForkSafeManager};
@@ -103,11 +103,13 @@ fn model(max_size: u32, min_idle: u32, fair_after: Duration) -> Model {
         ),
         settings,
         Connector::ModelThreads,
-        Box::new(ErrorHandlerAdapter(Arc::new(r2d2::NopErrorHandler))),
-        Box::new(CustomizerAdapter(
-            Arc::clone(&closed) as Arc<dyn CustomizeConnection<u32, std::io::Error>>
-        )),
-        None,
+        Hooks {
+            error_handler: Box::new(ErrorHandlerAdapter(Arc::new(r2d2::NopErrorHandler))),
+            customizer: Box::new(CustomizerAdapter(
+                Arc::clone(&closed) as Arc<dyn CustomizeConnection<u32, std::io::Error>>
+            )),
+            events: None,
+        },
         fair_after,
     );
     Model {

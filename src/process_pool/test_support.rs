@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use r2d2::ManageConnection;
 use scheduled_thread_pool::ScheduledThreadPool;
 
-use super::{Connector, ProcessPool, FAIR_AFTER};
+use super::{Connector, Hooks, ProcessPool, FAIR_AFTER};
 use crate::config::Settings;
 use crate::descriptors::DescriptorTable;
 use crate::manager::{CustomizerAdapter, ErrorHandlerAdapter, ForkSafeManager};
@@ -162,9 +162,11 @@ fn pool_on<M: ManageConnection>(
         manager,
         settings,
         connector,
-        Box::new(ErrorHandlerAdapter(Arc::new(r2d2::NopErrorHandler))),
-        Box::new(CustomizerAdapter(Arc::new(r2d2::NopConnectionCustomizer))),
-        None,
+        Hooks {
+            error_handler: Box::new(ErrorHandlerAdapter(Arc::new(r2d2::NopErrorHandler))),
+            customizer: Box::new(CustomizerAdapter(Arc::new(r2d2::NopConnectionCustomizer))),
+            events: None,
+        },
         fair_after,
     )
 }
