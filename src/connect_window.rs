@@ -2,8 +2,8 @@
 //! server cannot name it either.
 //!
 //! diesel's `PgConnection` exposes no descriptor. Connected straight to PostgreSQL, the server's
-//! view of the session names the socket (see `backends::postgres`); behind PgBouncer, or any
-//! other proxy, the server sees the proxy's socket, and nothing in the session says which of
+//! view of the session names the socket (see `backends::postgres_session`); behind PgBouncer, or
+//! any other proxy, the server sees the proxy's socket, and nothing in the session says which of
 //! this process's sockets is the client end.
 //!
 //! What is certain instead: the connection's socket did not exist when its connect started, and
