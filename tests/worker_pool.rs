@@ -1,4 +1,4 @@
-//! A forked worker's pool is the whole pool (issue 20), on the no-I/O manager: r2d2's events,
+//! A forked worker's pool is the whole pool, on the no-I/O manager: r2d2's events,
 //! `min_idle` from the first touch, the reaper and retries in the background, after a libc or a
 //! raw fork, in a grandchild forked while the worker's upkeep runs; and the warning for
 //! inherited connections no backend can release. Every backend runs the same worker scenario

@@ -1,4 +1,4 @@
-//! A forked worker's pool is the whole pool (issue 20): r2d2's events, `min_idle` kept from the
+//! A forked worker's pool is the whole pool: r2d2's events, `min_idle` kept from the
 //! first touch, and the reaper, all in the background, for the worker's own connections only.
 //! Written once for any manager: the no-I/O binary and every server backend run it.
 
