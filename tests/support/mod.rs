@@ -30,6 +30,7 @@ pub mod fork;
 pub mod inspect;
 pub mod log_capture;
 pub mod no_io;
+pub mod python;
 pub mod runner;
 pub mod scripted;
 pub mod worker_pool;
