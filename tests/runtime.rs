@@ -12,7 +12,7 @@ mod support;
 
 use std::time::Duration;
 
-use forksafe_pool::Runtime;
+use forksafe_pool::{ForkLocal, Runtime};
 use support::fork::{reap, run_child, spawn_child, ChildEnd};
 use support::runner::{child_result, expect_exit, run_cases, Case, Check};
 
@@ -22,7 +22,7 @@ const DEADLINE: Duration = Duration::from_secs(20);
 const PATIENCE: Duration = Duration::from_secs(2);
 
 fn main() {
-    let cases: [Case; 9] = [
+    let cases: [Case; 10] = [
         (
             "tasks_timers_and_the_blocking_pool_work_in_a_child",
             tasks_timers_and_the_blocking_pool_work_in_a_child,
@@ -42,6 +42,10 @@ fn main() {
         (
             "block_on_works_on_a_thread_forked_inside_another_runtime",
             block_on_works_on_a_thread_forked_inside_another_runtime,
+        ),
+        (
+            "a_fork_local_tokio_runtime_fails_on_a_thread_forked_inside",
+            a_fork_local_tokio_runtime_fails_on_a_thread_forked_inside,
         ),
         (
             "a_current_thread_runtime_forked_inside_panics_with_the_reason",
@@ -165,6 +169,25 @@ fn block_on_works_on_a_thread_forked_inside_another_runtime() -> Check {
         .map_err(|error| format!("runtime: {error}"))?;
     let end = main_runtime.block_on(async { in_child(|| exercise(&runtime)) });
     expect_exit("the child", end, 0)
+}
+
+/// Why a type of its own and not a `ForkLocal<tokio::runtime::Runtime>`: that gives a child a
+/// runtime of its own too, but on the thread that forked from inside a runtime, tokio refuses
+/// to `block_on` it (it panics: "Cannot start a runtime from within a runtime").
+fn a_fork_local_tokio_runtime_fails_on_a_thread_forked_inside() -> Check {
+    let local = ForkLocal::new(|| tokio::runtime::Runtime::new().expect("runtime"));
+    local.get().block_on(async {});
+    let end = local.get().block_on(async {
+        in_child(|| {
+            local.get().block_on(async {});
+            Ok(())
+        })
+    });
+    ensure!(
+        end == ChildEnd::Exited(101),
+        "a ForkLocal runtime's block_on on the forking thread ended {end:?}; tokio's panic was expected"
+    );
+    Ok(())
 }
 
 /// A current-thread runtime cannot be driven from a thread tokio thinks is inside another
