@@ -143,7 +143,7 @@ impl<M: ManageConnection> PooledConnection<M> {
 #[cold]
 #[inline(never)]
 #[track_caller]
-fn used_across_fork() -> ! {
+pub(crate) fn used_across_fork() -> ! {
     panic!(
         "forksafe-pool: this connection was checked out before fork() and cannot be used in the \
          forked process {} (its socket belongs to the parent); drop it and check out a new one \

@@ -513,10 +513,16 @@
 )]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
+#[cfg(any(feature = "deadpool-postgres", feature = "bb8-postgres"))]
+mod async_pool;
 mod backends;
+#[cfg(feature = "bb8-postgres")]
+pub mod bb8_postgres;
 mod config;
 mod connect_window;
 mod connection;
+#[cfg(feature = "deadpool-postgres")]
+pub mod deadpool_postgres;
 mod descriptors;
 #[cfg(feature = "diesel")]
 mod diesel_connection;
@@ -532,6 +538,8 @@ mod manager;
 mod pool;
 mod process_pool;
 mod r2d2_compat;
+#[cfg(feature = "tokio")]
+mod runtime;
 mod stats;
 mod sync;
 mod sys;
@@ -546,6 +554,8 @@ pub use crate::fork::{fork_detection, ForkDetection};
 pub use crate::fork_local::ForkLocal;
 pub use crate::guarded::GuardedPool;
 pub use crate::pool::Pool;
+#[cfg(feature = "tokio")]
+pub use crate::runtime::Runtime;
 pub use crate::stats::ForkStats;
 pub use r2d2::{
     event, CustomizeConnection, Error, Extensions, HandleError, HandleEvent, LoggingErrorHandler,

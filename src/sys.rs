@@ -235,6 +235,30 @@ pub(crate) fn reap_raw_child(pid: libc::c_long) -> libc::c_int {
     status
 }
 
+/// Whether the calling thread could be one that a `fork()` copied: in a forked child only the
+/// forking thread is copied, and on Linux it becomes the thread whose id is the process id.
+/// Elsewhere there is no such test, and every thread may be.
+#[cfg(all(
+    feature = "tokio",
+    any(target_os = "linux", target_os = "android"),
+    not(forksafe_portable)
+))]
+pub(crate) fn thread_existed_at_fork() -> bool {
+    nix::unistd::gettid() == nix::unistd::getpid()
+}
+
+/// See the Linux version: without a thread id to compare, every thread may have been copied.
+#[cfg(all(
+    feature = "tokio",
+    any(
+        not(any(target_os = "linux", target_os = "android")),
+        forksafe_portable
+    )
+))]
+pub(crate) fn thread_existed_at_fork() -> bool {
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,572 @@
+//! The async pools (`forksafe_pool::deadpool_postgres`, `forksafe_pool::bb8_postgres`) on a
+//! `forksafe_pool::Runtime`, forked for real against a real PostgreSQL (`FORKSAFE_PG_URL`,
+//! default `postgres://postgres@127.0.0.1:5432/test`), plain and over TLS (postgres-openssl).
+//!
+//! Every scenario runs for both pools and both transports: workers answer every query with
+//! their own sessions, a SIGKILLed master leaves no session behind while its workers run, a
+//! worker forks again, forks while the master's runtime has queries in flight, a client checked
+//! out before the fork. The control, deadpool-postgres on tokio's own runtime inherited the
+//! naive way, must fail in a worker (so the scenarios are real).
+//!
+//! A `harness = false` binary: the cases fork, so they run one after another, and every child
+//! is reaped with a deadline. Without a reachable server the binary prints why and skips,
+//! unless `CI` is set: then it fails.
+
+#[macro_use]
+mod support;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use forksafe_pool::deadpool_postgres::tokio_postgres::{self, NoTls};
+use forksafe_pool::{bb8_postgres, deadpool_postgres, ForkStats, Runtime};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+use postgres_openssl::MakeTlsConnector;
+use support::backend::{become_subreaper, datagram_pair, receive, send, KillOnDrop};
+use support::fork::{reap, run_child, spawn_child, ChildEnd};
+use support::runner::{
+    child_result, expect_exit, require_server, run_cases, Case, Check, NamedCase,
+};
+
+const POOL_SIZE: usize = 4;
+const WORKERS: usize = 4;
+const QUERIES: usize = 50;
+const DEADLINE: Duration = Duration::from_secs(30);
+/// How long one query may take before the scenario calls it lost.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn url() -> String {
+    std::env::var("FORKSAFE_PG_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+        .unwrap_or_else(|| String::from("postgres://postgres@127.0.0.1:5432/test"))
+}
+
+fn pg_config(sslmode: &str) -> Result<tokio_postgres::Config, String> {
+    let separator = if url().contains('?') { '&' } else { '?' };
+    format!("{}{separator}sslmode={sslmode}", url())
+        .parse()
+        .map_err(|error| format!("FORKSAFE_PG_URL: {error}"))
+}
+
+/// How the pools reach the server.
+trait Transport: 'static {
+    type Tls: deadpool_postgres::MakeTls;
+    fn tls() -> Self::Tls;
+    fn config() -> Result<tokio_postgres::Config, String>;
+}
+
+struct Plain;
+impl Transport for Plain {
+    type Tls = NoTls;
+    fn tls() -> NoTls {
+        NoTls
+    }
+    fn config() -> Result<tokio_postgres::Config, String> {
+        pg_config("disable")
+    }
+}
+
+struct Tls;
+impl Transport for Tls {
+    type Tls = MakeTlsConnector;
+    fn tls() -> MakeTlsConnector {
+        let mut builder = SslConnector::builder(SslMethod::tls()).expect("openssl");
+        builder.set_verify(SslVerifyMode::NONE);
+        MakeTlsConnector::new(builder.build())
+    }
+    fn config() -> Result<tokio_postgres::Config, String> {
+        pg_config("require")
+    }
+}
+
+/// What a scenario needs of a pool.
+trait AsyncPool: Clone + Send + Sync + Sized + 'static {
+    type Guard: Send + 'static;
+    fn build(runtime: &Runtime) -> Result<Self, String>;
+    fn get(&self) -> impl Future<Output = Result<Self::Guard, String>> + Send;
+    fn client(guard: &Self::Guard) -> &tokio_postgres::Client;
+    fn fork_stats(&self) -> ForkStats;
+}
+
+struct Deadpool<T>(deadpool_postgres::Pool, std::marker::PhantomData<fn() -> T>);
+
+impl<T> Clone for Deadpool<T> {
+    fn clone(&self) -> Self {
+        Deadpool(self.0.clone(), std::marker::PhantomData)
+    }
+}
+
+impl<T: Transport> AsyncPool for Deadpool<T> {
+    type Guard = deadpool_postgres::Object;
+    fn build(_runtime: &Runtime) -> Result<Self, String> {
+        let pool = deadpool_postgres::Pool::builder(T::config()?, T::tls())
+            .max_size(POOL_SIZE)
+            .wait_timeout(Some(QUERY_TIMEOUT))
+            .create_timeout(Some(QUERY_TIMEOUT))
+            .build()
+            .map_err(|error| format!("build: {error}"))?;
+        Ok(Deadpool(pool, std::marker::PhantomData))
+    }
+    async fn get(&self) -> Result<Self::Guard, String> {
+        self.0.get().await.map_err(|error| format!("get: {error}"))
+    }
+    fn client(guard: &Self::Guard) -> &tokio_postgres::Client {
+        guard
+    }
+    fn fork_stats(&self) -> ForkStats {
+        self.0.fork_stats()
+    }
+}
+
+type Bb8Manager<T> = bb8_postgres::PostgresConnectionManager<<T as Transport>::Tls>;
+
+struct Bb8<T: Transport>(bb8_postgres::Pool<Bb8Manager<T>>);
+
+impl<T: Transport> Clone for Bb8<T> {
+    fn clone(&self) -> Self {
+        Bb8(self.0.clone())
+    }
+}
+
+impl<T: Transport> AsyncPool for Bb8<T> {
+    type Guard = bb8_postgres::PooledConnection<'static, Bb8Manager<T>>;
+    fn build(runtime: &Runtime) -> Result<Self, String> {
+        let manager = bb8_postgres::PostgresConnectionManager::new(T::config()?, T::tls());
+        let pool = runtime
+            .block_on(
+                bb8_postgres::Pool::builder()
+                    .max_size(POOL_SIZE as u32)
+                    .connection_timeout(QUERY_TIMEOUT)
+                    .build(manager),
+            )
+            .map_err(|error| format!("build: {error}"))?;
+        Ok(Bb8(pool))
+    }
+    async fn get(&self) -> Result<Self::Guard, String> {
+        self.0
+            .get_owned()
+            .await
+            .map_err(|error| format!("get: {error}"))
+    }
+    fn client(guard: &Self::Guard) -> &tokio_postgres::Client {
+        guard
+    }
+    fn fork_stats(&self) -> ForkStats {
+        self.0.fork_stats()
+    }
+}
+
+/// Asks the server to echo `token` and returns the session's backend pid.
+async fn echo<P: AsyncPool>(pool: &P, token: &str) -> Result<i32, String> {
+    let answer = tokio::time::timeout(QUERY_TIMEOUT, async {
+        let guard = pool.get().await?;
+        P::client(&guard)
+            .query_one("SELECT $1::text, pg_backend_pid()", &[&token])
+            .await
+            .map_err(|error| format!("query: {error}"))
+    })
+    .await
+    .map_err(|_| format!("no answer to {token} within {QUERY_TIMEOUT:?}"))??;
+    let echoed: String = answer.get(0);
+    ensure!(
+        echoed == token,
+        "asked {token}, got {echoed}: another process's answer"
+    );
+    Ok(answer.get(1))
+}
+
+/// Checks out `POOL_SIZE` clients at once and returns their sessions.
+async fn sessions<P: AsyncPool>(pool: &P) -> Result<BTreeSet<i32>, String> {
+    let mut guards = Vec::new();
+    for _ in 0..POOL_SIZE {
+        guards.push(pool.get().await?);
+    }
+    let mut pids = BTreeSet::new();
+    for guard in &guards {
+        let row = P::client(guard)
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .map_err(|error| format!("query: {error}"))?;
+        pids.insert(row.get::<_, i32>(0));
+    }
+    ensure!(
+        pids.len() == POOL_SIZE,
+        "clients held at once share sessions: {pids:?}"
+    );
+    Ok(pids)
+}
+
+/// A master's pool: built, then every client opened (as a server's would be by the fork).
+fn warm<P: AsyncPool>() -> Result<(Runtime, P, BTreeSet<i32>), String> {
+    let runtime = Runtime::new().map_err(|error| format!("runtime: {error}"))?;
+    let pool = P::build(&runtime)?;
+    let pids = runtime.block_on(sessions(&pool))?;
+    Ok((runtime, pool, pids))
+}
+
+/// `QUERIES` echoes, none answered by one of `foreign`'s sessions.
+async fn serve<P: AsyncPool>(pool: &P, foreign: &BTreeSet<i32>) -> Result<BTreeSet<i32>, String> {
+    let me = std::process::id();
+    let mut own = BTreeSet::new();
+    for n in 0..QUERIES {
+        let pid = echo(pool, &format!("{me}-{n}")).await?;
+        ensure!(
+            !foreign.contains(&pid),
+            "process {me} was answered by session {pid} of another"
+        );
+        own.insert(pid);
+    }
+    Ok(own)
+}
+
+fn expect_rebuilt(stats: ForkStats, forks: u64, discarded: u64) -> Check {
+    ensure!(
+        stats.forks_crossed == forks
+            && stats.connections_discarded == discarded
+            && stats.sockets_released == discarded
+            && stats.connections_leaked == 0,
+        "fork stats {stats:?}: expected {forks} fork(s), {discarded} connections discarded and their sockets released"
+    );
+    Ok(())
+}
+
+fn workers_answer_every_query<P: AsyncPool>() -> Check {
+    let (runtime, pool, master) = warm::<P>()?;
+    let workers: Vec<Pid> = (0..WORKERS)
+        .map(|_| {
+            spawn_child(|| {
+                child_result(runtime.block_on(async {
+                    serve(&pool, &master).await?;
+                    expect_rebuilt(pool.fork_stats(), 1, POOL_SIZE as u64)
+                }))
+            })
+        })
+        .collect();
+    for (n, pid) in workers.into_iter().enumerate() {
+        expect_exit(&format!("worker {n}"), reap(pid, DEADLINE), 0)?;
+    }
+    let after = runtime.block_on(sessions(&pool))?;
+    ensure!(
+        after == master,
+        "the master's sessions changed: {master:?} -> {after:?}"
+    );
+    ensure!(
+        pool.fork_stats() == ForkStats::default(),
+        "the master saw a fork"
+    );
+    Ok(())
+}
+
+fn a_worker_forks_again<P: AsyncPool>() -> Check {
+    let (runtime, pool, master) = warm::<P>()?;
+    let end = run_child(DEADLINE, || {
+        child_result((|| {
+            let own = runtime.block_on(sessions(&pool))?;
+            let foreign: BTreeSet<i32> = master.union(&own).copied().collect();
+            let grandchild = run_child(DEADLINE, || {
+                child_result(runtime.block_on(async {
+                    serve(&pool, &foreign).await?;
+                    expect_rebuilt(pool.fork_stats(), 2, 2 * POOL_SIZE as u64)
+                }))
+            });
+            expect_exit("the grandchild", grandchild, 0)?;
+            let again = runtime.block_on(sessions(&pool))?;
+            ensure!(
+                again == own,
+                "the worker's sessions changed: {own:?} -> {again:?}"
+            );
+            Ok(())
+        })())
+    });
+    expect_exit("the worker", end, 0)
+}
+
+fn forks_while_the_runtime_is_busy<P: AsyncPool>() -> Check {
+    let (runtime, pool, master) = warm::<P>()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..2 * POOL_SIZE)
+        .map(|task| {
+            let (pool, stop, answered) = (pool.clone(), stop.clone(), answered.clone());
+            runtime.spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    echo(&pool, &format!("master-{task}-{n}")).await?;
+                    answered.fetch_add(1, Ordering::Relaxed);
+                    n += 1;
+                }
+                Ok::<(), String>(())
+            })
+        })
+        .collect();
+    let mut counts = Vec::new();
+    for child in 0..10 {
+        let before = answered.load(Ordering::Relaxed);
+        let end = run_child(DEADLINE, || {
+            child_result(runtime.block_on(async {
+                serve(&pool, &master).await?;
+                expect_rebuilt(pool.fork_stats(), 1, POOL_SIZE as u64)
+            }))
+        });
+        expect_exit(&format!("child {child}"), end, 0)?;
+        counts.push(answered.load(Ordering::Relaxed) - before);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        runtime
+            .block_on(async { tokio::time::timeout(DEADLINE, task).await })
+            .map_err(|_| String::from("a master task never ended"))?
+            .map_err(|error| format!("a master task: {error}"))??;
+    }
+    // Queries were in flight at every fork: the master answered some while each child ran.
+    ensure!(
+        counts.iter().all(|&n| n > 0),
+        "the master's queries per child's lifetime: {counts:?}"
+    );
+    Ok(())
+}
+
+fn a_client_checked_out_before_the_fork<P: AsyncPool>() -> Check {
+    let (runtime, pool, master) = warm::<P>()?;
+    // Taken out of its place in the child only: the master keeps it.
+    let mut held = Some(runtime.block_on(pool.get())?);
+    let end = run_child(DEADLINE, || {
+        child_result((|| {
+            let guard = held.take().ok_or("no guard")?;
+            let used = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                P::client(&guard).is_closed()
+            }));
+            let message = used
+                .err()
+                .and_then(|panic| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            ensure!(
+                message.contains("checked out before fork()"),
+                "using the parent's client in the child: expected the documented panic, got {message:?}"
+            );
+            drop(guard);
+            runtime.block_on(serve(&pool, &master))?;
+            let stats = pool.fork_stats();
+            ensure!(stats.leased_across_fork == 1, "fork stats {stats:?}");
+            expect_rebuilt(stats, 1, POOL_SIZE as u64)
+        })())
+    });
+    expect_exit("the child", end, 0)?;
+    let guard = held.ok_or("the master lost its guard")?;
+    runtime.block_on(async {
+        P::client(&guard)
+            .query_one("SELECT 1", &[])
+            .await
+            .map_err(|error| format!("the master's client after the fork: {error}"))
+    })?;
+    Ok(())
+}
+
+/// The server's client sessions now.
+fn live_sessions() -> Result<BTreeSet<i32>, String> {
+    let mut observer =
+        r2d2_postgres::postgres::Client::connect(&url(), r2d2_postgres::postgres::NoTls)
+            .map_err(|error| format!("observer: {error}"))?;
+    let rows = observer
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend'",
+            &[],
+        )
+        .map_err(|error| format!("pg_stat_activity: {error}"))?;
+    Ok(rows.iter().map(|row| row.get::<_, i32>(0)).collect())
+}
+
+fn words(ids: &BTreeSet<i32>) -> String {
+    ids.iter().map(i32::to_string).collect::<Vec<_>>().join(" ")
+}
+
+fn parse(words: &[&str]) -> BTreeSet<i32> {
+    words.iter().filter_map(|word| word.parse().ok()).collect()
+}
+
+/// The master is SIGKILLed while its workers run: its sessions must end at once (no worker
+/// keeps a copy of its sockets), the workers' must not.
+fn a_killed_masters_sessions_end<P: AsyncPool>() -> Check {
+    let (to_test, from_master) = datagram_pair()?;
+    let (go_sender, go) = datagram_pair()?;
+    let master_pid = spawn_child(|| {
+        let run = || -> Check {
+            let (runtime, pool, master) = warm::<P>()?;
+            send(&to_test, format!("master {}", words(&master)))?;
+            for _ in 0..2 {
+                let (runtime, pool, to_test, go) = (&runtime, &pool, &to_test, &go);
+                spawn_child(move || {
+                    child_result(runtime.block_on(async {
+                        let own = sessions(pool).await?;
+                        send(
+                            to_test,
+                            format!("worker {} {}", std::process::id(), words(&own)),
+                        )?;
+                        receive(go, DEADLINE)?;
+                        serve(pool, &BTreeSet::new()).await?;
+                        send(to_test, format!("done {}", std::process::id()))
+                    }))
+                });
+            }
+            std::thread::sleep(DEADLINE * 2);
+            Err(String::from("the master was never killed"))
+        };
+        child_result(run())
+    });
+    let mut cleanup = KillOnDrop(vec![master_pid]);
+    let (mut master, mut workers) = (BTreeSet::new(), Vec::new());
+    while master.is_empty() || workers.len() < 2 {
+        let message = receive(&from_master, DEADLINE)?;
+        match message.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["master", ids @ ..] => master = parse(ids),
+            ["worker", pid, ids @ ..] => {
+                let pid = Pid::from_raw(pid.parse().map_err(|_| message.clone())?);
+                workers.push((pid, parse(ids)));
+            }
+            _ => return Err(message),
+        }
+    }
+    ensure!(
+        master.is_subset(&live_sessions()?),
+        "the master's sessions are not live"
+    );
+    kill(master_pid, Signal::SIGKILL).map_err(|error| format!("kill: {error}"))?;
+    let end = reap(master_pid, DEADLINE);
+    ensure!(
+        end == ChildEnd::Signaled(Signal::SIGKILL),
+        "the master ended {end:?}"
+    );
+    // The workers are this process's children now (it is their subreaper).
+    cleanup.0 = workers.iter().map(|(pid, _)| *pid).collect();
+    let killed = Instant::now();
+    let mut left = master.clone();
+    while !left.is_empty() && killed.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+        left = live_sessions()?.intersection(&master).copied().collect();
+    }
+    ensure!(
+        left.is_empty(),
+        "2 s after the master's SIGKILL its sessions {left:?} live on"
+    );
+    let live = live_sessions()?;
+    for (pid, own) in &workers {
+        ensure!(
+            own.is_subset(&live),
+            "worker {pid}'s sessions {own:?} are gone"
+        );
+        send(&go_sender, String::from("go"))?;
+    }
+    for (pid, _) in workers {
+        let message = receive(&from_master, DEADLINE)?;
+        ensure!(message.starts_with("done "), "{message}");
+        cleanup.0.retain(|&p| p != pid);
+        expect_exit(&format!("worker {pid}"), reap(pid, DEADLINE), 0)?;
+    }
+    Ok(())
+}
+
+/// The control: tokio's runtime and deadpool-postgres's pool on `manager`, built and warmed in
+/// the master and inherited, serve nothing in a worker.
+fn naive_runtime_and_pool_fail_in_a_worker(
+    manager: Result<::deadpool_postgres::Manager, String>,
+) -> Check {
+    let runtime = tokio::runtime::Runtime::new().map_err(|error| format!("runtime: {error}"))?;
+    let pool = ::deadpool_postgres::Pool::builder(manager?)
+        .max_size(POOL_SIZE)
+        .build()
+        .map_err(|error| format!("build: {error}"))?;
+    runtime.block_on(async {
+        let client = pool.get().await.map_err(|error| format!("get: {error}"))?;
+        client
+            .query_one("SELECT 1", &[])
+            .await
+            .map_err(|error| format!("query: {error}"))
+    })?;
+    let end = run_child(QUERY_TIMEOUT * 2, || {
+        let answered = runtime.block_on(async {
+            let client = pool.get().await.ok()?;
+            client.query_one("SELECT 1", &[]).await.ok()
+        });
+        if answered.is_some() {
+            0
+        } else {
+            1
+        }
+    });
+    ensure!(
+        end != ChildEnd::Exited(0),
+        "a worker answered on the inherited runtime and pool; the control expects it to fail"
+    );
+    Ok(())
+}
+
+fn naive_plain() -> Check {
+    naive_runtime_and_pool_fail_in_a_worker(
+        Plain::config().map(|config| ::deadpool_postgres::Manager::new(config, NoTls)),
+    )
+}
+
+fn naive_tls() -> Check {
+    naive_runtime_and_pool_fail_in_a_worker(
+        Tls::config().map(|config| ::deadpool_postgres::Manager::new(config, Tls::tls())),
+    )
+}
+
+fn cases_for<P: AsyncPool>(prefix: &str) -> Vec<NamedCase> {
+    let cases: [Case; 5] = [
+        (
+            "workers_answer_every_query",
+            workers_answer_every_query::<P>,
+        ),
+        (
+            "a_killed_masters_sessions_end",
+            a_killed_masters_sessions_end::<P>,
+        ),
+        ("a_worker_forks_again", a_worker_forks_again::<P>),
+        (
+            "forks_while_the_runtime_is_busy",
+            forks_while_the_runtime_is_busy::<P>,
+        ),
+        (
+            "a_client_checked_out_before_the_fork",
+            a_client_checked_out_before_the_fork::<P>,
+        ),
+    ];
+    cases
+        .into_iter()
+        .map(|(name, case)| (format!("{prefix}{name}"), case))
+        .collect()
+}
+
+fn main() {
+    let reachable =
+        r2d2_postgres::postgres::Client::connect(&url(), r2d2_postgres::postgres::NoTls)
+            .map(drop)
+            .map_err(|error| format!("PostgreSQL at {}: {error}", url()));
+    require_server("async pool", reachable, "set FORKSAFE_PG_URL");
+    become_subreaper();
+    let mut cases = Vec::new();
+    cases.extend(cases_for::<Deadpool<Plain>>("deadpool::plain::"));
+    cases.extend(cases_for::<Deadpool<Tls>>("deadpool::tls::"));
+    cases.extend(cases_for::<Bb8<Plain>>("bb8::plain::"));
+    cases.extend(cases_for::<Bb8<Tls>>("bb8::tls::"));
+    let controls: [Case; 2] = [
+        (
+            "naive::plain::runtime_and_pool_fail_in_a_worker",
+            naive_plain,
+        ),
+        ("naive::tls::runtime_and_pool_fail_in_a_worker", naive_tls),
+    ];
+    cases.extend(
+        controls
+            .into_iter()
+            .map(|(name, case)| (name.to_string(), case)),
+    );
+    run_cases(cases);
+}
