@@ -52,7 +52,6 @@ enum Runtimes {
         runtime: tokio::runtime::Runtime,
         pool: deadpool_postgres::Pool,
     },
-    #[cfg(feature = "forksafe")]
     ForkSafe {
         runtime: forksafe_pool::Runtime,
         pool: forksafe_pool::deadpool_postgres::Pool,
@@ -121,7 +120,6 @@ impl Runtimes {
                     .map_err(|error| format!("building the pool: {error}"))?;
                 Ok(Runtimes::Naive { runtime, pool })
             }
-            #[cfg(feature = "forksafe")]
             Ok("forksafe") | Err(_) => {
                 let runtime = forksafe_pool::Runtime::new()
                     .map_err(|error| format!("building the runtime: {error}"))?;
@@ -134,12 +132,7 @@ impl Runtimes {
                 Ok(Runtimes::ForkSafe { runtime, pool })
             }
             other => Err(format!(
-                "ASYNC_ECHO_POOL={other:?}: expected naive{}",
-                if cfg!(feature = "forksafe") {
-                    " or forksafe"
-                } else {
-                    " (built without the forksafe feature)"
-                }
+                "ASYNC_ECHO_POOL={other:?}: expected naive or forksafe"
             )),
         }
     }
@@ -147,7 +140,6 @@ impl Runtimes {
     fn kind(&self) -> &'static str {
         match self {
             Runtimes::Naive { .. } => "naive",
-            #[cfg(feature = "forksafe")]
             Runtimes::ForkSafe { .. } => "forksafe",
         }
     }
@@ -155,7 +147,6 @@ impl Runtimes {
     fn echo(&self, token: &str) -> Result<Echo, String> {
         match self {
             Runtimes::Naive { runtime, pool } => echo_on!(runtime, pool, token),
-            #[cfg(feature = "forksafe")]
             Runtimes::ForkSafe { runtime, pool } => echo_on!(runtime, pool, token),
         }
     }
