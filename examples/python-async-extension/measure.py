@@ -193,11 +193,11 @@ def main():
         default="postgres://postgres@127.0.0.1:5432/test?sslmode=prefer",
     )
     parser.add_argument(
-        "--modes", default=",".join(MODES),
-        help="comma-separated subset of: " + "; ".join(MODES),
+        "--mode", action="append", dest="modes",
+        help="measure this mode (repeatable; all by default): " + "; ".join(MODES),
     )
     args = parser.parse_args()
-    modes = [mode.strip() for mode in args.modes.split(",")]
+    modes = args.modes or list(MODES)
     for mode in modes:
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}")
