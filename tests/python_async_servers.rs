@@ -11,7 +11,8 @@
 //! - a plain `tokio::runtime::Runtime` and `deadpool_postgres::Pool` (`ASYNC_ECHO_POOL=naive`):
 //!   the workers must fail (the cases assert it, so the scenario is real);
 //! - `forksafe_pool::Runtime` and `forksafe_pool::deadpool_postgres::Pool`: every request and
-//!   every task is answered right, by 4 workers each on sessions of its own;
+//!   every task is answered right, by 4 workers each on sessions of its own, none of them the
+//!   session the master opened at import, which is still open when the load ends;
 //! - uWSGI `--lazy-apps` with the naive pair, as the control: the same module works when each
 //!   worker imports it after the fork.
 //!
@@ -217,7 +218,11 @@ impl Scenario {
         }
         .and_then(|load| {
             server.check_running()?;
-            self.check(&load)
+            self.check(&load)?;
+            if self.pool == PoolKind::ForkSafe {
+                check_master_session(&load)?;
+            }
+            Ok(())
         });
         let stopped = server.stop();
         checked.and(stopped)
@@ -333,6 +338,48 @@ impl Scenario {
         );
         Ok(())
     }
+}
+
+/// The workers were forked after the import: every answer names the one session the master's
+/// import-time query ran on, no worker ever used it, and the master's session is still open
+/// (a worker that closed or wrote on its copy of the socket would have ended it).
+fn check_master_session(load: &Load) -> Check {
+    let mut imported_on = std::collections::BTreeSet::new();
+    for answer in &load.answers {
+        let master = answer
+            .imported_on
+            .ok_or_else(|| format!("an answer without imported_on: {answer:?}"))?;
+        ensure!(
+            answer.backend != master,
+            "worker {} used the master's session {master}",
+            answer.worker
+        );
+        imported_on.insert(master);
+    }
+    ensure!(
+        imported_on.len() == 1,
+        "the workers name {} import sessions ({imported_on:?}): they were not all forked from \
+         one master that had imported the module",
+        imported_on.len()
+    );
+    let master = *imported_on.first().expect("one session");
+    let mut client = r2d2_postgres::postgres::Client::connect(
+        &Transport::Plain.url(),
+        r2d2_postgres::postgres::NoTls,
+    )
+    .map_err(|error| format!("connecting to look at pg_stat_activity: {error}"))?;
+    let open: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+            &[&(master as i32)],
+        )
+        .map_err(|error| format!("querying pg_stat_activity: {error}"))?
+        .get(0);
+    ensure!(
+        open == 1,
+        "the master's session {master} is gone while the master runs"
+    );
+    Ok(())
 }
 
 fn scenarios() -> Vec<Scenario> {

@@ -6,6 +6,8 @@ through them: in a master that imports the app before forking (uWSGI's default,
 (`/?token=...`) through the pool and checks the database echoed that token back, so an answer
 meant for another process or another request is caught here, not just a failed query.
 `/ready` answers without the database: the server is up even when its workers cannot query.
+An answer names the worker, the session that echoed the token and (`imported_on`) the session
+of the module's import-time query: in a worker forked after the import, the master's.
 
 `APP_STATE_MIB=N` makes the app hold N MiB of state built at import, like an app that loads
 models or caches before forking (for the memory measurements).
@@ -39,7 +41,7 @@ def application(environ, start_response):
         start_response,
         "200 OK",
         f"ok {token} worker={os.getpid()} backend={backend_pid} tls={tls} "
-        f"pool={async_echo.pool_kind()}",
+        f"pool={async_echo.pool_kind()} imported_on={async_echo.import_backend_pid()}",
     )
 
 

@@ -29,12 +29,12 @@ app.conf.update(
 
 @app.task(name="async_echo.echo")
 def echo(token):
-    """`ok <token> worker=<pid> backend=<pid> tls=<True|False> pool=<kind>`, the answer the
-    WSGI app gives, after checking the database echoed this token."""
+    """`ok <token> worker=<pid> backend=<pid> tls=<True|False> pool=<kind> imported_on=<pid>`,
+    the answer the WSGI app gives, after checking the database echoed this token."""
     answer, backend_pid, tls = async_echo.echo(token)
     if answer != token:
         raise RuntimeError(f"wrong answer: sent {token!r}, the database answered {answer!r}")
     return (
         f"ok {token} worker={os.getpid()} backend={backend_pid} tls={tls} "
-        f"pool={async_echo.pool_kind()}"
+        f"pool={async_echo.pool_kind()} imported_on={async_echo.import_backend_pid()}"
     )

@@ -250,6 +250,9 @@ pub struct Answer {
     pub worker: u32,
     pub backend: u32,
     pub tls: bool,
+    /// The session the worker's module ran its import-time query on, where the app says
+    /// (`imported_on=`): in a worker forked after the import, the master's.
+    pub imported_on: Option<u32>,
 }
 
 /// Sends `token`; a right answer, or what went wrong.
@@ -307,7 +310,8 @@ pub fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
     Ok((status, body.to_string()))
 }
 
-/// `ok <token> worker=<pid> backend=<pid> tls=<True|False> pool=<kind>`, for this `token`.
+/// `ok <token> worker=<pid> backend=<pid> tls=<True|False> pool=<kind>`, for this `token`,
+/// optionally followed by `imported_on=<pid>`.
 pub fn parse_answer(body: &str, token: &str) -> Option<Answer> {
     let mut words = body.split(' ');
     if words.next()? != "ok" || words.next()? != token {
@@ -325,6 +329,10 @@ pub fn parse_answer(body: &str, token: &str) -> Option<Answer> {
             "True" => true,
             "False" => false,
             _ => return None,
+        },
+        imported_on: match fields.get("imported_on") {
+            Some(pid) => Some(pid.parse().ok()?),
+            None => None,
         },
     })
 }

@@ -17,6 +17,7 @@
 //! (PostgreSQL on loopback by default; its `sslmode` decides TLS: `disable`, `prefer` or
 //! `require`, certificates not verified). Both are read once, at import.
 
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -59,6 +60,8 @@ enum Runtimes {
 }
 
 static RUNTIMES: OnceLock<Runtimes> = OnceLock::new();
+/// The PostgreSQL session of the query run at import: in a forked worker, the master's.
+static IMPORT_BACKEND_PID: AtomicI32 = AtomicI32::new(0);
 
 /// Checks a connection out of `$pool` and echoes `$token` through it, on `$runtime`, within
 /// `ECHO_TIMEOUT`.
@@ -171,6 +174,13 @@ fn echo(py: Python<'_>, token: String) -> PyResult<(String, i32, bool)> {
     Ok((answer.token, answer.backend_pid, answer.tls))
 }
 
+/// The PostgreSQL backend pid of the session the import-time query ran on. In a worker forked
+/// after the import it is the master's session, which the worker must never use.
+#[pyfunction]
+fn import_backend_pid() -> i32 {
+    IMPORT_BACKEND_PID.load(Ordering::Relaxed)
+}
+
 /// `"forksafe"` or `"naive"`: the runtime and pool types chosen at import.
 #[pyfunction]
 fn pool_kind() -> PyResult<&'static str> {
@@ -189,9 +199,12 @@ fn async_echo(module: &Bound<'_, PyModule>) -> PyResult<()> {
     }
     let py = module.py();
     let runtimes = runtimes()?;
-    py.detach(|| runtimes.echo("import"))
+    let imported = py
+        .detach(|| runtimes.echo("import"))
         .map_err(PyRuntimeError::new_err)?;
+    IMPORT_BACKEND_PID.store(imported.backend_pid, Ordering::Relaxed);
     module.add_function(wrap_pyfunction!(echo, module)?)?;
+    module.add_function(wrap_pyfunction!(import_backend_pid, module)?)?;
     module.add_function(wrap_pyfunction!(pool_kind, module)?)?;
     Ok(())
 }
