@@ -23,8 +23,8 @@
 //! Needs the virtual environment `scripts/test` makes (uWSGI, gunicorn, Celery and the example
 //! module built by maturin), at `target/python-venv` or `FORKSAFE_PYTHON_VENV`, PostgreSQL at
 //! `FORKSAFE_PG_URL` (default `postgres://postgres@127.0.0.1:5432/test`) and Redis at
-//! `redis://127.0.0.1:6379/7` (`ASYNC_ECHO_CELERY_BROKER`). Without them the binary prints why
-//! and skips, unless `CI` is set: then it fails.
+//! `FORKSAFE_CELERY_BROKER` (default `redis://127.0.0.1:6379/7`). Without them the binary
+//! prints why and skips, unless `CI` is set: then it fails.
 
 #[macro_use]
 mod support;
@@ -88,7 +88,10 @@ impl Server {
 }
 
 fn broker() -> String {
-    std::env::var("ASYNC_ECHO_CELERY_BROKER").unwrap_or_else(|_| DEFAULT_BROKER.to_owned())
+    std::env::var("FORKSAFE_CELERY_BROKER")
+        .ok()
+        .filter(|url| !url.is_empty())
+        .unwrap_or_else(|| DEFAULT_BROKER.to_owned())
 }
 
 /// Fails unless Redis answers a PING at `broker()`'s address.
@@ -98,7 +101,7 @@ fn redis_reachable() -> Check {
     let address = url
         .strip_prefix("redis://")
         .and_then(|rest| rest.split('/').next())
-        .ok_or_else(|| format!("ASYNC_ECHO_CELERY_BROKER={url}: not redis://HOST:PORT/N"))?;
+        .ok_or_else(|| format!("FORKSAFE_CELERY_BROKER={url}: not redis://HOST:PORT/N"))?;
     let mut stream = std::net::TcpStream::connect(address)
         .map_err(|error| format!("Redis at {address}: {error}"))?;
     stream
