@@ -11,12 +11,12 @@
 //! 1. **The pool before the fork.** The master builds the pool (and the rest of the
 //!    application's state) and binds the listening socket, then forks the workers. Each worker's
 //!    first `get()` builds its own pool.
-//! 2. **The runtime after the fork.** Each worker builds its tokio runtime (actix-web's
-//!    `System`) itself. A runtime must never cross `fork()` (tokio#4301): its worker threads do
-//!    not exist in the child, and its I/O driver's epoll instance is shared with the parent, so
-//!    the child's registrations change the parent's interest list. The master must not have
-//!    started a runtime at all: a runtime whose threads are running when the master forks can
-//!    hold locks that then stay held in the child.
+//! 2. **A runtime of each worker's own.** A tokio runtime must never cross `fork()`
+//!    (tokio#4301): its worker threads do not exist in the child, and its I/O driver's epoll
+//!    instance is shared with the parent, so the child's registrations change the parent's
+//!    interest list. Either each worker builds its runtime (actix-web's `System`) after the
+//!    fork, or the master keeps a `forksafe_pool::Runtime` (feature `tokio`), which gives each
+//!    forked process a runtime of its own on first use and never touches the inherited one.
 //! 3. **`get` on a blocking thread.** The pool is synchronous: `get` waits up to
 //!    `connection_timeout` for a connection, and a query blocks on the socket. Run both inside
 //!    `tokio::task::spawn_blocking` (actix-web: `web::block`), never on a runtime worker thread.
@@ -55,6 +55,11 @@
 //!     axum::serve(tokio::net::TcpListener::from_std(listener)?, app).await
 //! })?;
 //! ```
+//!
+//! With the `deadpool-postgres` or `bb8-postgres` feature there is no blocking at all: the
+//! async pools `forksafe_pool::deadpool_postgres::Pool` and `forksafe_pool::bb8_postgres::Pool`
+//! are built in the master beside a `forksafe_pool::Runtime`, and a handler awaits
+//! `pool.get()` as with deadpool or bb8 (see the crate docs' "Async" section).
 //!
 //! With actix-web the worker runs `actix_web::rt::System::new().block_on(..)` after the fork,
 //! hands the pool to `App::new().app_data(web::Data::new(pool.clone()))`, serves the inherited

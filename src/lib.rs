@@ -184,6 +184,8 @@
 //! | [`ForkLocal`] | any value, built once per process |
 //! | [`GuardedPool`] | fork protection for a plain `r2d2::Pool` a library receives |
 //! | [`guide`] | no items: async servers (axum, actix-web), PyO3 modules, clones across `fork()` |
+//! | `Runtime` | with `tokio`: a tokio runtime per process ([Async](#async-tokio-runtimes-and-async-pools)) |
+//! | `deadpool_postgres`, `bb8_postgres` | with `deadpool-postgres`, `bb8-postgres`: the async pools, one per process |
 //! | [`ErrorKind`], [`ErrorExt`] | what kind of error an `r2d2::Error` of the pool is: `error.kind()` |
 //! | `PooledTransactionManager` | with `diesel`: the `TransactionManager` of [`PooledConnection`] |
 //! | [`Error`], [`State`], [`ManageConnection`], [`HandleError`], [`HandleEvent`], [`event`], [`Extensions`], [`CustomizeConnection`], [`LoggingErrorHandler`], [`NopErrorHandler`], [`NopEventHandler`], [`NopConnectionCustomizer`] | r2d2's, re-exported |
@@ -438,6 +440,43 @@
 //! in the child; build such values before forking, or through a [`Pool`], whose connects the
 //! fork does wait for.
 //!
+//! # Async: tokio runtimes and async pools
+//!
+//! A tokio runtime does not survive `fork()`: the child has none of its threads, and its epoll
+//! instance is the parent's, so a child that drives or drops it changes the parent's interest
+//! list. An async pool built before the fork is worse off still: its clients' connection tasks
+//! belong to the parent's runtime, so in the child every query waits for ever, with no error
+//! (deadpool-postgres on a tokio runtime, both built and used in a master: its worker's query
+//! is never answered, in `tests/async_pools.rs`). Three types, each behind its feature, give every process its own,
+//! with the same detection and the same discard-and-release as [`Pool`]:
+//!
+//! - `Runtime` (`tokio`): the runtime of the process that built it; a forked child's first use
+//!   builds the child's own from the same recipe and never touches the inherited one. Unlike a
+//!   [`ForkLocal`] of a tokio runtime, its `block_on` also works on the thread that forked from
+//!   inside a runtime (an async `main` forking its workers).
+//! - `deadpool_postgres::Pool` (`deadpool-postgres`) and `bb8_postgres::Pool` with
+//!   `bb8_postgres::PostgresConnectionManager` (`bb8-postgres`): the libraries' pools, one per
+//!   process, the one-line swap of a `use`. In a child, inherited clients are never used,
+//!   recycled, returned or dropped, and their sockets are released; the parent's sessions are
+//!   untouched.
+//!
+//! ```ignore
+//! use forksafe_pool::deadpool_postgres::{tokio_postgres::NoTls, Pool}; // was: deadpool_postgres::Pool
+//! use forksafe_pool::Runtime;
+//!
+//! // In the master (a PyO3 module's import, a server's start-up):
+//! let runtime = Runtime::new()?;
+//! let pool = Pool::builder("host=127.0.0.1 user=app".parse()?, NoTls).max_size(8).build()?;
+//! // In any process, the master or a forked worker:
+//! let answer = runtime.block_on(async {
+//!     let client = pool.get().await?;
+//!     client.query_one("SELECT 42", &[]).await
+//! })?;
+//! ```
+//!
+//! The `Runtime` type's docs have a runnable forking example; each pool module's docs say
+//! what differs from the library.
+//!
 //! # Feature flags
 //!
 //! No feature is on by default: without one, the pool works with every [`ManageConnection`],
@@ -455,6 +494,9 @@
 //! | `diesel-sqlite` | diesel `SqliteConnection`, SQLite compiled in; each inherited connection's database descriptor released in the child (unless another pool or the application also has the file open); a libc `fork()` waits while a SQLite connection is checked out on another thread |
 //! | `rusqlite` | `rusqlite::Connection` (r2d2_sqlite); as `diesel-sqlite`, with rusqlite's own choice of bundled or system SQLite |
 //! | `redis` | `Pool<redis::Client>` through the redis crate's r2d2 support; sockets of inherited TCP connections released in the child (a Unix socket is left open and counted) |
+//! | `tokio` | `Runtime`, a tokio runtime per process |
+//! | `deadpool-postgres` | `deadpool_postgres::Pool`, deadpool-postgres pools per process (with `tokio`); sockets of inherited TCP connections, TLS or not, released in the child |
+//! | `bb8-postgres` | `bb8_postgres::Pool`, bb8 pools of tokio-postgres clients per process (with `tokio`, and bb8 without parking_lot); as `deadpool-postgres` |
 //!
 //! Which connections each backend can identify, and why the others are left open, is in
 //! [docs/backends.md](https://github.com/forksafe-pool/forksafe-pool/blob/main/docs/backends.md).
@@ -563,7 +605,7 @@ pub use r2d2::{
 };
 
 /// The README's code, compiled by `cargo test --doc` so that it cannot go stale.
-#[cfg(all(doctest, feature = "diesel-postgres"))]
+#[cfg(all(doctest, feature = "diesel-postgres", feature = "deadpool-postgres"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
@@ -581,4 +623,17 @@ fn pool_types_cross_threads<M: ManageConnection, T: Send + Sync>() {
     send_sync_clone::<GuardedPool<M>>();
     send_sync::<ForkLocal<T>>();
     send_sync::<Error>();
+    #[cfg(feature = "tokio")]
+    send_sync_clone::<Runtime>();
+    #[cfg(feature = "deadpool-postgres")]
+    {
+        send_sync_clone::<deadpool_postgres::Pool>();
+        send_static::<deadpool_postgres::Object>();
+    }
+    #[cfg(feature = "bb8-postgres")]
+    {
+        type Manager = bb8_postgres::PostgresConnectionManager<tokio_postgres::NoTls>;
+        send_sync_clone::<bb8_postgres::Pool<Manager>>();
+        send_static::<bb8_postgres::PooledConnection<'static, Manager>>();
+    }
 }

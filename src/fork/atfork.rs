@@ -3,25 +3,22 @@
 //! into `driver_section`.
 #![allow(unsafe_code)]
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
+use super::once_per_lineage::OncePerLineage;
 use super::{driver_section, epoch};
 
-/// Where registration stands in this lineage: [`NONE`], [`DONE`], or the pid of the process
-/// whose thread is registering. Inherited by children, so a child whose parent forked while
-/// registering (the registering thread does not exist in the child, and whether its
-/// `pthread_atfork` call came before the fork is unknown) registers again; see
-/// [`ensure_registered`].
-static REGISTRATION: AtomicU64 = AtomicU64::new(NONE);
-const NONE: u64 = 0;
-const DONE: u64 = u64::MAX;
+/// Whether this lineage has the handlers. The claimant is the registering process's pid: the
+/// registration is part of setting up the epoch, so there is no epoch yet to tell processes
+/// apart. (A pid can be reused: a child whose pid is that of an ancestor that forked while
+/// registering would take the claim for its own and not register. Its epoch checks still see
+/// every fork; it would miss the atfork counter and the fork's wait for driver sections.)
+static REGISTRATION: OncePerLineage = OncePerLineage::new();
 
 /// Runs in the child of every libc `fork()`. Async-signal-safe, as a handler that runs in the
 /// child of a multi-threaded process must be (see `epoch::forget_epoch_in_child`).
 extern "C" fn atfork_child() {
     // That it runs proves the handlers are registered in this lineage, even if the fork
     // caught the registering thread before it could say so.
-    REGISTRATION.store(DONE, Ordering::Relaxed);
+    REGISTRATION.done();
     epoch::forget_epoch_in_child();
 }
 
@@ -47,17 +44,8 @@ extern "C" fn atfork_parent() {
 /// its lineage's handlers run twice per libc fork: the child handler's work is idempotent, the
 /// prepare and parent handlers wait for driver sections twice.
 pub(super) fn ensure_registered() {
-    let seen = REGISTRATION.load(Ordering::Acquire);
-    let me = u64::from(std::process::id());
-    if seen == DONE || seen == me {
+    if !REGISTRATION.claim(u64::from(std::process::id())) {
         // Registered, or a thread of this process is registering now.
-        return;
-    }
-    if REGISTRATION
-        .compare_exchange(seen, me, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
-        // Another thread of this process took it over.
         return;
     }
     // SAFETY: the three handlers are `extern "C" fn()`s that stay valid for the life of the
@@ -78,19 +66,18 @@ pub(super) fn ensure_registered() {
             "pthread_atfork failed; forks are still detected by the epoch check"
         );
     }
-    REGISTRATION.store(DONE, Ordering::Release);
+    REGISTRATION.done();
 }
 
 /// Whether this lineage has its handlers (a test's view of [`REGISTRATION`]).
 #[cfg(all(test, target_os = "linux", not(forksafe_portable)))]
 pub(super) fn registered() -> bool {
-    REGISTRATION.load(Ordering::Acquire) == DONE
+    REGISTRATION.is_done()
 }
 
 /// Makes this process look like the child of a parent that forked while registering: the
 /// registration is pending in another process.
 #[cfg(all(test, target_os = "linux", not(forksafe_portable)))]
 pub(super) fn pretend_a_parent_was_registering() {
-    let parent = u64::from(std::process::id()).wrapping_add(1);
-    REGISTRATION.store(parent, Ordering::Release);
+    REGISTRATION.pretend_claimed_by(u64::from(std::process::id()).wrapping_add(1));
 }

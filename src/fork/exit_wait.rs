@@ -32,44 +32,30 @@
 #![allow(unsafe_code)]
 
 use std::ffi::{c_int, c_void};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::driver_section::EXIT_WAITS_FOR_DRIVERS_AT_MOST;
 use super::epoch::Epoch;
+use super::once_per_lineage::OncePerLineage;
 
-/// Where the lineage stands: 0 before any registration; `epoch << 1` while the process of that
-/// epoch registers; `epoch << 1 | 1` once `atexit` has the handler (inherited by every child
-/// forked after that, with the registration itself).
-static REGISTRATION: AtomicU64 = AtomicU64::new(0);
-
-const REGISTERED: u64 = 1;
+/// Whether this lineage's `atexit` has the handler (inherited by every child forked after the
+/// registration, with the registration itself).
+static REGISTRATION: OncePerLineage = OncePerLineage::new();
 
 /// Registers [`wait_at_exit`] unless this lineage has; `here` is the caller's epoch. The fast
-/// path is one load. A fork that catches another thread between its compare-and-swap and the
-/// end of its registration leaves the child a claim of another epoch, which the child then
-/// takes over (at worst the handler is registered twice, and the second run finds nothing to
-/// wait for).
+/// path is one load. A fork that catches another thread in the middle of registering leaves
+/// the child a claim of another epoch, which the child then takes over (at worst the handler is
+/// registered twice, and the second run finds nothing to wait for).
 #[inline]
 pub(super) fn register(here: Epoch) {
-    let word = REGISTRATION.load(Ordering::Acquire);
-    if word & REGISTERED != 0 {
-        return;
+    if !REGISTRATION.is_done() {
+        register_slow(here);
     }
-    register_slow(word, here);
 }
 
 #[cold]
 #[inline(never)]
-fn register_slow(word: u64, here: Epoch) {
-    let claim = here.get() << 1;
-    if word == claim {
-        // Another thread of this process is registering right now.
-        return;
-    }
-    if REGISTRATION
-        .compare_exchange(word, claim, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
+fn register_slow(here: Epoch) {
+    if !REGISTRATION.claim(here.get()) {
         return;
     }
     openssl_registers_its_cleanup_first();
@@ -83,7 +69,7 @@ fn register_slow(word: u64, here: Epoch) {
             "atexit failed; exit will not wait for connects in progress"
         );
     }
-    REGISTRATION.store(claim | REGISTERED, Ordering::Release);
+    REGISTRATION.done();
 }
 
 /// OpenSSL's `OPENSSL_INIT_ADD_ALL_CIPHERS | OPENSSL_INIT_ADD_ALL_DIGESTS` (the same values in

@@ -38,14 +38,14 @@
 //! OpenSSL and the destructors of other C libraries free the state a connect on another thread
 //! is using, and the process dies of a signal.
 //!
-//! One concept per file: `epoch` (the epoch and fork detection), `atfork` (the handlers and
-//! their registration), `per_process` ([`PerProcess`]), `install_lock` (its fork-aware lock),
-//! `grace` (the reader counts of retired values), `driver_section` ([`DriverSection`],
-//! [`ForkWaitingLease`], [`ForkWaitsForDrop`]), `exit_wait` (the `atexit` handler that makes
-//! `exit` wait for driver sections), `ending_threads` (the pool's connect threads that are
-//! ending, which `exit` waits for too), `models` (loom models of retirement; see `crate::sync`).
-//! Each file that needs `unsafe` allows it for itself (the crate root denies it); every block
-//! says why it is sound.
+//! One concept per file: `epoch` (the epoch and fork detection), `atfork` (the handlers and their
+//! registration), `per_process` ([`PerProcess`]), `install_lock` (its fork-aware lock), `grace`
+//! (the reader counts of retired values), `driver_section` ([`DriverSection`],
+//! [`ForkWaitingLease`], [`ForkWaitsForDrop`]), `exit_wait` (the `atexit` handler that makes `exit`
+//! wait for driver sections), `once_per_lineage` (the claim both registrations use),
+//! `ending_threads` (the pool's connect threads that are ending, which `exit` waits for too),
+//! `models` (loom models of retirement; see `crate::sync`). Each file that needs `unsafe` allows it
+//! for itself (the crate root denies it); every block says why it is sound.
 
 mod atfork;
 mod driver_section;
@@ -56,6 +56,7 @@ mod grace;
 mod install_lock;
 #[cfg(all(test, forksafe_loom))]
 mod models;
+mod once_per_lineage;
 mod per_process;
 
 pub(crate) use driver_section::{DriverSection, ForkWaitingLease, ForkWaitsForDrop};
