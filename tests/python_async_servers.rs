@@ -14,7 +14,9 @@
 //!   every task is answered right, by 4 workers each on sessions of its own, none of them the
 //!   session the master opened at import, which is still open when the load ends;
 //! - uWSGI `--lazy-apps` with the naive pair, as the control: the same module works when each
-//!   worker imports it after the fork.
+//!   worker imports it after the fork;
+//! - uWSGI eager with `--threads 4` and forksafe-pool: several threads of a worker block on its
+//!   runtime and pool at once, from its first requests on (which may race to build them).
 //!
 //! Nothing can hang the suite: every request has a timeout, the Celery client has deadlines and
 //! is killed past them, the load and the server's start have deadlines, and this binary is the
@@ -70,6 +72,9 @@ enum Server {
     UwsgiEager,
     /// uWSGI `--lazy-apps`: each worker imports the app after the fork.
     UwsgiLazy,
+    /// Eager, each worker with `--threads 4`: several threads of a worker block on its runtime
+    /// and pool at once, from its first requests on.
+    UwsgiThreads,
     /// `gunicorn --preload --workers 4`, sync workers.
     GunicornPreload,
     /// `celery -A tasks worker --pool prefork -c 4`: the main process imports `tasks`.
@@ -81,6 +86,7 @@ impl Server {
         match self {
             Server::UwsgiEager => "uwsgi_eager",
             Server::UwsgiLazy => "uwsgi_lazy_apps",
+            Server::UwsgiThreads => "uwsgi_threads_4",
             Server::GunicornPreload => "gunicorn_preload",
             Server::CeleryPrefork => "celery_prefork",
         }
@@ -172,7 +178,7 @@ impl Scenario {
                     .arg("app:application");
                 command
             }
-            Server::UwsgiEager | Server::UwsgiLazy => {
+            Server::UwsgiEager | Server::UwsgiLazy | Server::UwsgiThreads => {
                 let mut command = Command::new(venv.bin("uwsgi"));
                 command
                     .args(["--master", "--processes", "4", "--http-socket", &address])
@@ -182,6 +188,9 @@ impl Scenario {
                     .arg(venv.example.join("app.py"));
                 if self.server == Server::UwsgiLazy {
                     command.arg("--lazy-apps");
+                }
+                if self.server == Server::UwsgiThreads {
+                    command.args(["--threads", "4"]);
                 }
                 command
             }
@@ -394,6 +403,7 @@ fn scenarios() -> Vec<Scenario> {
             (Server::UwsgiEager, PoolKind::Naive, true),
             (Server::UwsgiEager, PoolKind::ForkSafe, false),
             (Server::UwsgiLazy, PoolKind::Naive, false),
+            (Server::UwsgiThreads, PoolKind::ForkSafe, false),
             (Server::CeleryPrefork, PoolKind::Naive, true),
             (Server::CeleryPrefork, PoolKind::ForkSafe, false),
         ] {
