@@ -31,7 +31,7 @@
 //!   as bb8's does. One checked out before a fork panics if the child uses it, and dropping it
 //!   in the child forgets it.
 //! - The manager opens the TCP connection itself and hands it to tokio-postgres, so the socket
-//!   is known (see [`deadpool_postgres`](crate::deadpool_postgres) for what that leaves out:
+//!   is known (see `deadpool_postgres` for what that leaves out:
 //!   Unix-socket hosts, `hostaddr`, `target_session_attrs`, `cancel_query`).
 //! - The builder offers bb8's settings except `connection_customizer`.
 //! - In a forked child, the child's pool is built by the first call that needs it, on the
