@@ -31,9 +31,10 @@
 //!   as bb8's does. One checked out before a fork panics if the child uses it, and dropping it
 //!   in the child forgets it.
 //! - The manager opens the TCP connection itself and hands it to tokio-postgres, so the socket
-//!   is known (see [`deadpool_postgres`](crate::deadpool_postgres) for what that leaves out:
+//!   is known (see `deadpool_postgres` for what that leaves out:
 //!   Unix-socket hosts, `hostaddr`, `target_session_attrs`, `cancel_query`).
-//! - The builder offers bb8's settings except `connection_customizer`.
+//! - The builder offers bb8's settings except `connection_customizer`; the pool has no `add`
+//!   (a connection made elsewhere has no recorded socket).
 //! - In a forked child, the child's pool is built by the first call that needs it, on the
 //!   current tokio runtime: a [`state`](Pool::state) before any `get` in a child must run
 //!   inside one, as bb8's own `build_unchecked` must.
@@ -215,6 +216,17 @@ impl<M: RecordsSockets> Pool<M> {
         Ok(PooledConnection {
             inner: Leased::new(conn, epoch, Arc::clone(self.pools.counters())),
         })
+    }
+
+    /// A new connection outside the pool, as bb8's `dedicated_connection`. Its socket is
+    /// released in a forked child like the pool's, but the connection itself is yours: do not
+    /// carry it into a child.
+    ///
+    /// # Errors
+    ///
+    /// The manager's error.
+    pub async fn dedicated_connection(&self) -> Result<M::Connection, M::Error> {
+        self.pools.current().0.dedicated_connection().await
     }
 
     /// The state of this process's pool (bb8's `State`).

@@ -41,7 +41,10 @@
 //!   `target_session_attrs` are not supported, and `cancel_token().cancel_query` is not
 //!   available (`cancel_query_raw` is). TLS is whatever [`MakeTls`] you pass (`NoTls`,
 //!   postgres-openssl, postgres-native-tls), as `sslmode` says.
-//! - deadpool's hooks (`post_create`, `pre_recycle`, `post_recycle`) are not offered.
+//! - Not offered: deadpool's hooks (`post_create`, `pre_recycle`, `post_recycle`), and the
+//!   pool's `resize`, `retain`, `weak` and `manager` (each process's pool is rebuilt from the
+//!   builder's settings, which they would change in one process only). `Object::take` is
+//!   [`Object::take`]; `deadpool_postgres::Object::metrics(&object)` works through `Deref`.
 
 use std::fmt;
 use std::sync::Arc;
@@ -288,6 +291,18 @@ impl PoolBuilder {
             .config(self.pool_config)
             .runtime(Runtime::Tokio1)
             .build()
+    }
+}
+
+impl Object {
+    /// Takes the client out of the pool for good, as deadpool's `Object::take`: the pool opens
+    /// another in its place, and the client is closed when dropped.
+    ///
+    /// # Panics
+    ///
+    /// In a forked child, for a client checked out before the fork (it is the parent's).
+    pub fn take(this: Self) -> deadpool_postgres::ClientWrapper {
+        deadpool_postgres::Object::take(this.inner.into_inner())
     }
 }
 

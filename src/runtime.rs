@@ -70,8 +70,8 @@ const BLOCKING_THREADS_KEEP_ALIVE: Duration = Duration::from_secs(365 * 24 * 60 
 /// [`tokio::runtime::Handle`] is needed. A `Handle` stored *before* a fork is the parent's:
 /// used in the child, what it spawns never runs. The same holds for anything that captured the
 /// runtime it was made on — a `tokio::net::TcpStream`, a timer, a pool of tokio clients —
-/// which is why the crate's async pools ([`deadpool_postgres`](crate::deadpool_postgres),
-/// [`bb8_postgres`](crate::bb8_postgres)) are per process too.
+/// which is why the crate's async pools (`deadpool_postgres`,
+/// `bb8_postgres`) are per process too.
 ///
 /// # A fork inside the runtime
 ///

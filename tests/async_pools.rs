@@ -651,6 +651,53 @@ fn bad_input_fails_clearly() -> Check {
     )
 }
 
+/// deadpool's `Object::take` and bb8's `dedicated_connection`: connections taken out of the
+/// pool work in the process that took them; a client checked out before a fork cannot be taken
+/// in the child.
+fn taken_and_dedicated_connections() -> Check {
+    let runtime = Runtime::new().map_err(|error| format!("runtime: {error}"))?;
+    let deadpool = Deadpool::<Plain>::build(&runtime)?.0;
+    let bb8 = Bb8::<Plain>::build(&runtime)?.0;
+    let mut held = Some(
+        runtime
+            .block_on(deadpool.get())
+            .map_err(|e| e.to_string())?,
+    );
+    let end = run_child(DEADLINE, || {
+        child_result((|| {
+            std::panic::set_hook(Box::new(|_| {}));
+            let inherited = held.take().ok_or("no guard")?;
+            let taken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                deadpool_postgres::Object::take(inherited)
+            }));
+            ensure!(taken.is_err(), "the child took the parent's client");
+            Ok(())
+        })())
+    });
+    expect_exit("the child", end, 0)?;
+    let taken = deadpool_postgres::Object::take(held.ok_or("the master lost its guard")?);
+    runtime.block_on(async {
+        taken
+            .query_one("SELECT 1", &[])
+            .await
+            .map_err(|error| format!("the taken client: {error}"))?;
+        ensure!(
+            deadpool.status().size == 0,
+            "the taken client is still counted: {:?}",
+            deadpool.status()
+        );
+        let dedicated = bb8
+            .dedicated_connection()
+            .await
+            .map_err(|error| format!("dedicated_connection: {error}"))?;
+        dedicated
+            .query_one("SELECT 1", &[])
+            .await
+            .map_err(|error| format!("the dedicated connection: {error}"))?;
+        Ok(())
+    })
+}
+
 /// A bb8 error sink that keeps what it was given, with each error's source.
 #[derive(Clone, Debug, Default)]
 struct ErrorLog(Arc<std::sync::Mutex<Vec<String>>>);
@@ -713,7 +760,11 @@ fn main() {
     cases.extend(cases_for::<Deadpool<Tls>>("deadpool::tls::"));
     cases.extend(cases_for::<Bb8<Plain>>("bb8::plain::"));
     cases.extend(cases_for::<Bb8<Tls>>("bb8::tls::"));
-    let controls: [Case; 3] = [
+    let controls: [Case; 4] = [
+        (
+            "taken_and_dedicated_connections",
+            taken_and_dedicated_connections,
+        ),
         ("bad_input_fails_clearly", bad_input_fails_clearly),
         (
             "naive::plain::runtime_and_pool_fail_in_a_worker",

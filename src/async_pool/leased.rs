@@ -28,6 +28,19 @@ impl<C> Leased<C> {
         }
     }
 
+    /// The library's guard itself, for what only it can do (deadpool's `Object::take`).
+    ///
+    /// # Panics
+    ///
+    /// In a process other than the one that checked it out.
+    pub(crate) fn into_inner(mut self) -> C {
+        self.assert_same_process();
+        match self.conn.take() {
+            Some(conn) => conn,
+            None => unreachable!("the connection is only taken while dropping"),
+        }
+    }
+
     #[inline]
     fn assert_same_process(&self) {
         if self.epoch != current_epoch() {

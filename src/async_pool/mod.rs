@@ -1,5 +1,5 @@
-//! What the async pools ([`deadpool_postgres`](crate::deadpool_postgres),
-//! [`bb8_postgres`](crate::bb8_postgres)) share: one pool per process, the guard that keeps a
+//! What the async pools (`deadpool_postgres`,
+//! `bb8_postgres`) share: one pool per process, the guard that keeps a
 //! connection checked out before a fork out of the parent's pool, the driver sections around
 //! the connection's I/O, and the connect that records the connection's socket.
 //!
