@@ -252,6 +252,9 @@ impl Scenario {
         let report_dir = tempfile::tempdir().map_err(|error| error.to_string())?;
         let report_path = report_dir.path().join("client.out");
         let report = File::create(&report_path).map_err(|error| error.to_string())?;
+        // A file, not a pipe: a pipe nobody reads while waiting could fill and stall the client.
+        let errors_path = report_dir.path().join("client.err");
+        let errors = File::create(&errors_path).map_err(|error| error.to_string())?;
         let started = Instant::now();
         let mut client = Command::new(venv.bin("python"))
             .arg(venv.example.join("celery_client.py"))
@@ -262,7 +265,7 @@ impl Scenario {
             .env("ASYNC_ECHO_CELERY_QUEUE", self.queue())
             .stdin(Stdio::null())
             .stdout(report)
-            .stderr(Stdio::piped())
+            .stderr(errors)
             .spawn()
             .map_err(|error| format!("starting the Celery client: {error}"))?;
         // Start, the tasks' deadline, and reading what is left once it has passed.
@@ -286,11 +289,7 @@ impl Scenario {
             }
         };
         let elapsed = started.elapsed();
-        let mut errors = String::new();
-        if let Some(mut stderr) = client.stderr.take() {
-            use std::io::Read;
-            let _ = stderr.read_to_string(&mut errors);
-        }
+        let errors = std::fs::read_to_string(&errors_path).unwrap_or_default();
         let report = std::fs::read_to_string(&report_path).map_err(|error| error.to_string())?;
         ensure!(
             status.success() && report.starts_with("ready\n"),
