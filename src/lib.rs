@@ -447,8 +447,9 @@
 //! list. An async pool built before the fork is worse off still: its clients' connection tasks
 //! belong to the parent's runtime, so in the child every query waits for ever, with no error
 //! (deadpool-postgres on a tokio runtime, both built and used in a master: its worker's query
-//! is never answered, in `tests/async_pools.rs`). Three types, each behind its feature, give every process its own,
-//! with the same detection and the same discard-and-release as [`Pool`]:
+//! is never answered, in `tests/async_pools/`). Three types, each behind its feature, give
+//! every process its own, with the same detection and the same discard-and-release as
+//! [`Pool`]:
 //!
 //! - `Runtime` (`tokio`): the runtime of the process that built it; a forked child's first use
 //!   builds the child's own from the same recipe and never touches the inherited one. Unlike a
