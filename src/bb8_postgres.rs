@@ -61,8 +61,8 @@ pub use crate::async_pool::postgres_connect::MakeTls;
 pub use bb8::{ErrorSink, QueueStrategy, RunError, State};
 pub use tokio_postgres;
 
-/// A bb8 manager of tokio-postgres clients whose sockets a forked child can let go of: bb8-postgres's
-/// `PostgresConnectionManager`, with the same constructors.
+/// A bb8 manager of tokio-postgres clients whose sockets a forked child can let go of:
+/// bb8-postgres's `PostgresConnectionManager`, with the same constructors.
 #[derive(Clone)]
 pub struct PostgresConnectionManager<Tls> {
     config: tokio_postgres::Config,
