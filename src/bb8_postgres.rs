@@ -201,7 +201,7 @@ impl<M: RecordsSockets> Pool<M> {
         let (pool, epoch) = self.pools.current();
         let conn = pool.get().await?;
         Ok(PooledConnection {
-            inner: Leased::new(conn, epoch, Arc::clone(self.pools.counters())),
+            inner: self.pools.lease(conn, epoch),
         })
     }
 
@@ -214,7 +214,7 @@ impl<M: RecordsSockets> Pool<M> {
         let (pool, epoch) = self.pools.current();
         let conn = pool.get_owned().await?;
         Ok(PooledConnection {
-            inner: Leased::new(conn, epoch, Arc::clone(self.pools.counters())),
+            inner: self.pools.lease(conn, epoch),
         })
     }
 

@@ -185,7 +185,7 @@ impl Pool {
         let (pool, epoch) = self.pools.current();
         let object = pool.get().await?;
         Ok(Object {
-            inner: Leased::new(object, epoch, Arc::clone(self.pools.counters())),
+            inner: self.pools.lease(object, epoch),
         })
     }
 
@@ -198,7 +198,7 @@ impl Pool {
         let (pool, epoch) = self.pools.current();
         let object = pool.timeout_get(timeouts).await?;
         Ok(Object {
-            inner: Leased::new(object, epoch, Arc::clone(self.pools.counters())),
+            inner: self.pools.lease(object, epoch),
         })
     }
 

@@ -3,6 +3,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use super::Leased;
 use crate::descriptors::DescriptorTable;
 use crate::fork::{Epoch, PerProcess};
 use crate::stats::{Counters, ForkStats};
@@ -86,8 +87,10 @@ impl<P> PoolPerProcess<P> {
         (&generation.pool, epoch)
     }
 
-    pub(crate) fn counters(&self) -> &Arc<Counters> {
-        &self.counters
+    /// `conn`, checked out of this pool in the process of `epoch`, in the guard that keeps it
+    /// out of the parent's pool in a forked child.
+    pub(crate) fn lease<C>(&self, conn: C, epoch: Epoch) -> Leased<C> {
+        Leased::new(conn, epoch, Arc::clone(&self.counters))
     }
 
     pub(crate) fn fork_stats(&self) -> ForkStats {
