@@ -33,6 +33,7 @@ impl<C> Leased<C> {
     /// # Panics
     ///
     /// In a process other than the one that checked it out.
+    #[cfg(feature = "deadpool-postgres")]
     pub(crate) fn into_inner(mut self) -> C {
         self.assert_same_process();
         match self.conn.take() {
